@@ -1,0 +1,79 @@
+"""What every decoder shares: prompt checks, the batched prefill and the result record."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from multitoken.errors import UserError
+from multitoken.kv_cache import ModelCache
+from multitoken.model import MultiTokenModel
+
+
+@dataclass
+class GenerationResult:
+    """New tokens per sequence and how they were obtained.
+
+    `stop_reasons[b]` is "length" (max_new_tokens reached), "eos" or "context" (the model's context
+    limit reached before max_new_tokens).
+    """
+
+    tokens: list[list[int]]
+    n_forwards: int
+    stop_reasons: list[str]
+    seconds: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_generated(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+
+def check_prompts(model: MultiTokenModel, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Raise UserError for an empty batch, an empty prompt or one that leaves no room to generate."""
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not prompts:
+        raise UserError("no prompts given")
+    limit = model.cfg.max_seq_len
+    for b, p in enumerate(prompts):
+        if len(p) == 0:
+            raise UserError(f"prompt {b} is empty")
+        if len(p) >= limit:
+            raise UserError(
+                f"prompt {b} has {len(p)} tokens; the model's context is {limit} (at most {limit - 1})"
+            )
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad prompts into (B, P) ids and (B, P) positions; return also the lengths (B,).
+
+    Padding slots get positions past each prompt's end: what they write to the cache is garbage that the
+    position mask hides and the real tokens overwrite later.
+    """
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    P = int(lengths.max())
+    ids = torch.zeros(len(prompts), P, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.tensor(list(p), dtype=torch.long, device=device)
+    return ids, lengths
+
+
+def prefill(
+    model: MultiTokenModel, cache: ModelCache, prompts: Sequence[Sequence[int]], heads: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the prompts through the model, filling the cache.
+
+    Returns the logits of `heads` at each prompt's last position (B, len(heads), V) and the prompt
+    lengths (B,), which are the positions of the first new tokens.
+    """
+    device = cache.trunk[0].k.device
+    ids, lengths = pad_prompts(prompts, device)
+    P = ids.shape[1]
+    positions = torch.arange(P, device=device).expand(len(prompts), P)  # (B, P)
+    logits = model(ids, heads=heads, positions=positions, cache=cache, kv_len=P)  # (B, P, k, V)
+    last = (lengths - 1)[:, None, None, None].expand(-1, 1, *logits.shape[2:])
+    return logits.gather(1, last)[:, 0], lengths  # (B, k, V)

@@ -1,0 +1,205 @@
+"""Multi-token loss: target shifting, chunked cross-entropy and the memory-efficient sequential step.
+
+The loss is the paper's L_n = sum_i w_i * mean_t -log P(x_{t+i} | x_{<=t}) (w_i = 1 by default: a plain
+unweighted sum over heads). Two ways to get its gradients, which must agree to float tolerance:
+
+- `summed_loss`: every head's logits at once, sum the losses, one backward. Simple; the test oracle.
+- `sequential_backward`: the paper's memory-efficient step (§2, Fig. 2). The trunk runs forward once; its
+  output h is detached; each head then runs forward *and* backward in turn, so its logits and their
+  gradient are freed before the next head; gradients gather on h; one final backward goes through the
+  trunk. Going beyond the paper, each head's cross-entropy is also taken in chunks of positions, each
+  chunk's logits freed after its own backward, so even one head's full logits never exist at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from multitoken.model import MultiTokenModel
+
+IGNORE_INDEX = -100
+
+
+def shift_targets(
+    window: torch.Tensor, n_future: int, context: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split token windows into inputs and per-head targets.
+
+    window: (B, L) token ids. The inputs are the first `context` tokens (default L - n_future, so that
+    every head has a target at every position). Head i (0-based) at position t predicts window[t + i + 1];
+    where that falls past the end of the window the target is IGNORE_INDEX, never wrapped around.
+    Returns inputs (B, T) and targets (B, n_future, T).
+    """
+    B, L = window.shape
+    T = L - n_future if context is None else context
+    if not 0 < T <= L:
+        raise ValueError(f"context {T} does not fit a window of {L} tokens")
+    targets = torch.full((B, n_future, T), IGNORE_INDEX, dtype=window.dtype, device=window.device)
+    for i in range(n_future):
+        avail = min(T, L - i - 1)  # positions t with t + i + 1 < L
+        if avail > 0:
+            targets[:, i, :avail] = window[:, i + 1 : i + 1 + avail]
+    return window[:, :T], targets
+
+
+@dataclass
+class LossReport:
+    """Loss of one batch: the weighted total and each head's mean cross-entropy (nats per token)."""
+
+    total: float
+    per_head: list[float]
+
+
+def _head_weights(n: int, weights: Sequence[float] | None) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    if len(weights) != n:
+        raise ValueError(f"{len(weights)} head weights given for {n} heads")
+    return list(weights)
+
+
+def _chunks(T: int, chunk: int) -> list[slice]:
+    step = T if chunk <= 0 else chunk
+    return [slice(s, min(s + step, T)) for s in range(0, T, step)]
+
+
+def _token_ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of logits (..., V) against targets (...), in fp32, ignoring IGNORE_INDEX."""
+    return F.cross_entropy(
+        logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def summed_loss(
+    model: MultiTokenModel,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    weights: Sequence[float] | None = None,
+) -> tuple[torch.Tensor, LossReport]:
+    """The obvious path: every head's logits at once, weighted sum of per-head mean losses.
+
+    Returns the differentiable total and a report. Memory grows with n * V: use it as the oracle.
+    """
+    n = model.cfg.n_future
+    w = _head_weights(n, weights)
+    logits = model(inputs)  # (B, T, n, V)
+    per_head = [
+        F.cross_entropy(
+            logits[:, :, i].flatten(0, 1).float(), targets[:, i].flatten(), ignore_index=IGNORE_INDEX
+        )
+        for i in range(n)
+    ]
+    total = sum(wi * li for wi, li in zip(w, per_head, strict=True))
+    return total, LossReport(total.item(), [x.item() for x in per_head])
+
+
+def chunked_cross_entropy_backward(
+    model: MultiTokenModel, z: torch.Tensor, targets: torch.Tensor, scale: float, chunk: int
+) -> float:
+    """Backward of `scale * sum CE(unembed(z), targets)` into z.grad and the norm/unembedding, by chunks.
+
+    z: (B, T, D) a leaf tensor requiring grad; targets: (B, T). Each chunk's logits are built, reduced to
+    a loss, back-propagated and freed before the next chunk. Returns the unscaled summed loss.
+    """
+    total = 0.0
+    for s in _chunks(z.shape[1], chunk):
+        loss = _token_ce_sum(model.unembed(z[:, s]), targets[:, s])  # logits (B, c, V) live only here
+        (loss * scale).backward()
+        total += loss.item()
+    return total
+
+
+def sequential_backward(
+    model: MultiTokenModel,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    weights: Sequence[float] | None = None,
+    chunk: int = 0,
+    loss_scale: float = 1.0,
+) -> LossReport:
+    """The memory-efficient step: gradients of `loss_scale * L_n` accumulated into the parameters.
+
+    inputs (B, T), targets (B, n, T). Parallel and linear heads run forward and backward one at a time.
+    Causal and anticausal heads feed each other, so each head's output is detached, all heads run
+    forward, and the backward goes from the head furthest from the trunk back towards it, each head
+    adding its own loss's gradient to what its successors left on its output (paper Fig. S11).
+    """
+    cfg = model.cfg
+    w = _head_weights(cfg.n_future, weights)
+    counts = [int((targets[:, i] != IGNORE_INDEX).sum()) for i in range(cfg.n_future)]
+    ctx = model.attention_context(inputs.shape[1])
+    h = model.embed_and_trunk(inputs, ctx)  # (B, T, D)
+    h_leaf = h.detach().requires_grad_()
+    chained = cfg.head_type in ("causal", "anticausal")
+    per_head = [float("nan")] * cfg.n_future
+    leaves: dict[int, torch.Tensor] = {}
+    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def head_backward(i: int, z: torch.Tensor, leaf: torch.Tensor) -> None:
+        if counts[i]:
+            scale = loss_scale * w[i] / counts[i]
+            per_head[i] = chunked_cross_entropy_backward(model, leaf, targets[:, i], scale, chunk) / counts[i]
+        if leaf.grad is not None:
+            z.backward(leaf.grad)
+
+    for i in model.head_order():
+        z = model.heads[i](model.head_input(i, h_leaf, leaves), ctx)  # (B, T, D)
+        leaf = z.detach().requires_grad_()
+        if chained:
+            leaves[i] = leaf
+            pending.append((i, z, leaf))
+        else:
+            head_backward(i, z, leaf)  # frees this head's activations before the next head runs
+    for i, z, leaf in reversed(pending):
+        head_backward(i, z, leaf)
+    if h_leaf.grad is not None:
+        h.backward(h_leaf.grad)
+    total = sum(wi * li for wi, li, c in zip(w, per_head, counts, strict=True) if c)
+    return LossReport(total, per_head)
+
+
+@torch.no_grad()
+def evaluate_heads(
+    model: MultiTokenModel, inputs: torch.Tensor, targets: torch.Tensor, chunk: int = 0
+) -> dict[str, torch.Tensor]:
+    """Per-head sums for evaluation, without ever holding all heads' logits.
+
+    Returns tensors of shape (n,): `loss_sum` (nats), `count` (targets), `correct` (top-1 hits) and
+    `agree` (positions where head i's top-1 equals the token head 1 predicts i-1 steps later, i.e. the
+    draft head i would make that head 1 then confirms: a forecast of self-speculative acceptance).
+    """
+    n = model.cfg.n_future
+    ctx = model.attention_context(inputs.shape[1])
+    outputs = model.run_heads(model.embed_and_trunk(inputs, ctx), ctx)
+    preds: dict[int, torch.Tensor] = {}
+    loss_sum, count, correct = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    for i in range(n):
+        parts = []
+        for s in _chunks(inputs.shape[1], chunk):
+            logits = model.unembed(outputs[i][:, s])  # (B, c, V)
+            tgt = targets[:, i, s]
+            loss_sum[i] += _token_ce_sum(logits, tgt).item()
+            parts.append(logits.argmax(-1))
+        preds[i] = torch.cat(parts, dim=1)  # (B, T)
+        valid = targets[:, i] != IGNORE_INDEX
+        count[i] = valid.sum()
+        correct[i] = ((preds[i] == targets[:, i]) & valid).sum()
+    # Head i at position t drafts token t+i+1; head 1 predicts that same token from position t+i.
+    agree, agree_count = torch.zeros(n), torch.zeros(n)
+    T = inputs.shape[1]
+    for i in range(n):
+        if T - i <= 0:
+            continue
+        agree[i] = (preds[i][:, : T - i] == preds[0][:, i:]).sum()
+        agree_count[i] = preds[i][:, : T - i].numel()
+    return {
+        "loss_sum": loss_sum,
+        "count": count,
+        "correct": correct,
+        "agree": agree,
+        "agree_count": agree_count,
+    }
