@@ -1,0 +1,276 @@
+"""Run directories and checkpoints: safetensors + JSON, written atomically, verified on load.
+
+A run directory:
+
+    run/
+      config.json                  model config, training config, data sources (written once)
+      tokenizer_config.json, tokenizer.json (BPE only)
+      metrics.jsonl                one JSON object per logged step/evaluation
+      latest                       name of the newest complete checkpoint
+      checkpoints/step_000100/
+        model.safetensors          weights
+        optimizer.safetensors      optimizer tensors (absent for weights-only checkpoints)
+        state.json                 step, optimizer hyper-parameters, RNG state, data position,
+                                   and the size and SHA-256 of every file above
+
+A checkpoint is written into a temporary folder, flushed to disk, then renamed into place (a rename is
+atomic), and only then does `latest` move (again by an atomic rename). A process killed at any moment
+leaves the previous checkpoint loadable; a truncated or altered file is detected by its hash and is
+never half-loaded. Nothing is unpickled: tensors go through safetensors, everything else through JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from multitoken.config import ModelConfig
+from multitoken.errors import CheckpointError
+from multitoken.model import MultiTokenModel
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+LATEST_FILE = "latest"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+# --------------------------------------------------------------------------------------------------
+# atomic file helpers
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see either the old or the new content, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# optimizer state <-> safetensors + JSON
+
+
+def _optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state_dict into named tensors and a JSON-able rest."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, values in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# run configuration
+
+
+def write_run_config(run_dir: Path, model_cfg: ModelConfig, **sections: Any) -> None:
+    """Write config.json: the model config plus any JSON-able sections (train config, data, tokenizer)."""
+    data = {"format": FORMAT_VERSION, "model": model_cfg.to_dict(), **sections}
+    atomic_write_json(Path(run_dir) / CONFIG_FILE, data)
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """config.json of a run directory, or CheckpointError saying why it is not one."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is not a directory")
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
+    try:
+        data = json.loads(path.read_text())
+        ModelConfig.from_dict(data["model"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is corrupt: {e}") from None
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    state: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically and point `latest` at it; keep the newest `keep` checkpoints."""
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    try:
+        # Tied weights appear once: safetensors refuses shared storage, and loading re-ties them.
+        weights = {k: v.detach().contiguous().cpu() for k, v in _unique_state(model).items()}
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        meta: dict[str, Any] = {"format": FORMAT_VERSION, "step": step, **(state or {})}
+        if optimizer is not None:
+            tensors, opt_meta = _optimizer_to_flat(optimizer.state_dict())
+            save_file(tensors, tmp / "optimizer.safetensors")
+            meta["optimizer"] = opt_meta
+        meta["files"] = {
+            f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())
+        }
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        final = root / name
+        if final.exists():  # re-saving a step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(run_dir / LATEST_FILE, name + "\n")
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict without the second name of a tied parameter (the output keeps the embedding's)."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in model.state_dict().items():
+        if id(v) in seen or v.data_ptr() in seen:
+            continue
+        seen.update((id(v), v.data_ptr()))
+        out[k] = v
+    return out
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder, or None if the run has none yet."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    path = run_dir / CHECKPOINTS_DIR / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{run_dir}: 'latest' names {path.name}, which does not exist")
+    return path
+
+
+def read_checkpoint_state(ckpt: Path, verify: bool = True) -> dict[str, Any]:
+    """state.json of a checkpoint, after checking every file's size and (if `verify`) its hash."""
+    try:
+        meta = json.loads((ckpt / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete or corrupt (state.json: {e})") from None
+    for fname, info in meta.get("files", {}).items():
+        f = ckpt / fname
+        if not f.is_file() or f.stat().st_size != info["bytes"]:
+            raise CheckpointError(f"checkpoint file {f} is missing or truncated")
+        if verify and _sha256(f) != info["sha256"]:
+            raise CheckpointError(f"checkpoint file {f} is corrupt (checksum mismatch)")
+    return meta
+
+
+def load_weights(ckpt: Path, model: MultiTokenModel, strict: bool = True) -> None:
+    """Load model.safetensors into `model`, refusing missing, unexpected or mis-shaped tensors."""
+    try:
+        weights = load_file(ckpt / "model.safetensors", device=str(model.tok_embeddings.weight.device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {ckpt / 'model.safetensors'}: {e}") from None
+    expected = _unique_state(model)
+    if strict:
+        missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{ckpt}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+    for name, tensor in weights.items():
+        if name in expected and tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{ckpt}: {name} has shape {tuple(tensor.shape)}, config expects {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(weights, strict=False)
+
+
+def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+    """Restore the optimizer saved beside `meta` (the checkpoint's state.json)."""
+    tensors = load_file(ckpt / "optimizer.safetensors")
+    optimizer.load_state_dict(_optimizer_from_flat(tensors, meta["optimizer"]))
+
+
+@dataclass
+class LoadedRun:
+    """A model ready to use, with what it came with."""
+
+    model: MultiTokenModel
+    config: dict[str, Any]
+    checkpoint: Path
+    state: dict[str, Any]
+
+
+def load_run(run_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedRun:
+    """Build the model of a run directory and load its newest checkpoint's weights (verified)."""
+    config = read_run_config(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir} has no checkpoint yet")
+    state = read_checkpoint_state(ckpt)
+    model = MultiTokenModel(ModelConfig.from_dict(config["model"])).to(device)
+    load_weights(ckpt, model)
+    if dtype is not None:
+        model = model.to(dtype)
+    return LoadedRun(model.eval(), config, ckpt, state)
