@@ -1,0 +1,193 @@
+"""The sandbox reports broken and hostile programs as failures, never hangs and leaves nothing behind.
+
+Most hostile programs run with `guard=False` so that the OS-level limits are what stops them, not the
+Python prelude. Wall-time bounds are safety bounds (nothing may hang the host), not benchmarks.
+"""
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from multitoken.errors import UserError
+from multitoken.eval.sandbox import living_processes, run_many, run_untrusted
+
+TIMEOUT = 2.0
+IS_ROOT = os.geteuid() == 0
+
+
+def run(program: str, **kwargs):
+    """Run with a short timeout and check the safety bound on wall time."""
+    kwargs.setdefault("timeout_s", TIMEOUT)
+    start = time.monotonic()
+    result = run_untrusted(program, **kwargs)
+    assert time.monotonic() - start < kwargs["timeout_s"] + 3
+    return result
+
+
+def sandbox_processes() -> list[int]:
+    """Pids of live processes running a sandboxed program (their command line names its workdir)."""
+    pids = []
+    for name in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if name.isdigit() and b"multitoken-sandbox-" in cmdline and int(name) != os.getpid():
+            pids.append(int(name))
+    return _alive(pids)
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state not in ("Z", "X"):
+            alive.append(pid)
+    return alive
+
+
+def leased_uid(result) -> int | None:
+    return next((int(i.split("=")[1]) for i in result.isolation if i.startswith("uid=")), None)
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_correct_program_passes(guard):
+    result = run("def f(x):\n    return x + 1\n\nassert f(1) == 2\n", guard=guard)
+    assert result.passed and result.status == "passed", result
+    assert "rlimits" in result.isolation
+    assert ("guard" in result.isolation) == guard
+
+
+def test_wrong_answer_fails():
+    result = run("def f(x):\n    return x\n\nassert f(1) == 2\n")
+    assert not result.passed and result.status == "failed"
+    assert result.detail == "AssertionError"
+
+
+@pytest.mark.parametrize("exit_call", ["import sys\nsys.exit(0)", "import os\nos._exit(0)"])
+def test_exit_zero_before_the_checks_is_not_a_pass(exit_call):
+    result = run(f"{exit_call}\nassert False\n", guard=False)
+    assert not result.passed and result.status == "failed"
+    assert "success marker" in result.detail
+
+
+def test_printing_a_fake_marker_is_not_a_pass():
+    result = run("print('passed')\nimport sys\nsys.exit(0)\n")
+    assert not result.passed
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_infinite_loop_times_out(guard):
+    result = run("while True:\n    pass\n", guard=guard)
+    assert not result.passed and result.status == "timeout"
+
+
+def test_huge_allocation_fails_with_memory_error():
+    result = run("x = bytearray(10**11)\n", guard=False)
+    assert not result.passed and result.status == "failed"
+    assert "MemoryError" in result.detail
+
+
+def test_segfault_is_reported_as_killed():
+    result = run("import ctypes\nctypes.string_at(0)\n", guard=False)
+    assert not result.passed and result.status == "killed"
+    assert "SIGSEGV" in result.detail
+
+
+def test_huge_file_is_stopped():
+    result = run("open('big', 'wb').write(b'x' * (64 * 2**20))\n", guard=False, file_mb=8)
+    assert not result.passed and result.status in ("failed", "killed")
+
+
+def test_fork_bomb_is_contained_and_leaves_no_process():
+    # Keeps forking after EAGAIN so it runs until the timeout; children start new sessions to try to
+    # escape the process group.
+    bomb = (
+        "import os, time\n"
+        "while True:\n"
+        "    try:\n"
+        "        if os.fork() == 0:\n"
+        "            os.setsid()\n"
+        "    except OSError:\n"
+        "        time.sleep(0.001)\n"
+    )
+    result = run(bomb, guard=False)
+    assert not result.passed and result.status == "timeout"
+    assert sandbox_processes() == []
+    uid = leased_uid(result)
+    if uid is not None:
+        assert living_processes(uid) == []
+
+
+def test_plain_fork_bomb_with_guard_fails_fast():
+    result = run("import os\nwhile True:\n    os.fork()\n")
+    assert not result.passed and result.status == "failed"
+    assert sandbox_processes() == []
+
+
+@pytest.fixture
+def root_owned_dir(request):
+    """A directory the test process owns with mode 0o755, outside the sandbox's private tmpfs mounts."""
+    parent = request.config.rootpath / ".pytest_cache"
+    parent.mkdir(exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="sandbox-write-", dir=parent))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="privileges are dropped only when running as root")
+def test_cannot_write_outside_the_sandbox(root_owned_dir):
+    target = root_owned_dir / "pwned.txt"
+    # The directory is visible to the program, so a failure below is a permission failure.
+    assert run(f"import os\nassert os.path.isdir({str(root_owned_dir)!r})\n", guard=False).passed
+    result = run(f"open({str(target)!r}, 'w').write('x')\n", guard=False)
+    assert not result.passed and "PermissionError" in result.detail
+    assert not target.exists()
+
+
+def test_workdir_is_writable_and_removed_afterwards():
+    result = run("import os\nopen('scratch.txt', 'w').write('x')\nraise SystemExit(os.getcwd())\n", guard=False)
+    assert result.status == "failed"
+    workdir = result.detail
+    assert "multitoken-sandbox-" in workdir
+    assert not os.path.exists(workdir)
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_socket_to_localhost_fails(guard):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        program = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'x')\n"
+        result = run(program, guard=guard)
+        if not guard and "netns" not in result.isolation:
+            pytest.skip("no network namespace here; only the guard prelude blocks sockets")
+        assert not result.passed and result.status == "failed"
+        assert "Error" in result.detail
+        server.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            server.accept()
+
+
+def test_run_many_keeps_order():
+    programs = ["assert True\n", "assert False\n", "x = 1\n", "raise ValueError('no')\n"]
+    results = run_many(programs, workers=2, timeout_s=TIMEOUT)
+    assert [r.status for r in results] == ["passed", "failed", "passed", "failed"]
+    assert results[3].detail == "ValueError: no"
+
+
+def test_invalid_limits_raise_user_error():
+    with pytest.raises(UserError):
+        run_untrusted("pass", timeout_s=0)
+    with pytest.raises(UserError):
+        run_many(["pass"], workers=0)
