@@ -193,12 +193,15 @@ class MultiTokenModel(nn.Module):
         cache: ModelCache | None = None,
         attn_mask: torch.Tensor | None = None,
         kv_len: int | None = None,
+        slots: torch.Tensor | None = None,
     ) -> AttentionContext:
         """Rotary tables and masks for a forward over T tokens.
 
         Without a cache: training, positions 0..T-1. With a cache: `positions` (B, T) are required;
         the default mask is causal by position; `kv_len` (default: the cache length) bounds the slots
-        read, which saves attention work when every position in the batch is short.
+        read, which saves attention work when every position in the batch is short. `slots` (default:
+        the positions) are where the keys and values are written: a draft tree rotates each node by its
+        true position but writes it to a scratch slot, since siblings share a position.
         """
         if cache is None:
             if T > self.cfg.max_seq_len:
@@ -208,7 +211,11 @@ class MultiTokenModel(nn.Module):
         kv_len = kv_len or cache.max_len
         mask = causal_mask(positions, kv_len) if attn_mask is None else attn_mask
         return AttentionContext(
-            self.rope_cos[positions], self.rope_sin[positions], slots=positions, mask=mask, kv_len=kv_len
+            self.rope_cos[positions],
+            self.rope_sin[positions],
+            slots=positions if slots is None else slots,
+            mask=mask,
+            kv_len=kv_len,
         )
 
     def embed_and_trunk(

@@ -1,0 +1,262 @@
+"""Self-speculative decoding with the model's own heads (paper §3.2; Stern et al. 2018).
+
+Each step feeds a block per sequence: the pending token (decided, not yet fed) at position p, followed by
+drafts that heads 2..k proposed for p+1, p+2, ... from position p-1. Head 1 checks every draft in that one
+forward; the longest agreeing prefix is accepted, plus head 1's own token after it (so 1..k tokens per
+forward), and the same forward's heads 2..k, read at the last accepted node, give the next drafts. Every
+head runs on every fed position, so no head's KV cache has holes; rejected drafts leave garbage in slots
+past the accepted prefix, which the next step overwrites before any query can see them.
+
+- Greedy: a draft is accepted when it equals head 1's argmax; the output equals plain greedy decoding.
+- Sampling (chain only): draft j is drawn from head j+1's processed distribution q_j; it is accepted with
+  probability min(1, p_j(d_j) / q_j(d_j)) where p_j is head 1's processed distribution at that node; the
+  first rejection draws from normalize(max(0, p_j - q_j)), and if all are accepted a bonus token comes
+  from head 1's last distribution (Leviathan et al. 2023; Chen et al. 2023). Output is distributed exactly
+  as plain sampling from head 1.
+- Trees (tree.py): several candidates per head verified at once under a tree mask; greedy only.
+
+The chain is the tree whose nodes all have rank 0, so one step function serves both. The step is a free
+function of tensors: acceptance is computed on the device and the host reads the accepted tokens once per
+step (`tolist`), which is the only sync. Sequences of a batch stand at their own positions and accept their
+own counts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from multitoken.errors import UserError
+from multitoken.generate.common import GenerationResult, check_prompts, prefill
+from multitoken.generate.sampling import SamplingConfig, probabilities, sample, sample_from
+from multitoken.generate.stats import AcceptanceHistogram, decode_stats
+from multitoken.generate.tree import Tree, TreeIndex, tree_mask
+from multitoken.kv_cache import ModelCache
+from multitoken.model import MultiTokenModel
+
+
+def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """normalize(max(0, p - q)) over the last dim: where to sample after rejecting a draft from q.
+
+    With q = 0 (no draft left) this is p itself: the bonus token. A residual with no mass can only follow
+    a rejection that had probability 0 (p <= q everywhere means p = q), so p stands in for it there.
+    """
+    r = (p - q).clamp_min(0.0)
+    mass = r.sum(-1, keepdim=True)
+    return torch.where(mass > 0, r / mass.clamp_min(torch.finfo(r.dtype).tiny), p)
+
+
+def propose(
+    logits: torch.Tensor, max_rank: int, sampling: SamplingConfig, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Draft candidates from the draft heads' logits (B, k-1, V).
+
+    Greedy: each head's top `max_rank` tokens (B, k-1, R). Sampling: one draw per head (B, k-1, 1) and the
+    distributions q it came from (B, k-1, V), which the acceptance test needs.
+    """
+    if sampling.greedy:
+        return logits.topk(max_rank, dim=-1).indices, None
+    q = probabilities(logits, sampling)
+    return sample_from(q, generator)[..., None], q
+
+
+def verify_greedy(
+    index: TreeIndex, tokens: torch.Tensor, choice: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accept the deepest node whose path head 1 agrees with; return it (B,) and head 1's token there (B,).
+
+    tokens (B, N): the fed nodes; choice (B, N): head 1's argmax at each node, i.e. the token it wants
+    after that node. Siblings hold distinct candidates, so at most one child of a node can match.
+    """
+    hit = tokens[:, 1:] == choice[:, index.parent[1:]]  # (B, N-1): node matches its parent's choice
+    hit = torch.cat([torch.ones_like(hit[:, :1]), hit], dim=1)  # (B, N): the root is always right
+    on_path = ~(index.ancestors[None] & ~hit[:, None, :]).any(-1)  # (B, N): every ancestor matched
+    best = (on_path * (index.depth + 1)).argmax(-1)  # (B,): the deepest accepted node
+    return best, choice.gather(1, best[:, None])[:, 0]
+
+
+def verify_sampled(
+    p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rejection sampling along a chain: return the accepted draft count (B,) and the next token (B,).
+
+    p (B, N, V): head 1's processed distribution at each fed node (node j judges draft j, at node j+1);
+    drafts (B, N-1) drawn from q (B, N-1, V).
+    """
+    p_draft = p[:, :-1].gather(-1, drafts[..., None])[..., 0]  # (B, N-1)
+    q_draft = q.gather(-1, drafts[..., None])[..., 0]  # (B, N-1), > 0: each draft was drawn from q
+    u = torch.rand(q_draft.shape, generator=generator, device=q.device)
+    accept = u * q_draft < p_draft  # u < p/q without a division
+    n_accepted = accept.long().cumprod(-1).sum(-1)  # (B,): length of the accepted prefix
+    # No draft follows the last node: q there is 0 and the residual is p, the bonus token's distribution.
+    q_next = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)  # (B, N, V)
+    at = n_accepted[:, None, None].expand(-1, 1, p.shape[-1])  # (B, 1, V)
+    residual = residual_distribution(p.gather(1, at)[:, 0], q_next.gather(1, at)[:, 0])  # (B, V)
+    return n_accepted, sample_from(residual, generator)
+
+
+def move_path(cache: ModelCache, pos: torch.Tensor, path: torch.Tensor, n_accepted: torch.Tensor) -> None:
+    """Copy the accepted path's keys and values from their scratch slots to their true slots.
+
+    path (B, D+1): node ids from the root by depth. Node path[j] sits in slot pos + path[j] and belongs
+    in pos + j. Beyond the accepted depth the move is the identity, so the shape stays static.
+    """
+    depth = torch.arange(1, path.shape[1], device=path.device)  # (D,)
+    dst = pos[:, None] + depth  # (B, D)
+    src = torch.where(depth <= n_accepted[:, None], pos[:, None] + path[:, 1:], dst)  # (B, D)
+    cache.move(src, dst)
+
+
+def decode_step(
+    model: MultiTokenModel,
+    cache: ModelCache,
+    index: TreeIndex,
+    root: torch.Tensor,
+    pos: torch.Tensor,
+    candidates: torch.Tensor,
+    q: torch.Tensor | None,
+    kv_len: int,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+    heads: list[int],
+    max_rank: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One verify forward over the tree `index` for every sequence.
+
+    root (B,): pending tokens at positions pos (B,); candidates (B, k-1, R) and q: the last proposal.
+    Returns the new tokens (B, D+1) of which the first n_new (B,) count, the next pending positions (B,),
+    and the next proposal (candidates, q).
+    """
+    N = index.size
+    drafts = candidates[:, index.head, index.rank]  # (B, N-1)
+    tokens = torch.cat([root[:, None], drafts], dim=1)  # (B, N)
+    positions = pos[:, None] + index.depth  # (B, N): true positions, for the rotary embedding
+    slots = pos[:, None] + torch.arange(N, device=pos.device)  # (B, N): scratch slots
+    ctx = model.attention_context(N, positions, cache, tree_mask(index, pos, kv_len), kv_len, slots=slots)
+    z = model.run_heads(model.embed_and_trunk(tokens, ctx, cache), ctx, cache, heads)
+    head1 = model.unembed(z[0])  # (B, N, V)
+    if sampling.greedy:
+        best, new_root = verify_greedy(index, tokens, head1.argmax(-1))
+    else:
+        best, new_root = verify_sampled(probabilities(head1, sampling), drafts, q[:, : N - 1], generator)
+    n_accepted = index.depth[best]  # (B,)
+    path = index.path[best]  # (B, D+1)
+    if not index.is_chain:
+        move_path(cache, pos, path, n_accepted)
+    new = tokens.gather(1, path).roll(-1, dims=1)  # (B, D+1): the accepted drafts first
+    new = new.scatter(1, n_accepted[:, None], new_root[:, None])  # then head 1's token after them
+    if len(heads) > 1:
+        at = best[:, None, None].expand(-1, 1, z[0].shape[-1])  # (B, 1, dim)
+        z_best = torch.cat([z[i].gather(1, at) for i in heads[1:]], dim=1)  # (B, k-1, dim)
+        candidates, q = propose(model.unembed(z_best), max_rank, sampling, generator)
+    return new, n_accepted + 1, pos + n_accepted + 1, candidates, q
+
+
+def resolve_tree(
+    model: MultiTokenModel, heads_used: int | None, tree: Tree | None, sampling: SamplingConfig
+) -> Tree:
+    """The tree to decode with (a chain unless one is given), after checking it against the model."""
+    n = model.cfg.n_future
+    if heads_used is not None and not 1 <= heads_used <= n:
+        raise UserError(f"heads_used must be between 1 and the model's {n} heads, got {heads_used}")
+    if tree is None:
+        return Tree.chain(n if heads_used is None else heads_used)
+    if tree.depth + 1 > n:
+        raise UserError(f"the tree is {tree.depth} drafts deep; the model's {n} heads draft at most {n - 1}")
+    if heads_used is not None and heads_used != tree.depth + 1:
+        raise UserError(f"heads_used={heads_used} disagrees with the tree, which uses {tree.depth + 1} heads")
+    if tree.size >= model.cfg.max_seq_len:
+        raise UserError(f"a tree of {tree.size} nodes does not fit the context of {model.cfg.max_seq_len}")
+    if not sampling.greedy and not tree.is_chain:
+        raise UserError("tree drafting is greedy only; sample with a chain (tree=None)")
+    if tree.max_rank > model.cfg.vocab_size:
+        raise UserError(f"the tree reads {tree.max_rank} candidates per head; the vocabulary has fewer")
+    return tree
+
+
+@torch.no_grad()
+def speculative_generate(
+    model: MultiTokenModel,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    heads_used: int | None = None,
+    sampling: SamplingConfig = SamplingConfig(),
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+    tree: Tree | None = None,
+    compile_step: bool = False,
+) -> GenerationResult:
+    """Decode up to `max_new_tokens` per prompt, drafting with heads 2..k and verifying with head 1.
+
+    heads_used: k (default: all heads); k = 1 is plain decoding. tree: a draft tree (greedy only), or None
+    for the chain of k heads. A sequence stops at `eos_id` (kept), after `max_new_tokens`, or when it
+    fills the context ("context"). compile_step: run the step under `torch.compile` with a full-length,
+    static-shaped cache read (the first steps pay for compilation).
+    """
+    check_prompts(model, prompts, max_new_tokens)
+    tree = resolve_tree(model, heads_used, tree, sampling)
+    start = time.perf_counter()
+    L, B, k = model.cfg.max_seq_len, len(prompts), tree.depth + 1
+    heads = list(range(k))
+    max_rank = 1 if not sampling.greedy else tree.max_rank
+    cache = model.make_cache(B)
+    device = cache.trunk[0].k.device
+    indices = {tree.size: TreeIndex.build(tree, device)}  # prefixes are added near the context limit
+    step = torch.compile(decode_step) if compile_step else decode_step
+    logits, pos = prefill(model, cache, prompts, heads)  # (B, k, V), (B,)
+    root = sample(logits[:, 0], sampling, generator)
+    candidates, q = propose(logits[:, 1:], max_rank, sampling, generator)
+    new, n_new = root[:, None], torch.ones_like(root)
+
+    lengths = [len(p) for p in prompts]
+    out: list[list[int]] = [[] for _ in range(B)]
+    reasons = ["length"] * B
+    active = [max_new_tokens > 0] * B
+    row_forwards = [1] * B
+    histogram = AcceptanceHistogram(k - 1)
+    while True:
+        new_host, n_host = new.tolist(), n_new.tolist()  # the one host sync of the step
+        if max(row_forwards) > 1:  # a verify forward ran: count what each row active in it accepted
+            histogram.add([n_host[b] - 1 for b in range(B) if active[b]])
+        for b in range(B):
+            if not active[b]:
+                continue
+            taken = new_host[b][: n_host[b]]
+            taken = taken[: min(max_new_tokens - len(out[b]), L - lengths[b] - len(out[b]))]
+            if eos_id is not None and eos_id in taken:
+                taken = taken[: taken.index(eos_id) + 1]
+                active[b], reasons[b] = False, "eos"
+            out[b].extend(taken)
+            if not active[b]:
+                continue
+            if len(out[b]) == max_new_tokens:
+                active[b] = False
+            elif lengths[b] + len(out[b]) == L:
+                active[b], reasons[b] = False, "context"
+        if not any(active):
+            break
+        # The pending token of an active row is its last output, at position len(sequence) - 1. Near the
+        # context end the tree shrinks to a prefix so no scratch slot falls outside the cache.
+        last = max(lengths[b] + len(out[b]) - 1 for b in range(B) if active[b])
+        size = min(tree.size, L - last)
+        if size not in indices:
+            indices[size] = TreeIndex.build(tree.prefix(size), device)
+        kv_len = L if compile_step else last + size
+        # Finished rows keep running (static batch) below the active ones, so their slots stay readable.
+        new, n_new, pos, candidates, q = step(
+            model, cache, indices[size], root_of(new, n_new), pos.clamp(max=last), candidates, q,
+            kv_len, sampling, generator, heads, max_rank,
+        )  # fmt: skip
+        for b in range(B):
+            row_forwards[b] += active[b]
+    seconds = time.perf_counter() - start
+    stats = decode_stats(out, row_forwards, seconds, histogram)
+    stats.update(heads_used=k, tree_size=tree.size)
+    return GenerationResult(out, max(row_forwards), reasons, seconds, stats)
+
+
+def root_of(new: torch.Tensor, n_new: torch.Tensor) -> torch.Tensor:
+    """The pending token of each row: the last of its new tokens (B,)."""
+    return new.gather(1, (n_new - 1)[:, None])[:, 0]

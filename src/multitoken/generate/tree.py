@@ -1,0 +1,220 @@
+"""Draft trees for self-speculative decoding (Medusa-style tree attention, beyond the paper).
+
+A tree holds several candidates per head. Node 0, the root, is the pending token (decided but not yet
+fed). A node at depth d >= 1 is named by its rank path (r_1, ..., r_d): its token is the rank-r_d
+candidate of head d+1 (0-based head d), drafted at the position before the root, and its parent is the
+node (r_1, ..., r_{d-1}). One forward verifies the whole tree: node i is rotated by its true position
+p + depth(i) but written to the scratch slot p + i, because siblings share a position; the tree mask lets
+it see the cached prefix (slots < p), its ancestors and itself. Head 1 at node i checks i's children.
+
+A chain (blockwise parallel decoding) is the tree whose every node has rank 0: its scratch slots are its
+true slots and its mask is the causal one, so one decoder serves both.
+
+The shape comes from data, not from constants: `calibrate` measures P(head d's rank-r candidate is the
+token head 1 then chooses) on held-out windows, and `build_tree` adds nodes greedily by the probability
+that their whole path is accepted, which maximises the expected accepted length for a node budget if the
+heads' hits are independent.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+
+from multitoken.errors import UserError
+from multitoken.model import MultiTokenModel
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A draft tree given by the rank paths of its non-root nodes, each parent listed before its children.
+
+    Because parents come first, every prefix of `paths` is a tree too: near the context limit the decoder
+    verifies a prefix. `build_tree` lists nodes by decreasing value, so a prefix is also the best smaller tree.
+    """
+
+    paths: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        seen: set[tuple[int, ...]] = {()}
+        for path in self.paths:
+            if not path or min(path) < 0:
+                raise UserError(f"tree node {path} must be a non-empty path of ranks >= 0")
+            if path in seen:
+                raise UserError(f"tree node {path} is listed twice")
+            if path[:-1] not in seen:
+                raise UserError(f"tree node {path} comes before its parent {path[:-1]}")
+            seen.add(path)
+
+    @classmethod
+    def chain(cls, heads: int) -> Tree:
+        """The chain of blockwise parallel decoding: head 1 plus the top-1 draft of heads 2..`heads`."""
+        return cls(tuple((0,) * d for d in range(1, heads)))
+
+    @property
+    def size(self) -> int:
+        """Nodes fed per forward, the root included."""
+        return len(self.paths) + 1
+
+    @property
+    def depth(self) -> int:
+        """Longest path: the tree needs heads 1..depth+1."""
+        return max((len(p) for p in self.paths), default=0)
+
+    @property
+    def is_chain(self) -> bool:
+        return all(p == (0,) * len(p) for p in self.paths)
+
+    @property
+    def max_rank(self) -> int:
+        """How many candidates per head the tree reads (the top-k it needs)."""
+        return 1 + max((max(p) for p in self.paths), default=0)
+
+    def prefix(self, size: int) -> Tree:
+        """The tree made of the first `size` nodes (root included)."""
+        return Tree(self.paths[: size - 1])
+
+    def expected_length(self, acceptance: torch.Tensor) -> float:
+        """Expected tokens per forward, 1 + sum over nodes of P(whole path accepted), assuming the heads'
+        hits independent. `acceptance` (heads - 1, R): P(head d+2's rank-r candidate is right)."""
+        return 1.0 + sum(_path_value(p, acceptance) for p in self.paths)
+
+    def __str__(self) -> str:
+        return f"Tree(size={self.size}, depth={self.depth}, paths={list(self.paths)})"
+
+
+def _path_value(path: tuple[int, ...], acceptance: torch.Tensor) -> float:
+    value = 1.0
+    for d, r in enumerate(path):
+        value *= float(acceptance[d, r]) if r < acceptance.shape[1] else 0.0
+    return value
+
+
+@dataclass(frozen=True)
+class TreeIndex:
+    """A tree's structure as device tensors, for the decode step. N nodes, D = depth.
+
+    parent (N,): parent node (the root is its own parent); depth (N,); head (N-1,) and rank (N-1,): which
+    head's which candidate each non-root node drafts; ancestors (N, N): ancestors[i, j] if j is i or an
+    ancestor of i; path (N, D+1): the nodes from the root to i by depth, padded with i.
+    """
+
+    parent: torch.Tensor
+    depth: torch.Tensor
+    head: torch.Tensor
+    rank: torch.Tensor
+    ancestors: torch.Tensor
+    path: torch.Tensor
+    is_chain: bool
+    max_rank: int
+
+    @property
+    def size(self) -> int:
+        return self.parent.shape[0]
+
+    @property
+    def n_depth(self) -> int:
+        return self.path.shape[1] - 1
+
+    @classmethod
+    def build(cls, tree: Tree, device: torch.device | str = "cpu") -> TreeIndex:
+        nodes: list[tuple[int, ...]] = [(), *tree.paths]
+        index = {p: i for i, p in enumerate(nodes)}
+        N, D = len(nodes), tree.depth
+        parent = [index[p[:-1]] if p else 0 for p in nodes]
+        ancestors = torch.zeros(N, N, dtype=torch.bool)
+        path = torch.zeros(N, D + 1, dtype=torch.long)
+        for i, p in enumerate(nodes):
+            chain = [index[p[:d]] for d in range(len(p) + 1)]
+            ancestors[i, chain] = True
+            path[i] = torch.tensor(chain + [i] * (D + 1 - len(chain)))
+
+        def t(x: list[int]) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.long, device=device)
+
+        return cls(
+            parent=t(parent),
+            depth=t([len(p) for p in nodes]),
+            head=t([len(p) - 1 for p in tree.paths]),
+            rank=t([p[-1] for p in tree.paths]),
+            ancestors=ancestors.to(device),
+            path=path.to(device),
+            is_chain=tree.is_chain,
+            max_rank=tree.max_rank,
+        )
+
+
+def tree_mask(index: TreeIndex, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Boolean attention mask (B, 1, N, kv_len) for a tree whose root sits at position pos (B,).
+
+    Node i sees the prefix (slots < pos) and, among the scratch slots pos..pos+N-1, those of its ancestors
+    and itself. For a chain this is exactly `causal_mask`.
+    """
+    N = index.size
+    rel = torch.arange(kv_len, device=pos.device)[None, :] - pos[:, None]  # (B, S): slot - root slot
+    in_tree = (rel >= 0) & (rel < N)
+    sees_node = index.ancestors[:, rel.clamp(0, N - 1)].permute(1, 0, 2)  # (B, N, S)
+    return ((rel < 0)[:, None, :] | (in_tree[:, None, :] & sees_node))[:, None]  # (B, 1, N, S)
+
+
+@torch.no_grad()
+def calibrate(model: MultiTokenModel, windows: torch.Tensor, max_rank: int, batch_size: int = 8) -> torch.Tensor:
+    """Measure acceptance (n-1, max_rank): P(head d+2's rank-r candidate equals head 1's choice).
+
+    windows (B, L): held-out token windows. Head d+1 (0-based d) at position t drafts token t+d+1; in
+    decoding, head 1 judges that token from position t+d, so its argmax there is the right answer. This
+    takes the data as the context, not the model's own text, which is the usual offline estimate.
+    """
+    n = model.cfg.n_future
+    if n < 2:
+        raise UserError("calibrating a tree needs a model with at least 2 heads")
+    if windows.dim() != 2 or windows.shape[1] < n + 1:
+        raise UserError(f"calibration needs (batch, length >= {n + 1}) token windows, got {tuple(windows.shape)}")
+    hits = torch.zeros(n - 1, max_rank)
+    counts = torch.zeros(n - 1)
+    for chunk in windows.split(batch_size):
+        ctx = model.attention_context(chunk.shape[1])
+        outputs = model.run_heads(model.embed_and_trunk(chunk, ctx), ctx)
+        choice = model.unembed(outputs[0]).argmax(-1)  # (b, T): head 1's token for position t+1
+        for d in range(1, n):
+            logits = model.unembed(outputs[d][:, :-d]).float()  # (b, T-d, V): drafts for t+d+1
+            right = choice[:, d:]  # (b, T-d): head 1's token for t+d+1, from position t+d
+            rank = (logits > logits.gather(-1, right[..., None])).sum(-1)  # (b, T-d)
+            hits[d - 1] += torch.bincount(rank.flatten(), minlength=max_rank)[:max_rank].float()
+            counts[d - 1] += rank.numel()
+    return hits / counts[:, None]
+
+
+def build_tree(acceptance: torch.Tensor, budget: int) -> Tree:
+    """The tree of at most `budget` nodes (root included) with the largest expected accepted length.
+
+    acceptance (heads - 1, R) from `calibrate`. A path's value is the product of its nodes' hit rates,
+    which never exceeds its parent's, so adding the most valuable node whose parent is in the tree, one at
+    a time, picks the `budget - 1` most valuable paths. Nodes that can never be accepted are left out.
+    """
+    if budget < 1:
+        raise UserError(f"tree budget must be >= 1 node, got {budget}")
+    n_draft, R = acceptance.shape
+    rates = acceptance.tolist()
+    heap: list[tuple[float, int, tuple[int, ...]]] = []
+    counter = 0  # breaks ties by insertion order, so the result is deterministic
+
+    def push_children(path: tuple[int, ...], value: float) -> None:
+        nonlocal counter
+        if len(path) == n_draft:
+            return
+        for r in range(R):
+            child = value * rates[len(path)][r]
+            if child > 0:
+                heapq.heappush(heap, (-child, counter, (*path, r)))
+                counter += 1
+
+    paths: list[tuple[int, ...]] = []
+    push_children((), 1.0)
+    while heap and len(paths) < budget - 1:
+        neg_value, _, path = heapq.heappop(heap)
+        paths.append(path)
+        push_children(path, -neg_value)
+    return Tree(tuple(paths))
