@@ -96,6 +96,8 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             seed=args.seed,
         )
         overrides = None
+        if cfg.context > model_cfg.max_seq_len:  # fail before tokenizing anything
+            raise UserError(f"context {cfg.context} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
     result = train(
         args.out,
         model_cfg,
@@ -178,13 +180,14 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     sources = args.data or run.config.get("data", {}).get("sources")
     if not sources:
         raise UserError(f"{args.run} records no data sources; pass --data")
-    # With explicit --data every document is held out (val_fraction just below 1 keeps one for "train").
-    val_fraction = 0.999999 if args.data else train_cfg.get("val_fraction", 0.05)
+    # With explicit --data every document is evaluated (all of it lands in the store's first split);
+    # otherwise the run's own held-out split.
+    val_fraction = 0.0 if args.data else train_cfg.get("val_fraction", 0.05)
     data = prepare_data(sources, tok, cache_dir, val_fraction)
+    tokens = data.store.train if args.data else data.store.val
     context = args.context or min(train_cfg.get("context", 256), run.model.cfg.max_seq_len)
-    result = evaluate(
-        run.model, data.store.val, context, args.batch_size, args.batches, 128, bytes_per_token(tok, data.store)
-    )
+    bpt = bytes_per_token(tok, data.store)
+    result = evaluate(run.model, tokens, context, args.batch_size, args.batches, 128, bpt)
     print(_eval_table(result), file=sys.stderr)
     return {"run": str(args.run), "step": run.state.get("step"), **result}
 

@@ -1,0 +1,149 @@
+"""End to end through the command line, on a seconds-long model, and every bad input's one-line error."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from multitoken.cli import main
+
+CODE = "".join(f"def add_{i}(a, b):\n    return a + b + {i}\n\n\n" for i in range(120))
+TINY = ["--preset", "tiny", "--batch-size", "4", "--context", "48", "--quiet", "--eval-every", "5"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    for j in range(5):
+        (d / f"mod{j}.py").write_text(CODE[j * 700 : (j + 1) * 700] * 3)
+    (d / "blob.bin").write_bytes(b"\x00\x01\x02binary")
+    return d
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, corpus) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert (
+        main(["train", "--out", str(out), "--data", str(corpus), "--max-steps", "10", "--sample-tokens", "20", *TINY])
+        == 0
+    )
+    return out
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_train_prints_summary_with_per_head_eval(run_dir, capsys):
+    # The module fixture trained already; train prints nothing more here, so check the run's files.
+    assert (run_dir / "config.json").is_file() and (run_dir / "latest").is_file()
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["kind"] == "eval"
+
+
+def test_eval_json(run_dir, capsys):
+    assert main(["eval", str(run_dir), "--batches", "2"]) == 0
+    result = last_json(capsys.readouterr().out)
+    assert len(result["loss"]) == 2 and len(result["bits_per_byte"]) == 2 and result["step"] == 10
+
+
+def test_eval_on_other_data(run_dir, corpus, capsys):
+    assert main(["eval", str(run_dir), "--data", str(corpus / "mod1.py"), "--batches", "1"]) == 0
+    assert last_json(capsys.readouterr().out)["tokens"] > 0
+
+
+def test_generate_with_stats(run_dir, capsys):
+    assert main(["generate", str(run_dir), "--prompt", "def ", "--max-new-tokens", "12", "--stats"]) == 0
+    stats = last_json(capsys.readouterr().out)
+    assert len(stats["generated_token_ids"][0]) == 12 and stats["tokens_per_second"] > 0
+
+
+def test_generate_batch_file(run_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('def f(x):\n"class A:\\n    "\n')
+    assert main(["generate", str(run_dir), "--batch", str(prompts), "--max-new-tokens", "5", "--stats"]) == 0
+    assert len(last_json(capsys.readouterr().out)["generated_token_ids"]) == 2
+
+
+def test_resume_continues(run_dir, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    assert main(["train", "--out", str(copy), "--resume", "--max-steps", "12", "--quiet", "--sample-tokens", "0"]) == 0
+    assert last_json(capsys.readouterr().out)["steps"] == 12
+
+
+def error_of(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    return err.splitlines()[-1]  # progress bars may come before; the error is one line
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data", "/no/such/path"], "no such file or folder"),
+        (["--n-future", "0"], "n_future must be >= 1"),
+        (["--n-future", "4"], "needs n_layers > n_future"),
+        (["--preset", "enormous"], "unknown preset"),
+        (["--dim", "30"], "not divisible by n_heads"),
+        (["--context", "1000"], "exceeds the model's max_seq_len"),
+    ],
+)
+def test_train_bad_input(tmp_path, corpus, capsys, extra, message):
+    argv = ["train", "--out", str(tmp_path / "r"), "--data", str(corpus), "--max-steps", "1", *TINY, *extra]
+    assert message in error_of(argv, capsys)
+
+
+def test_empty_and_tiny_corpus(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no text documents" in error_of(["train", "--out", str(tmp_path / "a"), "--data", str(empty), *TINY], capsys)
+    small = tmp_path / "small.py"
+    small.write_text("x = 1\n")
+    err = error_of(["train", "--out", str(tmp_path / "b"), "--data", str(small), *TINY], capsys)
+    assert "corpus too small" in err
+
+
+def test_run_directory_errors(run_dir, tmp_path, capsys):
+    assert "not a run directory" in error_of(["eval", str(tmp_path)], capsys)
+    assert "not a directory" in error_of(["generate", str(tmp_path / "x"), "--prompt", "a"], capsys)
+    assert "already holds a run" in error_of(["train", "--out", str(run_dir), *TINY], capsys)
+
+
+def test_prompt_errors(run_dir, capsys):
+    assert "context is 256" in error_of(["generate", str(run_dir), "--prompt", "x" * 300], capsys)
+    assert "is empty" in error_of(["generate", str(run_dir), "--prompt", ""], capsys)
+    assert "top-p" in error_of(
+        ["generate", str(run_dir), "--prompt", "a", "--temperature", "1", "--top-p", "2"], capsys
+    )
+
+
+def test_truncated_checkpoint_is_detected(run_dir, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    ckpt = next((copy / "checkpoints").glob("step_*"))
+    (copy / "latest").write_text(ckpt.name)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert "truncated" in error_of(["eval", str(copy)], capsys)
+
+
+def test_console_script_exit_code_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "multitoken", "eval", str(tmp_path / "missing")], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"multitoken eval: error: {tmp_path / 'missing'} is not a directory"
+
+
+def test_help_for_every_subcommand():
+    for cmd in ["train", "eval", "generate"]:
+        proc = subprocess.run([sys.executable, "-m", "multitoken", cmd, "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage" in proc.stdout
