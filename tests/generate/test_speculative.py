@@ -102,6 +102,7 @@ class StubModel:
 
     def run_heads(self, h, ctx, cache=None, heads=None):
         V = self.cfg.vocab_size
+        heads = range(self.cfg.n_future) if heads is None else heads
         return {i: h + i * V for i in heads}  # head i's output names (head, token)
 
     def unembed(self, z):

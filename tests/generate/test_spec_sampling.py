@@ -1,0 +1,137 @@
+"""Speculative sampling is lossless: its output is distributed exactly as plain sampling from head 1.
+
+A stub model with hand-set bigram logits makes the exact law of the first tokens computable: under plain
+sampling, P(x1..x4) = prod_t p(x_t | x_{t-1}) with p head 1's processed distribution. Many rows of one
+batch, each its own independent run, give the empirical law under speculative sampling; a chi-square test
+with a fixed seed compares them, and the same test must fail when the residual is broken.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import multitoken.generate.speculative as speculative
+from multitoken.errors import UserError
+from multitoken.generate.sampling import SamplingConfig, probabilities
+from multitoken.generate.speculative import residual_distribution, speculative_generate
+from multitoken.generate.tree import Tree
+from tests.conftest import make_model
+from tests.generate.test_speculative import StubModel
+
+V, N_TOKENS, ROWS = 3, 4, 24_000
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: see test_speculative.one_thread
+    yield
+    torch.set_num_threads(threads)
+
+
+def bigram_stub() -> StubModel:
+    """Three heads whose distributions differ clearly, so drafts are often rejected and the residual matters."""
+    g = torch.Generator().manual_seed(0)
+    return StubModel(2.0 * torch.randn(3, V, V, generator=g))
+
+
+def exact_law(model: StubModel, first: int, cfg: SamplingConfig) -> dict[tuple[int, ...], float]:
+    p = probabilities(model.table[0], cfg).tolist()  # (V, V): head 1's processed p(next | last)
+    law = {}
+    for seq in itertools.product(range(V), repeat=N_TOKENS):
+        prob, last = 1.0, first
+        for x in seq:
+            prob, last = prob * p[last][x], x
+        law[seq] = prob
+    return law
+
+
+def chi_square(model: StubModel, cfg: SamplingConfig, seed: int = 0) -> tuple[float, int, int]:
+    """Chi-square statistic, its degrees of freedom, and samples that fell where the law puts no mass."""
+    result = speculative_generate(
+        model, [[0]] * ROWS, N_TOKENS, heads_used=3, sampling=cfg, generator=torch.Generator().manual_seed(seed)
+    )
+    counts: dict[tuple[int, ...], int] = {}
+    for t in result.tokens:
+        counts[tuple(t)] = counts.get(tuple(t), 0) + 1
+    law = exact_law(model, 0, cfg)
+    impossible = sum(c for s, c in counts.items() if law[s] == 0)
+    # Pool the cells expected to hold fewer than 5 samples, as the chi-square approximation asks.
+    stat, pooled_obs, pooled_exp, cells = 0.0, 0, 0.0, 0
+    for seq, prob in law.items():
+        expected, observed = ROWS * prob, counts.get(seq, 0)
+        if expected >= 5:
+            stat += (observed - expected) ** 2 / expected
+            cells += 1
+        else:
+            pooled_obs, pooled_exp = pooled_obs + observed, pooled_exp + expected
+    if pooled_exp > 0:
+        stat += (pooled_obs - pooled_exp) ** 2 / pooled_exp
+        cells += 1
+    return stat, cells - 1, impossible
+
+
+def chi_square_quantile(df: int, z: float = 3.72) -> float:
+    """Wilson-Hilferty approximation of the chi-square quantile at normal score z (3.72: p = 1e-4)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+CONFIGS = [
+    SamplingConfig(temperature=1.0),
+    SamplingConfig(temperature=0.7, top_k=2),
+    SamplingConfig(temperature=1.3, top_p=0.8),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["t1", "topk", "topp"])
+def test_speculative_sampling_matches_plain_law(cfg):
+    model = bigram_stub()
+    stat, df, impossible = chi_square(model, cfg)
+    assert impossible == 0
+    assert stat < chi_square_quantile(df), (stat, df)
+
+
+def test_the_check_catches_a_broken_residual(monkeypatch):
+    """Sampling from p instead of normalize(max(0, p - q)) after a rejection biases the output."""
+    model = bigram_stub()
+    monkeypatch.setattr(speculative, "residual_distribution", lambda p, q: p)
+    stat, df, _ = chi_square(model, CONFIGS[0])
+    assert stat > 3 * chi_square_quantile(df), (stat, df)
+
+
+def test_drafts_are_accepted_and_rejected():
+    """The law test only means something if both branches ran: some drafts kept, some rejected."""
+    result = speculative_generate(
+        bigram_stub(), [[0]] * 200, 6, sampling=CONFIGS[0], generator=torch.Generator().manual_seed(1)
+    )
+    hist = result.stats["accept_histogram"]
+    assert hist[0] > 0 and hist[1] + hist[2] > 0
+
+
+def test_residual_distribution():
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    q = torch.tensor([0.2, 0.5, 0.1, 0.2])
+    torch.testing.assert_close(residual_distribution(p, q), torch.tensor([0.75, 0.0, 0.25, 0.0]))
+    torch.testing.assert_close(residual_distribution(p, torch.zeros(4)), p)  # the bonus token
+    torch.testing.assert_close(residual_distribution(p, p), p)  # no mass left: fall back to p
+
+
+def test_seeded_sampling_is_reproducible_on_a_real_model():
+    model = make_model()
+    cfg = SamplingConfig(temperature=0.9, top_k=20, top_p=0.95)
+    runs = [
+        speculative_generate(model, [[1, 2], [3]], 15, sampling=cfg, generator=torch.Generator().manual_seed(4))
+        for _ in range(2)
+    ]
+    assert runs[0].tokens == runs[1].tokens and all(len(t) == 15 for t in runs[0].tokens)
+
+
+def test_tree_sampling_is_refused():
+    with pytest.raises(UserError, match="greedy only"):
+        speculative_generate(
+            make_model(), [[1]], 4, sampling=CONFIGS[0], tree=Tree(((0,), (1,)))
+        )

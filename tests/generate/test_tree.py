@@ -1,0 +1,160 @@
+"""Tree drafting: structure, mask, calibration, tree construction, and exactness of tree decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multitoken.errors import UserError
+from multitoken.generate.autoregressive import generate
+from multitoken.generate.speculative import speculative_generate
+from multitoken.generate.tree import Tree, TreeIndex, build_tree, calibrate, tree_mask
+from multitoken.kv_cache import causal_mask
+from tests.conftest import make_model
+from tests.generate.test_speculative import (
+    HEAD_TYPES,
+    StubModel,
+    held_out_prompts,
+    random_prompts,
+    shift_table,
+    trained_model,
+    word_stream,
+)
+
+SMALL_TREE = Tree(((0,), (1,), (0, 0), (0, 1), (1, 0)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: see test_speculative.one_thread
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------
+# structure and mask
+
+
+def test_tree_structure():
+    index = TreeIndex.build(SMALL_TREE)
+    assert SMALL_TREE.size == 6 and SMALL_TREE.depth == 2 and SMALL_TREE.max_rank == 2
+    assert index.parent.tolist() == [0, 0, 0, 1, 1, 2]
+    assert index.depth.tolist() == [0, 1, 1, 2, 2, 2]
+    assert index.head.tolist() == [0, 0, 1, 1, 1] and index.rank.tolist() == [0, 1, 0, 1, 0]
+    assert index.path.tolist() == [[0, 0, 0], [0, 1, 1], [0, 2, 2], [0, 1, 3], [0, 1, 4], [0, 2, 5]]
+    assert Tree.chain(3).paths == ((0,), (0, 0)) and Tree.chain(3).is_chain and not SMALL_TREE.is_chain
+    assert SMALL_TREE.prefix(3).paths == ((0,), (1,))
+
+
+@pytest.mark.parametrize(
+    "paths, message",
+    [([(0, 0)], "before its parent"), ([(0,), (0,)], "listed twice"), ([(-1,)], "ranks >= 0"), ([()], "non-empty")],
+)
+def test_bad_trees(paths, message):
+    with pytest.raises(UserError, match=message):
+        Tree(tuple(paths))
+
+
+def test_chain_mask_is_causal():
+    pos = torch.tensor([3, 7])
+    mask = tree_mask(TreeIndex.build(Tree.chain(4)), pos, 12)
+    assert torch.equal(mask, causal_mask(pos[:, None] + torch.arange(4), 12))
+
+
+def test_tree_mask_sees_prefix_ancestors_and_self():
+    mask = tree_mask(TreeIndex.build(SMALL_TREE), torch.tensor([2]), 9)[0, 0]  # (N, S), root at slot 2
+    expected = torch.tensor(
+        [  # slots 0 1 | 2 (root) 3 4 5 6 7 (scratch) | 8 (beyond)
+            [1, 1, 1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0, 0, 0],
+            [1, 1, 1, 0, 1, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 1, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0, 1, 0, 0],
+            [1, 1, 1, 0, 1, 0, 0, 1, 0],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(mask, expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# calibration and construction
+
+
+def test_build_tree_maximises_expected_length():
+    acc = torch.tensor([[0.6, 0.3, 0.05], [0.5, 0.2, 0.0]])
+    tree = build_tree(acc, 5)
+    # Path values: (0,) .6, (1,) .3, (0,0) .3, (0,1) .12, (1,0) .15, (2,) .05: the best four.
+    assert set(tree.paths) == {(0,), (1,), (0, 0), (1, 0)}
+    assert tree.expected_length(acc) == pytest.approx(1 + 0.6 + 0.3 + 0.3 + 0.15)
+    assert Tree.chain(3).expected_length(acc) == pytest.approx(1 + 0.6 + 0.3)
+    assert build_tree(acc, 1).paths == ()
+    assert len(build_tree(acc, 100).paths) == 9  # 3 + 3 * 2: nodes worth 0 are never added
+    for size in range(1, 6):  # every prefix is the best tree of its size
+        assert set(tree.prefix(size).paths) == set(build_tree(acc, size).paths)
+
+
+def test_calibrate_on_stub_and_trained_model():
+    # Head 2's second guess is head 1's choice two steps on, head 3's first guess is right.
+    stub = StubModel(shift_table(11, [[1], [3, 2], [3, 4]]))
+    windows = (torch.arange(12) + torch.tensor([[0], [5]])) % 11  # text that follows head 1
+    acc = calibrate(stub, windows, max_rank=3)
+    assert acc.tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+
+    acc = calibrate(trained_model(), word_stream(640, seed=9).view(10, 64), max_rank=4)
+    assert acc.shape == (2, 4) and (acc.sum(1) <= 1 + 1e-6).all()
+    assert (acc[:, 0] > 0.5).all() and (acc[:, 0] > acc[:, 1]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# decoding with trees
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_tree_greedy_equals_plain_random_model(head_type):
+    """Scratch slots, tree mask and the move of the accepted path leave every cache exact; batch rows
+    of different lengths share one tree shape."""
+    model = make_model(head_type=head_type)
+    for seed, max_new in [(0, 3), (1, 20)]:
+        prompts = random_prompts(3, model.cfg.vocab_size, seed)
+        plain = generate(model, prompts, max_new)
+        for tree in (SMALL_TREE, Tree(((0,), (1,), (2,)))):
+            spec = speculative_generate(model, prompts, max_new, tree=tree)
+            assert spec.tokens == plain.tokens, (seed, tree)
+
+
+def test_calibrated_tree_on_trained_model():
+    model = trained_model()
+    windows = word_stream(640, seed=9).view(10, 64)
+    tree = build_tree(calibrate(model, windows, max_rank=4), budget=6)
+    assert not tree.is_chain and tree.depth == 2
+    prompts = held_out_prompts(4)
+    plain = generate(model, prompts, 40)
+    chain = speculative_generate(model, prompts, 40)
+    spec = speculative_generate(model, prompts, 40, tree=tree)
+    assert spec.tokens == chain.tokens == plain.tokens
+    assert spec.stats["tokens_per_forward"] > 1.5
+    assert [len(t) for t in spec.tokens] == [40] * 4
+
+
+def test_tree_stops_cleanly_at_context_limit():
+    """Near the end the tree shrinks to a prefix so its scratch slots stay inside the cache."""
+    model = make_model(max_seq_len=20)
+    prompts = [[1] * 15, [2] * 3, [4] * 18]
+    plain = generate(model, prompts, 50)
+    spec = speculative_generate(model, prompts, 50, tree=SMALL_TREE)
+    assert spec.tokens == plain.tokens and spec.stop_reasons == ["context"] * 3
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(tree=Tree(((0,), (0, 0), (0, 0, 0)))), "3 drafts deep"),
+        (dict(tree=SMALL_TREE, heads_used=2), "disagrees with the tree"),
+        (dict(tree=Tree(tuple((r,) for r in range(20)))), "does not fit the context"),
+    ],
+)
+def test_bad_tree_input(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        speculative_generate(make_model(max_seq_len=20), [[1, 2]], 4, **kwargs)
