@@ -1,0 +1,268 @@
+"""Hugging Face import/export against transformers' own LlamaForCausalLM (random weights, no downloads)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from multitoken.checkpoint import load_run, save_checkpoint, write_run_config  # noqa: E402
+from multitoken.data.tokenizers import BPETokenizer, ByteTokenizer, load_tokenizer  # noqa: E402
+from multitoken.errors import CheckpointError, DataError, UserError  # noqa: E402
+from multitoken.interop.hf import (  # noqa: E402
+    byte_tokenizer_as_hf,
+    config_from_hf,
+    export_hf,
+    export_run,
+    import_hf,
+    import_to_run,
+)
+from tests.conftest import make_model  # noqa: E402
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "Hello, world! Multi-token prediction.", "naïve café ∑ 😀"] * 20
+
+
+def random_llama(
+    tmp_path: Path,
+    tie: bool = False,
+    n_kv_heads: int = 2,
+    model_type: str = "llama",
+    tokenizer: bool = True,
+    **save_kwargs,
+) -> tuple[Path, torch.nn.Module]:
+    """A randomly initialised small transformers model saved with save_pretrained (+ a BPE tokenizer)."""
+    common = dict(
+        vocab_size=301,
+        hidden_size=64,
+        intermediate_size=136,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=64,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+    )
+    if model_type == "llama":
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    else:
+        hf = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=None, head_dim=16, **common))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            # Norm weights start at 1: perturb them (and give the weights some size) so that a swapped or
+            # dropped tensor changes the logits.
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    out = tmp_path / "hf"
+    hf.save_pretrained(out, **save_kwargs)
+    if tokenizer:
+        BPETokenizer.train(TEXTS, 301).save(out)  # tokenizer.json (+ our config, ignored by the importer)
+    return out, hf.eval()
+
+
+def hf_logits(hf: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(tokens).logits
+
+
+def tokens(vocab: int, T: int = 24, B: int = 2) -> torch.Tensor:
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize(("tie", "n_kv_heads"), [(False, 2), (True, 2), (False, 4), (True, 1)])
+def test_import_matches_transformers(tmp_path, tie, n_kv_heads):
+    src, hf = random_llama(tmp_path, tie=tie, n_kv_heads=n_kv_heads)
+    model, tok = import_hf(src)
+    cfg = model.cfg
+    assert (cfg.n_future, cfg.n_trunk_layers, cfg.n_layers) == (1, 2, 3)
+    assert (cfg.n_kv_heads, cfg.tie_embeddings, cfg.rope_theta, cfg.max_seq_len) == (n_kv_heads, tie, 5000.0, 64)
+    assert isinstance(tok, BPETokenizer)
+    x = tokens(301)
+    with torch.no_grad():
+        ours = model(x)[:, :, 0]
+    torch.testing.assert_close(ours, hf_logits(hf, x), atol=1e-5, rtol=1e-5)
+
+
+def test_import_model_object_and_mistral_without_window(tmp_path):
+    src, hf = random_llama(tmp_path, model_type="mistral", tokenizer=False)
+    x = tokens(301)
+    for source in (src, hf):
+        model, _ = import_hf(source)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x)[:, :, 0], hf_logits(hf, x), atol=1e-5, rtol=1e-5)
+
+
+def test_import_sharded(tmp_path):
+    src, hf = random_llama(tmp_path, max_shard_size="50KB")
+    assert (src / "model.safetensors.index.json").is_file()
+    model, _ = import_hf(src)
+    x = tokens(301)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[:, :, 0], hf_logits(hf, x), atol=1e-5, rtol=1e-5)
+
+
+def test_import_extra_heads_start_as_copies(tmp_path):
+    src, hf = random_llama(tmp_path)
+    model, _ = import_hf(src, n_future=3, max_seq_len=32)
+    assert (model.cfg.n_layers, model.cfg.n_trunk_layers, model.cfg.max_seq_len) == (5, 2, 32)
+    x = tokens(301)
+    with torch.no_grad():
+        logits = model(x)
+    torch.testing.assert_close(logits[:, :, 0], hf_logits(hf, x), atol=1e-5, rtol=1e-5)
+    assert torch.equal(logits[:, :, 1], logits[:, :, 0]) and torch.equal(logits[:, :, 2], logits[:, :, 0])
+    assert model.heads[1].attention.wq.weight.data_ptr() != model.heads[0].attention.wq.weight.data_ptr()
+
+
+BASE = dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_hidden_layers=3, vocab_size=10,
+            intermediate_size=100)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling 'llama3'"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "RoPE scaling 'yarn'"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"head_dim": 32}, "head_dim=32"),
+        ({"model_type": "mistral", "sliding_window": 4096}, "sliding_window"),
+        ({"model_type": "qwen2"}, "model_type 'qwen2'"),
+        ({"quantization_config": {"quant_method": "gptq"}}, "quantized"),
+        ({"num_hidden_layers": 1}, "fewer than 2 layers"),
+        ({"intermediate_size": None}, "no valid 'intermediate_size'"),
+    ],
+)
+def test_unsupported_configs_are_refused(change, message):
+    assert config_from_hf(BASE).rope_theta == 10000.0
+    with pytest.raises(CheckpointError, match=message):
+        config_from_hf({**BASE, **change})
+
+
+def test_rope_theta_spellings():
+    assert config_from_hf({**BASE, "rope_theta": 5e5}).rope_theta == 5e5
+    assert config_from_hf({**BASE, "rope_parameters": {"rope_type": "default", "rope_theta": 7e4}}).rope_theta == 7e4
+
+
+def test_bad_sources(tmp_path):
+    src, _ = random_llama(tmp_path)
+    config = json.loads((src / "config.json").read_text())
+    # Refused from config.json alone, before any weight is read.
+    (src / "model.safetensors").unlink()
+    (src / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "linear", "factor": 2.0}}))
+    with pytest.raises(CheckpointError, match="RoPE scaling 'linear'"):
+        import_hf(src)
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        import_hf(src)
+    (src / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(CheckpointError, match="pickled"):
+        import_hf(src)
+    with pytest.raises(CheckpointError, match="neither"):
+        import_hf(tmp_path / "nowhere")
+
+
+def test_truncated_or_mismatched_weights(tmp_path):
+    src, _ = random_llama(tmp_path)
+    weights = src / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot read"):
+        import_hf(src)
+    weights.write_bytes(data)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    with pytest.raises(CheckpointError, match="unexpected"):
+        import_hf(src)
+    (src / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    with pytest.raises(CheckpointError, match="shape"):
+        import_hf(src)
+
+
+def test_import_to_run(tmp_path):
+    src, hf = random_llama(tmp_path)
+    run = import_to_run(src, tmp_path / "run")
+    loaded = load_run(run)
+    assert loaded.config["source"]["format"] == "hf"
+    x = tokens(301)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x)[:, :, 0], hf_logits(hf, x), atol=1e-5, rtol=1e-5)
+    tok = load_tokenizer(run)
+    assert tok.encode(TEXTS[0]) == BPETokenizer.from_file(src / "tokenizer.json").encode(TEXTS[0])
+    with pytest.raises(UserError, match="not an empty directory"):
+        import_to_run(src, run)
+
+
+def test_import_to_run_without_tokenizer(tmp_path):
+    src, _ = random_llama(tmp_path, tokenizer=False)
+    with pytest.raises(DataError, match="no tokenizer"):
+        import_to_run(src, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    run = import_to_run(src, tmp_path / "run", allow_missing_tokenizer=True)
+    assert load_run(run).model.cfg.n_layers == 3
+    assert not any(p.name.startswith(".run.") for p in tmp_path.iterdir())  # no staging folder left behind
+
+
+def load_exported(out: Path) -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+
+
+@pytest.mark.parametrize(
+    ("head_type", "tie", "n_hf_layers"),
+    [("parallel", False, 3), ("parallel", True, 3), ("causal", False, 3), ("anticausal", False, 5)],
+)
+def test_export_matches_head1(tmp_path, head_type, tie, n_hf_layers):
+    model = make_model(head_type=head_type, tie_embeddings=tie)  # 5 blocks: 2 trunk + 3 heads
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial norms and larger weights, as in random_llama
+            p.copy_(1 + 0.2 * torch.randn_like(p) if p.dim() == 1 else 0.1 * torch.randn_like(p))
+    out = export_hf(model, tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == n_hf_layers
+    hf = load_exported(out)
+    assert hf.config.tie_word_embeddings == tie
+    x = tokens(61)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_logits(hf, x), model(x, heads=[0])[:, :, 0], atol=1e-5, rtol=1e-5)
+    # And back: the exported folder imports to the same next-token model.
+    again, _ = import_hf(out)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x)[:, :, 0], model(x, heads=[0])[:, :, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_export_refuses_linear_heads(tmp_path):
+    for n_future in (1, 2):
+        with pytest.raises(UserError, match="linear heads have no Llama equivalent"):
+            export_hf(make_model(head_type="linear", n_future=n_future), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["bpe", "bytes"])
+def test_export_run_with_tokenizer(tmp_path, kind):
+    tok = BPETokenizer.train(TEXTS, 301) if kind == "bpe" else ByteTokenizer()
+    model = make_model(vocab_size=tok.vocab_size)
+    run = tmp_path / "run"
+    write_run_config(run, model.cfg)
+    tok.save(run)
+    save_checkpoint(run, 1, model)
+    out = export_run(run, tmp_path / "out", "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == tok.eos_id
+    for text in TEXTS[:3]:
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+        assert hf_tok.decode(tok.encode(text)) == text
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == tok.eos_id
+    assert load_tokenizer(out).encode(TEXTS[2]) == tok.encode(TEXTS[2])  # our loader reads it too
+    x = tokens(tok.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_logits(load_exported(out), x), model(x)[:, :, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_byte_tokenizer_as_hf():
+    hf = byte_tokenizer_as_hf()
+    text = "naïve\x00\n\t 😀<|endoftext|>"
+    assert hf.encode(text, add_special_tokens=False).ids[:-1] == list(text.removesuffix("<|endoftext|>").encode())
+    assert hf.encode(text).ids[-1] == 256 and hf.get_vocab_size() == 257
+    assert hf.decode(list("ab ç".encode())) == "ab ç"
