@@ -50,10 +50,10 @@ def exact_law(model: StubModel, first: int, cfg: SamplingConfig) -> dict[tuple[i
     return law
 
 
-def chi_square(model: StubModel, cfg: SamplingConfig, seed: int = 0) -> tuple[float, int, int]:
+def chi_square(model: StubModel, cfg: SamplingConfig, seed: int = 0, k: int = 3) -> tuple[float, int, int]:
     """Chi-square statistic, its degrees of freedom, and samples that fell where the law puts no mass."""
     result = speculative_generate(
-        model, [[0]] * ROWS, N_TOKENS, heads_used=3, sampling=cfg, generator=torch.Generator().manual_seed(seed)
+        model, [[0]] * ROWS, N_TOKENS, heads_used=k, sampling=cfg, generator=torch.Generator().manual_seed(seed)
     )
     counts: dict[tuple[int, ...], int] = {}
     for t in result.tokens:
@@ -120,6 +120,13 @@ def test_residual_distribution():
     torch.testing.assert_close(residual_distribution(p, p), p)  # no mass left: fall back to p
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_few_heads_keep_the_law(k):
+    """One head is plain sampling through the speculative loop; two heads draft one token."""
+    stat, df, impossible = chi_square(bigram_stub(), CONFIGS[0], seed=2, k=k)
+    assert impossible == 0 and stat < chi_square_quantile(df), (stat, df)
+
+
 def test_seeded_sampling_is_reproducible_on_a_real_model():
     model = make_model()
     cfg = SamplingConfig(temperature=0.9, top_k=20, top_p=0.95)
@@ -132,6 +139,4 @@ def test_seeded_sampling_is_reproducible_on_a_real_model():
 
 def test_tree_sampling_is_refused():
     with pytest.raises(UserError, match="greedy only"):
-        speculative_generate(
-            make_model(), [[1]], 4, sampling=CONFIGS[0], tree=Tree(((0,), (1,)))
-        )
+        speculative_generate(make_model(), [[1]], 4, sampling=CONFIGS[0], tree=Tree(((0,), (1,))))

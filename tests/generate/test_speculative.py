@@ -10,6 +10,7 @@ import torch
 
 from multitoken.errors import UserError
 from multitoken.generate.autoregressive import generate
+from multitoken.generate.bench import bench_generate, time_blocks
 from multitoken.generate.speculative import speculative_generate
 from multitoken.generate.stats import result_json
 from multitoken.generate.tree import Tree
@@ -263,3 +264,17 @@ def test_bad_input(kwargs, message):
     args = dict(prompts=[[1, 2]], max_new_tokens=4) | kwargs
     with pytest.raises(UserError, match=message):
         speculative_generate(make_model(), **args)
+
+
+def test_bench_generate_compares_decoders():
+    model = trained_model()
+    report = bench_generate(model, held_out_prompts(2), 24, tree=Tree(((0,), (1,), (0, 0))))
+    rows = report["decoders"]
+    assert list(rows) == ["plain", "chain", "tree"]
+    assert all(r["exact"] == 1.0 for r in rows.values())
+    assert rows["plain"]["tokens_per_forward"] == 1.0 and rows["plain"]["speedup"] == 1.0
+    assert rows["chain"]["tokens_per_forward"] > 1.5
+    assert rows["tree"]["efficiency"] == pytest.approx(rows["tree"]["speedup"] / rows["tree"]["tokens_per_forward"])
+    assert "chain" in report["table"] and "tok/fwd" in report["table"]
+    costs = time_blocks(model, [1, 4], context=10, repeats=2)
+    assert set(costs) == {1, 4} and all(c > 0 for c in costs.values())

@@ -91,7 +91,7 @@ def verify_sampled(
     accept = u * q_draft < p_draft  # u < p/q without a division
     n_accepted = accept.long().cumprod(-1).sum(-1)  # (B,): length of the accepted prefix
     # No draft follows the last node: q there is 0 and the residual is p, the bonus token's distribution.
-    q_next = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)  # (B, N, V)
+    q_next = torch.cat([q, q.new_zeros(q.shape[0], 1, q.shape[2])], dim=1)  # (B, N, V)
     at = n_accepted[:, None, None].expand(-1, 1, p.shape[-1])  # (B, 1, V)
     residual = residual_distribution(p.gather(1, at)[:, 0], q_next.gather(1, at)[:, 0])  # (B, V)
     return n_accepted, sample_from(residual, generator)

@@ -1,0 +1,105 @@
+"""Compare plain, chain and tree decoding on one model and one set of prompts.
+
+Speed is what counts, and tokens per forward only bounds it: a verify forward over a block of N tokens
+costs more than a one-token forward (and on small CPU matmuls a block of 2-3 rows can cost more than one
+of 4). `efficiency` = speedup / tokens per forward shows how much of the bound survives; `time_blocks`
+measures the block cost curve itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from multitoken.generate.autoregressive import generate
+from multitoken.generate.common import GenerationResult
+from multitoken.generate.speculative import speculative_generate
+from multitoken.generate.tree import Tree
+from multitoken.model import MultiTokenModel
+
+
+def bench_generate(
+    model: MultiTokenModel,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    heads_used: int | None = None,
+    tree: Tree | None = None,
+    repeats: int = 1,
+) -> dict[str, Any]:
+    """Greedy plain vs chain (vs tree, if given) decoding: each warmed up once, then timed `repeats` times
+    (the fastest run counts).
+
+    Returns {"decoders": {name: {tokens_per_forward, tokens_per_second, speedup, efficiency, forwards,
+    exact}}, "table": str}. `exact` is the fraction of prompts whose output equals plain decoding's
+    (1.0 in fp32 on the CPU; in bf16 near-ties of head 1's top two logits can flip).
+    """
+    decoders: dict[str, Callable[[int], GenerationResult]] = {
+        "plain": lambda n: generate(model, prompts, n),
+        "chain": lambda n: speculative_generate(model, prompts, n, heads_used=heads_used),
+    }
+    if tree is not None:
+        decoders["tree"] = lambda n: speculative_generate(model, prompts, n, tree=tree)
+    results: dict[str, GenerationResult] = {}
+    for name, run in decoders.items():
+        run(min(max_new_tokens, 8))  # warm-up: allocator, kernels, lazy initialisation
+        results[name] = min((run(max_new_tokens) for _ in range(repeats)), key=lambda r: r.seconds)
+    plain = results["plain"]
+    rows: dict[str, dict[str, Any]] = {}
+    for name, r in results.items():
+        tokens_per_forward = r.stats.get("tokens_per_forward", 1.0)  # plain: one token per forward
+        speedup = plain.seconds / r.seconds
+        rows[name] = {
+            "tokens_per_forward": tokens_per_forward,
+            "tokens_per_second": r.n_generated / r.seconds,
+            "speedup": speedup,
+            "efficiency": speedup / tokens_per_forward,
+            "forwards": r.n_forwards,
+            "exact": sum(a == b for a, b in zip(r.tokens, plain.tokens, strict=True)) / len(prompts),
+        }
+        if name == "tree":
+            rows[name]["tree_size"] = tree.size
+    return {"decoders": rows, "table": format_table(rows)}
+
+
+def format_table(rows: dict[str, dict[str, Any]]) -> str:
+    """A readable table of `bench_generate`'s rows."""
+    header = f"{'decoder':<8} {'tok/fwd':>8} {'tok/s':>9} {'speedup':>8} {'effic.':>7} {'fwds':>6} {'exact':>6}"
+    lines = [header, "-" * len(header)]
+    for name, r in rows.items():
+        lines.append(
+            f"{name:<8} {r['tokens_per_forward']:>8.2f} {r['tokens_per_second']:>9.1f} {r['speedup']:>7.2f}x "
+            f"{r['efficiency']:>7.2f} {r['forwards']:>6d} {r['exact']:>6.2f}"
+        )
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def time_blocks(
+    model: MultiTokenModel, sizes: Sequence[int], context: int, heads: int | None = None, repeats: int = 20
+) -> dict[int, float]:
+    """Seconds per decode forward over a block of each size, with `context` positions cached (batch 1).
+
+    The cost curve of verification: with it, a tree budget can be chosen by expected tokens per second,
+    and one sees whether padding short blocks to a cheaper size pays.
+    """
+    heads_list = list(range(heads or model.cfg.n_future))
+    device = model.tok_embeddings.weight.device
+    cache = model.make_cache(1)
+    costs = {}
+    for size in sizes:
+        tokens = torch.zeros(1, size, dtype=torch.long, device=device)
+        positions = context + torch.arange(size, device=device)[None]  # (1, size)
+        kv_len = context + size
+
+        times = []
+        for _ in range(repeats + 2):
+            start = time.perf_counter()
+            ctx = model.attention_context(size, positions, cache, kv_len=kv_len)
+            z = model.run_heads(model.embed_and_trunk(tokens, ctx, cache), ctx, cache, heads_list)
+            model.unembed(z[0]).argmax(-1).tolist()  # the step's sync
+            times.append(time.perf_counter() - start)
+        costs[size] = sorted(times[2:])[len(times[2:]) // 2]  # median after two warm-up runs
+    return costs
