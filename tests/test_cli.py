@@ -147,3 +147,23 @@ def test_help_for_every_subcommand():
     for cmd in ["train", "eval", "generate"]:
         proc = subprocess.run([sys.executable, "-m", "multitoken", cmd, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage" in proc.stdout
+
+
+def test_export_then_import_generates_the_same(run_dir, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    for fmt in ["hf", "meta"]:
+        out, back = tmp_path / f"{fmt}-export", tmp_path / f"{fmt}-run"
+        assert main(["export", str(run_dir), "--out", str(out), "--format", fmt]) == 0
+        layout = ["--layout", "meta", "--allow-missing-tokenizer"] if fmt == "meta" else []
+        assert main(["import", str(out), "--out", str(back), *layout, "--max-seq-len", "256"]) == 0
+        if fmt == "meta":
+            import shutil
+
+            for f in ("tokenizer_config.json",):
+                shutil.copy(run_dir / f, back / f)
+        capsys.readouterr()
+        argv = ["--prompt", "def ", "--max-new-tokens", "10", "--stats"]
+        assert main(["generate", str(run_dir), *argv]) == 0
+        original = last_json(capsys.readouterr().out)["generated_token_ids"]
+        assert main(["generate", str(back), *argv]) == 0
+        assert last_json(capsys.readouterr().out)["generated_token_ids"] == original

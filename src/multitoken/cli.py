@@ -264,6 +264,54 @@ def _cmd_generate(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 # --------------------------------------------------------------------------------------------------
+# import / export
+
+
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import",
+        help="import a Hugging Face Llama directory, a GGUF file or the official MTP release into a run directory",
+    )
+    p.add_argument("src", type=Path, help="model folder, .gguf file, or official-release folder (--layout meta)")
+    p.add_argument("--out", required=True, type=Path, help="run directory to write")
+    p.add_argument("--gguf", help="GGUF file name inside SRC")
+    p.add_argument("--layout", choices=["hf", "meta"], default="hf")
+    p.add_argument("--n-future", type=int, default=1, help="heads; heads 2..n start as copies of the last block")
+    p.add_argument("--max-seq-len", type=int, help="context length to use (default: the model's)")
+    p.add_argument("--allow-missing-tokenizer", action="store_true")
+    p.set_defaults(func=_cmd_import)
+
+
+def _cmd_import(args: argparse.Namespace) -> dict[str, Any]:
+    from multitoken.interop.hf import import_to_run
+
+    out = import_to_run(
+        args.src,
+        args.out,
+        args.gguf,
+        layout=args.layout,
+        n_future=args.n_future,
+        max_seq_len=args.max_seq_len,
+        allow_missing_tokenizer=args.allow_missing_tokenizer,
+    )
+    return {"run_dir": str(out)}
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a run as a Hugging Face Llama (next-token model) or the official layout")
+    p.add_argument("run", type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--format", choices=["hf", "meta"], default="hf")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from multitoken.interop.hf import export_run
+
+    return {"out": str(export_run(args.run, args.out, args.format)), "format": args.format}
+
+
+# --------------------------------------------------------------------------------------------------
 # main
 
 
@@ -276,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_generate(sub)
+    _add_import(sub)
+    _add_export(sub)
     return parser
 
 
