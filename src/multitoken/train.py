@@ -4,6 +4,10 @@ No module-level state. `train` runs a whole job; its parts (`build_optimizer`, `
 `evaluate`) are usable on their own. On the CPU in fp32 a resumed run reproduces the losses of an
 uninterrupted one exactly: batches depend only on (seed, step), and the optimizer state and step are
 restored from the checkpoint.
+
+Under torchrun each of the N processes trains on its slice of one global batch of N * batch_size windows
+(`RankSampler`), with replicated ("ddp") or sharded ("fsdp") weights (distributed.py); rank 0 alone logs,
+shows progress and writes single-file checkpoints; sharded runs checkpoint through DCP (dcp.py).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -40,7 +45,16 @@ from multitoken.data.dataset import (
     split_documents,
 )
 from multitoken.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
-from multitoken.errors import UserError
+from multitoken.dcp import is_sharded, load_sharded_checkpoint, save_sharded_checkpoint
+from multitoken.distributed import (
+    DistEnv,
+    Parallelism,
+    checkpoint_activations,
+    make_parallelism,
+    resolve_strategy,
+    setup_distributed,
+)
+from multitoken.errors import CheckpointError, UserError
 from multitoken.loss import LossReport, evaluate_heads, sequential_backward, shift_targets, summed_loss
 from multitoken.model import MultiTokenModel
 
@@ -113,22 +127,49 @@ def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
+class RankSampler:
+    """One rank's rows of the global batch of a step.
+
+    The global batch (`global_batch` windows) is a pure function of (seed, step), whatever the number of
+    processes: N processes with batch B train on exactly the windows one process with batch N * B sees,
+    and a run resumed on another number of processes continues the same stream of data.
+    """
+
+    def __init__(
+        self, tokens: np.ndarray, global_batch: int, window: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if global_batch % world_size:
+            raise UserError(f"a global batch of {global_batch} windows does not split over {world_size} processes")
+        per_rank = global_batch // world_size
+        self.sampler = WindowSampler(tokens, global_batch, window, seed)
+        self.rows = slice(rank * per_rank, (rank + 1) * per_rank)
+
+    def sample(self, step: int) -> torch.Tensor:
+        """(global_batch / world_size, window) int64 token ids of this rank."""
+        return self.sampler.sample(step)[self.rows]
+
+
 def train_step(
     model: MultiTokenModel,
     optimizer: torch.optim.Optimizer,
-    sampler: WindowSampler,
+    sampler: WindowSampler | RankSampler,
     step: int,
     cfg: TrainConfig,
     lr: float,
     device: torch.device,
+    parallel: Parallelism | None = None,
 ) -> tuple[LossReport, float]:
     """One optimizer step over `grad_accum` micro-batches; returns the mean loss report and grad norm.
 
-    Raises TrainingDiverged before touching the weights if the loss is not finite.
+    `parallel` (default: one process) reduces gradients across ranks; the returned loss is averaged over
+    ranks, so every rank sees the same report. Raises TrainingDiverged before touching the weights if the
+    loss is not finite (on every rank at once).
     """
+    parallel = parallel or Parallelism(DistEnv(device=device))
     n = model.cfg.n_future
     total, per_head = 0.0, [0.0] * n
     for micro in range(cfg.grad_accum):
+        parallel.before_backward(last_micro_batch=micro == cfg.grad_accum - 1)
         window = sampler.sample(step * cfg.grad_accum + micro).to(device)  # (B, context + n_future)
         inputs, targets = shift_targets(window, n)
         with autocast_context(device):
@@ -141,15 +182,17 @@ def train_step(
                 (loss / cfg.grad_accum).backward()
         total += report.total / cfg.grad_accum
         per_head = [a + b / cfg.grad_accum for a, b in zip(per_head, report.per_head, strict=True)]
+    parallel.after_backward(model)
+    total, *per_head = parallel.env.mean([total, *per_head])
     if not math.isfinite(total):
         optimizer.zero_grad(set_to_none=True)
         raise TrainingDiverged(f"loss became {total} at step {step}; stopped, the last good checkpoint is kept")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    grad_norm = parallel.clip_grad_norm(model, cfg.grad_clip)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return LossReport(total, per_head), float(grad_norm)
+    return LossReport(total, per_head), grad_norm
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,6 +273,31 @@ def _trim_metrics(run_dir: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
+def _is_compile_error(exc: BaseException) -> bool:
+    """Whether `exc` came from torch.compile (Dynamo tracing or a backend such as Inductor)."""
+    import torch._dynamo.exc as dynamo_exc
+
+    return isinstance(exc, dynamo_exc.TorchDynamoException) or type(exc).__module__.startswith(
+        ("torch._dynamo", "torch._inductor")
+    )
+
+
+def compile_blocks(model: MultiTokenModel, backend: str | Callable = "inductor") -> None:
+    """torch.compile each trunk and head block in place (the hot, shape-stable part of the step).
+
+    The loss loop stays eager: its chunk count and the per-head control flow would only add recompiles.
+    Compilation happens lazily at the first call; `uncompile_blocks` undoes it.
+    """
+    for block in [*model.trunk, *model.heads]:
+        block.compile(backend=backend)
+
+
+def uncompile_blocks(model: MultiTokenModel) -> None:
+    """Back to eager: drop the compiled call that `nn.Module.compile` installed on each block."""
+    for block in [*model.trunk, *model.heads]:
+        block._compiled_call_impl = None
+
+
 def train(
     run_dir: Path,
     model_cfg: ModelConfig | None,
@@ -243,75 +311,148 @@ def train(
     progress: bool = True,
     on_step: Callable[[int, LossReport], None] | None = None,
     overrides: dict[str, Any] | None = None,
+    parallel: str = "auto",
+    activation_checkpointing: bool = False,
+    compile_backend: str | Callable = "inductor",
 ) -> RunResult:
     """Train a model in `run_dir` (new, or resumed from its latest checkpoint).
 
     On resume the run's own config.json is used; `overrides` may change the budget fields
     (max_steps, time_budget_s). `sources` empty means the standard library of the running Python.
+
+    Under torchrun (WORLD_SIZE > 1) every process calls this; `parallel` is "auto" (fsdp for models of
+    FSDP_MIN_PARAMS parameters or more, else ddp), "ddp", "fsdp" or "none" (one process only).
+    `cfg.batch_size` is per process; a resumed run keeps its global batch and splits it over the processes
+    it now has. `activation_checkpointing` recomputes trunk blocks in backward. With `cfg.compile`, a
+    compile failure at the first step falls back to eager with a warning. `on_step` runs on every rank.
     """
-    run_dir = Path(run_dir)
-    device = device or default_device()
+    env = setup_distributed(device)
+    try:
+        return _train(
+            env,
+            Path(run_dir),
+            model_cfg,
+            cfg,
+            sources,
+            tokenizer,
+            bpe_vocab_size,
+            cache_dir,
+            resume,
+            progress,
+            on_step,
+            overrides,
+            parallel,
+            activation_checkpointing,
+            compile_backend,
+        )
+    finally:
+        env.close()
+
+
+def _train(
+    env: DistEnv,
+    run_dir: Path,
+    model_cfg: ModelConfig | None,
+    cfg: TrainConfig | None,
+    sources: Sequence[str | Path],
+    tokenizer: str,
+    bpe_vocab_size: int,
+    cache_dir: Path | None,
+    resume: bool,
+    progress: bool,
+    on_step: Callable[[int, LossReport], None] | None,
+    overrides: dict[str, Any] | None,
+    parallel_name: str,
+    activation_checkpointing: bool,
+    compile_backend: str | Callable,
+) -> RunResult:
+    device = env.device
     cache_dir = Path(cache_dir) if cache_dir else run_dir.parent / ".multitoken-cache"
+    started_world = env.world_size
     if resume:
         saved = read_run_config(run_dir)
         model_cfg = ModelConfig.from_dict(saved["model"])
         cfg = TrainConfig.from_dict({**saved["train"], **(overrides or {})})
-        sources, tokenizer_src = saved["data"]["sources"], load_tokenizer(run_dir)
+        sources = saved["data"]["sources"]
+        started_world = saved.get("parallel", {}).get("world_size", 1)
     else:
         assert model_cfg is not None and cfg is not None
-        if (run_dir / "config.json").exists():
-            raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
         from multitoken.data.corpus import default_corpus_paths
 
         sources = [str(s) for s in (sources or default_corpus_paths())]
-        tokenizer_src = tokenizer
-    data = prepare_data(sources, tokenizer_src, cache_dir, cfg.val_fraction, bpe_vocab_size)
-    if model_cfg.vocab_size != data.tokenizer.vocab_size:
-        model_cfg = model_cfg.replace(vocab_size=data.tokenizer.vocab_size)
-    if cfg.context > model_cfg.max_seq_len:
-        raise UserError(f"context {cfg.context} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
+
+    def load_data() -> tuple[DataBundle, ModelConfig]:
+        """Rank 0 first: it tokenises into the shared cache and creates the run directory."""
+        if env.is_main and not resume and (run_dir / "config.json").exists():
+            raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        # Other ranks reuse the tokenizer rank 0 built (a BPE is trained once) and its token store.
+        tok = load_tokenizer(run_dir) if resume or not env.is_main else tokenizer
+        data = prepare_data(sources, tok, cache_dir, cfg.val_fraction, bpe_vocab_size)
+        mcfg = model_cfg
+        if mcfg.vocab_size != data.tokenizer.vocab_size:
+            mcfg = mcfg.replace(vocab_size=data.tokenizer.vocab_size)
+        if cfg.context > mcfg.max_seq_len:
+            raise UserError(f"context {cfg.context} exceeds the model's max_seq_len {mcfg.max_seq_len}")
+        if env.is_main and not resume:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            data.tokenizer.save(run_dir)
+            sections = {"sources": list(map(str, sources)), "tokenizer": data.tokenizer.kind}
+            write_run_config(
+                run_dir,
+                mcfg,
+                train=cfg.to_dict(),
+                data={**sections, "n_documents": data.n_documents},
+                parallel={"world_size": env.world_size},  # the global batch on resume is batch_size * this
+            )
+        return data, mcfg
+
+    data, model_cfg = env.main_first(load_data)
     window = cfg.context + model_cfg.n_future
-    sampler = WindowSampler(data.store.train, cfg.batch_size, window, cfg.seed)
+    global_batch = cfg.batch_size * started_world
+    sampler = RankSampler(data.store.train, global_batch, window, cfg.seed, env.rank, env.world_size)
     can_eval = len(data.store.val) >= window
 
     torch.manual_seed(cfg.seed)
     model = MultiTokenModel(model_cfg)
     model.reset_parameters(seed=cfg.seed)
     model.to(device).train()
+    strategy = resolve_strategy(parallel_name, model.num_parameters(), env.world_size)
+    par = make_parallelism(strategy, env)
+
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    state: dict[str, Any] = {}
+    if ckpt is not None:
+        # Rank 0 verifies every file's hash; the others check sizes (a missing shard is caught either way).
+        state = env.main_first(lambda: read_checkpoint_state(ckpt, verify=env.is_main))
+        if not is_sharded(state):
+            load_weights(ckpt, model)  # full weights into the plain model, before any sharding
+    if activation_checkpointing:
+        checkpoint_activations(model.trunk)
+    if cfg.compile:
+        compile_blocks(model, compile_backend)
+    model = par.wrap(model)
     optimizer = build_optimizer(model, cfg)
     start_step, elapsed_before = 0, 0.0
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is not None:
-            state = read_checkpoint_state(ckpt)
-            load_weights(ckpt, model)
+    if ckpt is not None:
+        if is_sharded(state):
+            load_sharded_checkpoint(ckpt, model, optimizer)
+        elif par.sharded:
+            raise CheckpointError(
+                f"{ckpt} is a single-file checkpoint; resume it with --parallel ddp (fsdp resumes sharded ones)"
+            )
+        else:
             load_optimizer(ckpt, optimizer, state)
-            start_step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
-            torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        start_step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    if resume and env.is_main:
         _trim_metrics(run_dir, start_step)
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        data.tokenizer.save(run_dir)
-        write_run_config(
-            run_dir,
-            model_cfg,
-            train=cfg.to_dict(),
-            data={
-                "sources": list(map(str, sources)),
-                "tokenizer": data.tokenizer.kind,
-                "n_documents": data.n_documents,
-            },
-        )
-    if cfg.compile:
-        for block in [*model.trunk, *model.heads]:
-            block.compile()
 
     bpt = bytes_per_token(data.tokenizer, data.store) if can_eval else None
-    tokens_per_step = cfg.batch_size * cfg.context * cfg.grad_accum
+    tokens_per_step = global_batch * cfg.context * cfg.grad_accum
 
     saved_step = start_step if resume else -1
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, final: bool = False) -> None:
         nonlocal saved_step
         elapsed = elapsed_before + time.perf_counter() - t0
         state = {
@@ -319,28 +460,53 @@ def train(
             "torch_rng": torch.get_rng_state().tolist(),
             "tokens_seen": step * tokens_per_step,
         }
-        save_checkpoint(run_dir, step, model, optimizer, state)
+        if par.sharded:
+            save_sharded_checkpoint(run_dir, step, model, optimizer, state, env, consolidate=final)
+        else:
+            if env.is_main:
+                save_checkpoint(run_dir, step, model, optimizer, state)
+            env.barrier()
         saved_step = step
 
     def run_eval(step: int) -> dict[str, Any]:
+        # Every rank evaluates (sharded weights need all of them); rank 0 logs.
         result = evaluate(model, data.store.val, cfg.context, cfg.batch_size, cfg.eval_batches, cfg.loss_chunk, bpt)
-        _append_metrics(run_dir, {"step": step, "kind": "eval", **result})
+        if env.is_main:
+            _append_metrics(run_dir, {"step": step, "kind": "eval", **result})
         return result
 
+    def first_step(*args: Any) -> tuple[LossReport, float]:
+        """The first step, where a lazy torch.compile fails if it is going to: then retry it eagerly."""
+        try:
+            return train_step(*args)
+        except Exception as e:
+            if not (cfg.compile and _is_compile_error(e)):
+                raise
+            warnings.warn(f"torch.compile failed ({type(e).__name__}); training eagerly instead", stacklevel=2)
+            uncompile_blocks(model)
+            optimizer.zero_grad(set_to_none=True)
+            if hasattr(model, "reset_iter_state"):  # FSDP2: forget the half-done iteration
+                model.reset_iter_state()
+            return train_step(*args)
+
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_steps, initial=start_step, disable=not (progress and env.is_main), unit="step", dynamic_ncols=True
+    )
     step, last_eval, losses = start_step, None, []
     window_t, window_tokens = time.perf_counter(), 0
     while step < cfg.max_steps:
-        elapsed = elapsed_before + time.perf_counter() - t0
-        if cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s:
-            break
         progress_frac = step / cfg.max_steps
         if cfg.time_budget_s is not None:
+            # Rank 0's clock decides, so every rank uses the same learning rate and stops at the same step.
+            elapsed = env.from_main(elapsed_before + time.perf_counter() - t0)
+            if elapsed >= cfg.time_budget_s:
+                break
             progress_frac = max(progress_frac, elapsed / cfg.time_budget_s)
         lr = lr_at(progress_frac, step, cfg)
+        step_fn = first_step if step == start_step else train_step
         try:
-            report, grad_norm = train_step(model, optimizer, sampler, step, cfg, lr, device)
+            report, grad_norm = step_fn(model, optimizer, sampler, step, cfg, lr, device, par)
         except TrainingDiverged:
             bar.close()
             raise
@@ -351,16 +517,17 @@ def train(
         tok_s = window_tokens / max(now - window_t, 1e-9)
         if now - window_t > 5:
             window_t, window_tokens = now, 0
-        record = {
-            "step": step,
-            "kind": "train",
-            "loss": report.total,
-            "per_head": report.per_head,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s": tok_s,
-        }
-        _append_metrics(run_dir, record)
+        if env.is_main:
+            record = {
+                "step": step,
+                "kind": "train",
+                "loss": report.total,
+                "per_head": report.per_head,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tok_s,
+            }
+            _append_metrics(run_dir, record)
         bar.update(1)
         bar.set_postfix_str(f"{tok_s:,.0f} tok/s loss " + " ".join(f"{x:.2f}" for x in report.per_head))
         if on_step is not None:
@@ -371,8 +538,9 @@ def train(
             checkpoint(step)
     bar.close()
     total_elapsed = elapsed_before + time.perf_counter() - t0
-    if step != saved_step or latest_checkpoint(run_dir) is None:
-        checkpoint(step)
+    # A sharded run's last checkpoint is written again with consolidated weights, for load_run.
+    if step != saved_step or latest_checkpoint(run_dir) is None or par.sharded:
+        checkpoint(step, final=True)
     if can_eval and (last_eval is None or step % cfg.eval_every):
         last_eval = run_eval(step)
     return RunResult(run_dir, step, total_elapsed, step * tokens_per_step, last_eval, losses)
