@@ -1,0 +1,290 @@
+"""What every experiment shares: settings, a small in-memory training loop, machine facts, plots, reports.
+
+An experiment writes `report.md` (tables, plots, seeds, the exact command, git commit, machine, torch
+version) and `results.json` (the same numbers, machine-readable) into its output folder. Nothing in a
+report is typed in by hand: every number comes from the run that wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from multitoken.config import ModelConfig, TrainConfig
+from multitoken.data.dataset import WindowSampler
+from multitoken.errors import UserError
+from multitoken.model import MultiTokenModel
+from multitoken.train import build_optimizer, lr_at, train_step
+
+SETTINGS = ("test", "quick", "full")
+
+
+def check_setting(setting: str) -> None:
+    """`test` (seconds, for the test suite), `quick` (minutes on 2 CPU cores) or `full` (GPU / long run)."""
+    if setting not in SETTINGS:
+        raise UserError(f"unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# training on a token stream held in memory (synthetic tasks)
+
+
+@dataclass
+class TrainedModel:
+    """A model trained by `train_on_tokens`, its per-step losses and the periodic evaluations."""
+
+    model: MultiTokenModel
+    losses: list[float]
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens_seen: int = 0
+
+
+def train_on_tokens(
+    model_cfg: ModelConfig,
+    tokens: np.ndarray,
+    cfg: TrainConfig,
+    evaluate: Callable[[MultiTokenModel], dict[str, Any]] | None = None,
+    eval_every: int = 0,
+    device: torch.device | None = None,
+) -> TrainedModel:
+    """Train a fresh model on random windows of an in-memory token stream, with the project's own step.
+
+    The same pieces as `multitoken.train.train` (AdamW, warmup + cosine, the sequential multi-token step)
+    without its run folder, checkpoints and tokenizer: synthetic tasks generate their tokens directly.
+    `evaluate(model)` runs every `eval_every` steps (0: only at the end); the model is left in eval mode.
+    Batches depend only on `cfg.seed` and the step; weights only on `cfg.seed`.
+    """
+    device = device or torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    model = MultiTokenModel(model_cfg)
+    model.reset_parameters(seed=cfg.seed)
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg)
+    sampler = WindowSampler(tokens, cfg.batch_size, cfg.context + model_cfg.n_future, cfg.seed)
+    result = TrainedModel(model, [])
+    tokens_per_step = cfg.batch_size * cfg.context * cfg.grad_accum
+    start = time.perf_counter()
+
+    def run_eval(step: int) -> None:
+        model.eval()
+        record = evaluate(model)
+        model.train()
+        result.evals.append({"step": step, "tokens": step * tokens_per_step, **record})
+
+    for step in range(cfg.max_steps):
+        lr = lr_at(step / cfg.max_steps, step, cfg)
+        report, _ = train_step(model, optimizer, sampler, step, cfg, lr, device)
+        result.losses.append(report.total)
+        if evaluate is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < cfg.max_steps:
+            run_eval(step + 1)
+    if evaluate is not None:
+        run_eval(cfg.max_steps)
+    result.seconds = time.perf_counter() - start
+    result.tokens_seen = cfg.max_steps * tokens_per_step
+    model.eval()
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# provenance
+
+
+def git_commit(repo: Path | None = None) -> str | None:
+    """`git rev-parse HEAD` of the source tree (with `+dirty` if it has uncommitted changes), or None."""
+    repo = repo or Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo, capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or what `platform` knows elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device | None = None) -> dict[str, Any]:
+    """Where the numbers were measured: CPU, usable cores, GPU (if used), torch and Python versions."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_cores_usable": cores,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def default_command(name: str, setting: str, out_dir: Path) -> str:
+    """The CLI line that reruns an experiment (the `test` setting has no flag: it is the test suite's)."""
+    flag = {"quick": "", "full": " --full", "test": " (setting=test, via tests/experiments)"}[setting]
+    return f"multitoken experiment {name}{flag} --out {out_dir}"
+
+
+# --------------------------------------------------------------------------------------------------
+# tables, plots, the report
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """A table cell: floats to `digits` decimals, None as a dash."""
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(c, digits) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def new_figure(width: float = 6.4, height: float = 4.0):  # -> (Figure, Axes); matplotlib types stay local
+    """A figure on the non-interactive Agg backend (no display on the machines this runs on)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height), dpi=110)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a PNG and close the figure (figures are not garbage-collected while pyplot holds them)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def grouped_bars(
+    path: Path,
+    groups: Sequence[str],
+    series: dict[str, Sequence[float]],
+    ylabel: str,
+    title: str,
+    errors: dict[str, Sequence[float]] | None = None,
+    xlabel: str = "",
+) -> Path:
+    """A bar chart: one group of bars per entry of `groups`, one bar per series (optional error bars)."""
+    fig, ax = new_figure()
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(groups))
+    for j, (label, values) in enumerate(series.items()):
+        err = errors.get(label) if errors else None
+        ax.bar(x + (j - (len(series) - 1) / 2) * width, values, width, yerr=err, capsize=3, label=label)
+    ax.set_xticks(x, groups)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def line_plot(
+    path: Path,
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = False,
+    markers: bool = True,
+) -> Path:
+    """Lines `label -> (x, y)` on one axes."""
+    fig, ax = new_figure()
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o" if markers else None, markersize=3, label=label)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def write_report(
+    out_dir: Path,
+    *,
+    title: str,
+    name: str,
+    setting: str,
+    command: str,
+    seeds: Sequence[int],
+    sections: Sequence[str],
+    results: dict[str, Any],
+    seconds: float,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Write `report.md` and `results.json` into `out_dir`; return the results document.
+
+    `sections` are markdown blocks (tables, `![](plot.png)` links, discussion) in order; the header with
+    the command, commit, machine, seeds and wall time is added here so no report can leave it out.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    machine = machine_info(device)
+    doc = {
+        "experiment": name,
+        "setting": setting,
+        "command": command,
+        "git_commit": git_commit(),
+        "machine": machine,
+        "seeds": list(seeds),
+        "wall_time_s": round(seconds, 1),
+        **results,
+    }
+    where = machine.get("gpu") or f"{machine['cpu']} ({machine['cpu_cores_usable']} usable cores)"
+    header = [
+        f"# {title}",
+        "",
+        f"- command: `{command}`",
+        f"- setting: `{setting}`; seeds: {', '.join(map(str, seeds))}",
+        f"- git commit: `{doc['git_commit']}`",
+        f"- machine: {where}; torch {machine['torch']}, Python {machine['python']}",
+        f"- wall time: {seconds / 60:.1f} min",
+        "",
+    ]
+    (out_dir / "report.md").write_text("\n".join(header) + "\n" + "\n\n".join(sections).rstrip() + "\n")
+    (out_dir / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and (population) standard deviation; 0 spread for a single value."""
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std()) if len(arr) > 1 else 0.0
