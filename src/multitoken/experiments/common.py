@@ -7,6 +7,7 @@ report is typed in by hand: every number comes from the run that wrote it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -96,6 +97,45 @@ def train_on_tokens(
     return result
 
 
+@dataclass
+class ByteRun:
+    """A byte-level model trained on a text corpus by `train_byte_model`, and held-out windows of that corpus."""
+
+    model: MultiTokenModel
+    final_eval: dict[str, Any]
+    seconds: float
+    tokens_seen: int
+    val_tokens: np.ndarray
+
+
+def train_byte_model(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    work_dir: Path,
+    sources: Sequence[str | Path] = (),
+    device: torch.device | None = None,
+) -> ByteRun:
+    """Train a byte-level model with the project's `train` (default corpus: the Python standard library).
+
+    The run folder (checkpoints) goes under `work_dir`, which the caller owns (a temporary directory: the
+    reports keep the numbers, not the weights). The token store is cached in `work_dir/../cache` if the
+    caller shares one. Returns the trained model in eval mode and the validation split's tokens.
+    """
+    from multitoken.checkpoint import load_run
+    from multitoken.data.corpus import default_corpus_paths
+    from multitoken.train import prepare_data, train
+
+    sources = list(sources) or [str(p) for p in default_corpus_paths()]
+    cache_dir = Path(work_dir).parent / "cache"
+    run_dir = Path(work_dir) / "run"
+    result = train(
+        run_dir, model_cfg, cfg, sources, "bytes", cache_dir=cache_dir, device=device, progress=False
+    )
+    loaded = load_run(run_dir, device or "cpu")
+    val = prepare_data(sources, "bytes", cache_dir, cfg.val_fraction).store.val
+    return ByteRun(loaded.model, result.final_eval or {}, result.seconds, result.tokens_seen, np.asarray(val))
+
+
 # --------------------------------------------------------------------------------------------------
 # provenance
 
@@ -143,9 +183,24 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
     return info
 
 
-def default_command(name: str, setting: str, out_dir: Path) -> str:
-    """The CLI line that reruns an experiment (the `test` setting has no flag: it is the test suite's)."""
-    flag = {"quick": "", "full": " --full", "test": " (setting=test, via tests/experiments)"}[setting]
+def resolve_setting(settings: dict[str, Any], setting: str, overrides: dict[str, Any] | None) -> Any:
+    """The named setting (a dataclass) with some fields replaced; unknown fields are a UserError."""
+    check_setting(setting)
+    base = settings[setting]
+    unknown = sorted(set(overrides or {}) - {f.name for f in dataclasses.fields(base)})
+    if unknown:
+        raise UserError(f"unknown setting field(s): {', '.join(unknown)}")
+    return dataclasses.replace(base, **(overrides or {}))
+
+
+def default_command(name: str, setting: str, out_dir: Path, overrides: dict[str, Any] | None = None) -> str:
+    """The line that reruns an experiment: the CLI's, or the Python call when fields were overridden."""
+    if overrides or setting == "test":
+        return (
+            "python -c \"from multitoken.experiments import run_experiment; "
+            f"run_experiment({name!r}, {setting!r}, {str(out_dir)!r}, overrides={overrides!r})\""
+        )
+    flag = " --full" if setting == "full" else ""
     return f"multitoken experiment {name}{flag} --out {out_dir}"
 
 

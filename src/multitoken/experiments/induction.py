@@ -12,7 +12,6 @@ independently, so without the context the second part is a 1-in-len(SECOND_PARTS
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -24,12 +23,12 @@ import torch
 
 from multitoken.config import TrainConfig, param_count, preset
 from multitoken.experiments.common import (
-    check_setting,
     default_command,
     grouped_bars,
     line_plot,
     markdown_table,
     mean_std,
+    resolve_setting,
     train_on_tokens,
     write_report,
 )
@@ -207,11 +206,13 @@ SETTINGS = {
 
 
 def run(
-    setting: str = "quick", out_dir: Path | None = None, command: str | None = None, seeds: list[int] | None = None
+    setting: str = "quick",
+    out_dir: Path | None = None,
+    command: str | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train every (size, n, seed) of the setting, measure induction accuracy, write the report."""
-    check_setting(setting)
-    s = dataclasses.replace(SETTINGS[setting], seeds=seeds or SETTINGS[setting].seeds)
+    s = resolve_setting(SETTINGS, setting, overrides)
     out_dir = Path(out_dir or f"docs/results/{NAME}")
     device = torch.device("cuda" if setting == "full" and torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
@@ -245,7 +246,7 @@ def run(
     results = {"settings": s.__dict__, "vocab_size": tok.vocab_size, "chance": 1 / len(SECOND_PARTS), "runs": runs}
     return write_report(
         out_dir, title="Induction with two-token names (paper §4.1)", name=NAME, setting=setting,
-        command=command or default_command(NAME, setting, out_dir), seeds=s.seeds, sections=sections,
+        command=command or default_command(NAME, setting, out_dir, overrides), seeds=s.seeds, sections=sections,
         results=results, seconds=seconds, device=device,
     )  # fmt: skip
 

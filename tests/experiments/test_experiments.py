@@ -1,0 +1,162 @@
+"""Experiments: the ground truths they score against, and each one end to end at its `test` setting."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from multitoken.experiments import polynomials as poly
+from multitoken.experiments.common import git_commit, machine_info, markdown_table
+from multitoken.experiments.induction import FIRST_PARTS, SECOND_PARTS, WordTokenizer, generate_stories
+
+# --------------------------------------------------------------------------------------------------
+# polynomial arithmetic in F7[X]/(X^5)
+
+
+def test_ring_operations_by_hand() -> None:
+    one_plus_x = (1, 1, 0, 0, 0)
+    assert poly.poly_add((6, 1, 2, 3, 4), (1, 6, 5, 4, 3)) == (0, 0, 0, 0, 0)
+    assert poly.poly_neg((0, 1, 2, 3, 6)) == (0, 6, 5, 4, 1)
+    assert poly.poly_mul(one_plus_x, one_plus_x) == (1, 2, 1, 0, 0)
+    assert poly.poly_mul((0, 0, 0, 1, 0), (0, 0, 0, 1, 0)) == (0, 0, 0, 0, 0)  # X^3 X^3 = X^6 = 0
+    assert poly.poly_mul((0, 0, 1, 0, 0), (3, 0, 0, 5, 2)) == (0, 0, 3, 0, 0)  # X^2 (3 + 5X^3 + 2X^4) = 3X^2
+    # (1 + X)^4 = 1 + 4X + 6X^2 + 4X^3 + X^4
+    assert poly.poly_mul(poly.poly_mul(one_plus_x, one_plus_x), poly.poly_mul(one_plus_x, one_plus_x)) == (
+        1, 4, 6, 4, 1,
+    )  # fmt: skip
+
+
+def test_composition_by_hand() -> None:
+    assert poly.poly_comp((0, 0, 1, 0, 0), (1, 1, 0, 0, 0)) == (1, 2, 1, 0, 0)  # X^2 ∘ (1 + X)
+    assert poly.poly_comp((0, 0, 0, 0, 1), (1, 1, 0, 0, 0)) == (1, 4, 6, 4, 1)  # X^4 ∘ (1 + X)
+    assert poly.poly_comp((3, 1, 0, 0, 0), (0, 2, 0, 0, 0)) == (3, 2, 0, 0, 0)  # (3 + X) ∘ 2X
+    assert poly.poly_comp((0, 0, 1, 0, 0), (0, 0, 0, 1, 0)) == (0, 0, 0, 0, 0)  # X^2 ∘ X^3 = X^6 = 0
+    # (X + X^4) ∘ (X - 1) = (X-1)^4 + (X-1) = X^4 - 4X^3 + 6X^2 - 3X = (0, 4, 6, 3, 1) mod 7
+    assert poly.poly_comp((0, 1, 0, 0, 1), (6, 1, 0, 0, 0)) == (0, 4, 6, 3, 1)
+    # a constant polynomial composed with anything stays itself; anything composed with X is itself
+    assert poly.poly_comp((5, 0, 0, 0, 0), (2, 3, 4, 5, 6)) == (5, 0, 0, 0, 0)
+    assert poly.poly_comp((2, 3, 4, 5, 6), (0, 1, 0, 0, 0)) == (2, 3, 4, 5, 6)
+    # p ∘ c for a constant c is the constant p(c): 1 + 2*3 + 3*9 + 4*27 + 5*81 = 547 = 1 mod 7
+    assert poly.poly_comp((1, 2, 3, 4, 5), (3, 0, 0, 0, 0)) == (547 % 7, 0, 0, 0, 0)
+
+
+def _z_mul(a: list[int], b: list[int]) -> list[int]:
+    """Untruncated product in Z[X]: an independent oracle with no modular reduction inside."""
+    out = [0] * (len(a) + len(b) - 1)
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            out[i + j] += x * y
+    return out
+
+
+def _z_eval(expr: poly.Expr) -> list[int]:
+    """An expression in Z[X], reducing only where the definition forces it: p's representative in p ∘ q."""
+    op = expr[0]
+    if op == "lit":
+        return list(expr[1])
+    if op == "neg":
+        return [-c for c in _z_eval(expr[1])]
+    a, b = _z_eval(expr[1]), _z_eval(expr[2])
+    if op == "add":
+        n = max(len(a), len(b))
+        return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
+    if op == "mul":
+        return _z_mul(a, b)
+    rep = [c % 7 for c in a[:5]]  # p's canonical representative (degree < 5) in F7[X]/(X^5)
+    total, power = [0], [1]
+    for c in rep:
+        total = [(total[i] if i < len(total) else 0) + c * (power[i] if i < len(power) else 0)
+                 for i in range(max(len(total), len(power)))]  # fmt: skip
+        power = _z_mul(power, b)
+    return total
+
+
+def _reduce(z: list[int]) -> tuple[int, ...]:
+    return tuple((z[i] if i < len(z) else 0) % 7 for i in range(5))
+
+
+def test_evaluator_matches_untruncated_integer_arithmetic() -> None:
+    rng = random.Random(0)
+    for _ in range(300):
+        expr = poly.random_expr(rng, rng.randint(1, 7))
+        assert poly.evaluate(expr) == _reduce(_z_eval(expr)), poly.infix(expr)
+
+
+def _parse(tokens: list[int]) -> tuple[poly.Expr, list[int]]:
+    word = poly.VOCAB[tokens[0]]
+    if word == "neg":
+        child, rest = _parse(tokens[1:])
+        return ("neg", child), rest
+    if word in poly.BINARY:
+        left, rest = _parse(tokens[1:])
+        right, rest = _parse(rest)
+        return (word, left, right), rest
+    return ("lit", tuple(int(poly.VOCAB[t]) for t in tokens[:5])), tokens[5:]
+
+
+def test_expressions_have_m_operations_and_parse_back() -> None:
+    rng = random.Random(1)
+    for m in range(0, 11):
+        for _ in range(20):
+            expr = poly.random_expr(rng, m)
+            assert poly.count_ops(expr) == m
+            parsed, rest = _parse(poly.to_tokens(expr))
+            assert parsed == expr and rest == []
+    prompt, answer = poly.example_tokens(("add", ("lit", (1, 2, 3, 4, 5)), ("lit", (6, 6, 6, 6, 6))))
+    assert prompt[0] == poly.EOS and prompt[-1] == poly.EQ
+    assert [poly.VOCAB[t] for t in answer] == ["0", "1", "2", "3", "4"]
+
+
+def test_training_stream_is_seeded() -> None:
+    a, b = poly.training_stream(3, 50, (1, 5)), poly.training_stream(3, 50, (1, 5))
+    assert (a == b).all() and (a[:1000] != poly.training_stream(4, 50, (1, 5))[:1000]).any()
+
+
+# --------------------------------------------------------------------------------------------------
+# induction stories
+
+
+def test_names_are_two_tokens_and_later_mentions_are_marked() -> None:
+    tok = WordTokenizer()
+    stories = generate_stories(5, 50, tok)
+    assert [s.ids for s in stories] == [s.ids for s in generate_stories(5, 50, tok)]  # seeded
+    first_ids = {tok.stoi[w] for w in FIRST_PARTS}
+    second_ids = {tok.stoi[w] for w in SECOND_PARTS}
+    for s in stories:
+        names: dict[int, int] = {}
+        for j, t in enumerate(s.ids):
+            if t in first_ids:
+                assert s.ids[j + 1] in second_ids  # every name is exactly first part + second part
+                assert names.setdefault(t, s.ids[j + 1]) == s.ids[j + 1]  # a first part names one character
+                assert (j in s.later_mentions) != (j in s.first_mentions)
+            else:
+                assert j not in s.later_mentions and j not in s.first_mentions
+        for j in s.later_mentions:
+            assert s.ids[j] in s.ids[:j]  # the name was seen before
+        assert len(s.first_mentions) == len(names)
+
+
+# --------------------------------------------------------------------------------------------------
+# shared helpers and every experiment end to end (test settings: seconds each)
+
+
+def test_markdown_table_and_provenance() -> None:
+    assert markdown_table(["a", "b"], [[1, 0.5]]).splitlines() == ["| a | b |", "| --- | --- |", "| 1 | 0.500 |"]
+    info = machine_info()
+    assert info["torch"] and info["cpu"]
+    assert git_commit() is None or len(git_commit().split("+")[0]) == 40
+
+
+@pytest.mark.parametrize("name", ["induction", "polynomials", "selfspec", "head_variants"])
+def test_experiment_writes_report(name: str, tmp_path) -> None:
+    from multitoken.experiments import run_experiment
+
+    doc = run_experiment(name, "test", tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["experiment"] == name == doc["experiment"]
+    for needed in ("command:", "git commit:", "machine:", "torch", "seeds:", "| --- |"):
+        assert needed in report
+    pngs = list(tmp_path.glob("*.png"))
+    assert pngs and all(f"]({p.name})" in report for p in pngs)
