@@ -149,6 +149,15 @@ def test_compile_failure_falls_back_to_eager(tmp_path, corpus, cache):
     assert compiled == eager
 
 
+def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, corpus, cache):
+    plain = single(tmp_path / "plain", corpus, cache, model_cfg(), train_cfg(max_steps=2))
+    recomputed = single(
+        tmp_path / "ac", corpus, cache, model_cfg(), train_cfg(max_steps=2), activation_checkpointing=True
+    )
+    assert recomputed == plain
+    assert_same_weights(tmp_path / "plain", tmp_path / "ac", rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # two processes against one
 
@@ -160,7 +169,9 @@ def test_compile_failure_falls_back_to_eager(tmp_path, corpus, cache):
         ("fsdp", {}, {}),
         # Tied embeddings share the root shard group; causal heads run all forwards before any backward;
         # gradient accumulation defers every reduction to the last micro-batch.
-        ("fsdp", {"tie_embeddings": True, "head_type": "causal"}, {"grad_accum": 2}),
+        pytest.param(
+            "fsdp", {"tie_embeddings": True, "head_type": "causal"}, {"grad_accum": 2}, marks=pytest.mark.slow
+        ),
     ],
     ids=["ddp", "fsdp", "fsdp-tied-causal-accum"],
 )
@@ -208,6 +219,7 @@ def test_fsdp_checkpoint_resumes_on_one_process_and_detects_a_missing_shard(tmp_
     assert_same_weights(tmp_path / "ref", tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_a_dead_process_leaves_the_last_complete_checkpoint_loadable(tmp_path, corpus, cache):
     mcfg = model_cfg()
     ref = single(tmp_path / "ref", corpus, cache, mcfg, train_cfg(batch_size=8, max_steps=4))
