@@ -167,3 +167,29 @@ def test_export_then_import_generates_the_same(run_dir, tmp_path, capsys):
         original = last_json(capsys.readouterr().out)["generated_token_ids"]
         assert main(["generate", str(back), *argv]) == 0
         assert last_json(capsys.readouterr().out)["generated_token_ids"] == original
+
+
+def test_speculative_generate_equals_plain_and_tree(run_dir, tmp_path, capsys):
+    argv = ["generate", str(run_dir), "--prompt", "def ", "--max-new-tokens", "16", "--stats"]
+    assert main(argv) == 0
+    plain = last_json(capsys.readouterr().out)
+    assert main([*argv, "--speculative"]) == 0
+    chain = last_json(capsys.readouterr().out)
+    assert chain["decoder"] == "chain" and chain["generated_token_ids"] == plain["generated_token_ids"]
+    assert "accept_histogram" in chain and chain["tokens_per_forward"] >= 1
+    assert "calibrate" in error_of([*argv, "--tree"], capsys)  # no tree.json yet
+    assert main(["calibrate", str(run_dir), "--windows", "4", "--budget", "3", "--max-rank", "2"]) == 0
+    assert last_json(capsys.readouterr().out)["size"] <= 3
+    assert main([*argv, "--tree"]) == 0
+    tree = last_json(capsys.readouterr().out)
+    assert tree["decoder"] == "tree" and tree["generated_token_ids"] == plain["generated_token_ids"]
+    assert "heads_used must be between 1" in error_of([*argv, "--heads-used", "5"], capsys)
+
+
+def test_bench_generate_json(run_dir, capsys):
+    argv = ["bench", "generate", str(run_dir), "--prompts", "2", "--prompt-tokens", "8", "--max-new-tokens", "8"]
+    assert main([*argv, "--threads", "1"]) == 0
+    result = last_json(capsys.readouterr().out)
+    assert set(result["decoders"]) == {"plain", "chain"}
+    for row in result["decoders"].values():
+        assert {"speedup", "tokens_per_forward", "efficiency"} <= set(row) and row["exact"] == 1.0

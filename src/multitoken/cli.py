@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,9 @@ from typing import Any
 from multitoken.errors import UserError
 
 DEFAULT_TIME_BUDGET_S = 240.0
+TREE_FILE = "tree.json"
+# `multitoken bench NAME`: modules with add_arguments(parser) and run(args) -> dict.
+BENCHES: dict[str, str] = {}
 
 
 def _print_json(data: dict[str, Any]) -> None:
@@ -56,7 +60,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss-chunk", type=int, default=128, help="positions per cross-entropy chunk (0: none)")
     p.add_argument("--summed-loss", action="store_true", help="sum the head losses, one backward (no memory saving)")
     p.add_argument("--head-weights", type=float, nargs="+", help="loss weight of each head (default all 1)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (falls back to eager on failure)")
+    p.add_argument(
+        "--parallel", choices=["auto", "ddp", "fsdp", "none"], default="auto",
+        help="under torchrun: fsdp (FSDP2) from 1B parameters, ddp below (auto)",
+    )  # fmt: skip
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute trunk blocks in backward")
     p.add_argument("--cache-dir", type=Path, help="where token stores are cached (default: beside --out)")
     p.add_argument("--sample-tokens", type=int, default=200, help="tokens of the final sample (0: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -109,7 +118,11 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         resume=args.resume,
         progress=not args.quiet,
         overrides=overrides,
+        parallel=args.parallel,
+        activation_checkpointing=args.activation_checkpointing,
     )
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports and samples
+        return None
     summary: dict[str, Any] = {
         "run_dir": str(result.run_dir),
         "steps": result.step,
@@ -135,20 +148,35 @@ def _eval_table(ev: dict[str, Any]) -> str:
 
 
 def _final_sample(run_dir: Path, n_tokens: int) -> dict[str, Any]:
-    """Generate a code sample from the trained model and print it."""
+    """Generate a code sample with self-speculative decoding, timed against plain decoding, and print it."""
     from multitoken.checkpoint import load_run
     from multitoken.data.tokenizers import load_tokenizer
     from multitoken.generate.autoregressive import generate
+    from multitoken.generate.speculative import speculative_generate
 
     run = load_run(run_dir)
     tok = load_tokenizer(run_dir)
     prompt = "def "
-    ids = tok.encode(prompt)
-    max_new = min(n_tokens, run.model.cfg.max_seq_len - len(ids) - 1)
-    result = generate(run.model, [ids], max_new)
-    text = prompt + tok.decode(result.tokens[0])
-    print("\nsample (greedy):\n" + "-" * 60 + "\n" + text + "\n" + "-" * 60)
-    return {"prompt": prompt, "text": text, "tokens_per_second": result.n_generated / max(result.seconds, 1e-9)}
+    ids = [tok.encode(prompt)]
+    max_new = min(n_tokens, run.model.cfg.max_seq_len - len(ids[0]) - 1)
+    generate(run.model, ids, 4), speculative_generate(run.model, ids, 4)  # warm-up
+    plain = generate(run.model, ids, max_new)
+    spec = speculative_generate(run.model, ids, max_new)
+    if spec.tokens != plain.tokens:  # fp32 on the CPU must agree; on GPU bf16 a near-tie may flip
+        print("note: speculative output differs from plain greedy decoding (reduced precision?)", file=sys.stderr)
+    text = prompt + tok.decode(spec.tokens[0])
+    speedup = plain.seconds / max(spec.seconds, 1e-9)
+    tpf = spec.stats["tokens_per_forward"]
+    print(f"\nsample (greedy, self-speculative with {run.model.cfg.n_future} heads):\n" + "-" * 60)
+    print(text + "\n" + "-" * 60)
+    print(f"{tpf:.2f} tokens per forward; {speedup:.2f}x the speed of plain decoding on this machine")
+    return {
+        "prompt": prompt,
+        "text": text,
+        "tokens_per_forward": tpf,
+        "speedup": speedup,
+        "identical_to_plain": spec.tokens == plain.tokens,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,24 +198,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.checkpoint import load_run
-    from multitoken.data.tokenizers import load_tokenizer
-    from multitoken.train import bytes_per_token, evaluate, prepare_data
+    from multitoken.eval.heldout import load_heldout
+    from multitoken.train import evaluate
 
     run = load_run(args.run)
-    tok = load_tokenizer(args.run)
-    cache_dir = args.cache_dir or Path(args.run).parent / ".multitoken-cache"
-    train_cfg = run.config.get("train", {})
-    sources = args.data or run.config.get("data", {}).get("sources")
-    if not sources:
-        raise UserError(f"{args.run} records no data sources; pass --data")
-    # With explicit --data every document is evaluated (all of it lands in the store's first split);
-    # otherwise the run's own held-out split.
-    val_fraction = 0.0 if args.data else train_cfg.get("val_fraction", 0.05)
-    data = prepare_data(sources, tok, cache_dir, val_fraction)
-    tokens = data.store.train if args.data else data.store.val
-    context = args.context or min(train_cfg.get("context", 256), run.model.cfg.max_seq_len)
-    bpt = bytes_per_token(tok, data.store)
-    result = evaluate(run.model, tokens, context, args.batch_size, args.batches, 128, bpt)
+    held = load_heldout(args.run, run.config, args.data, args.cache_dir)
+    context = args.context or min(run.config.get("train", {}).get("context", 256), run.model.cfg.max_seq_len)
+    result = evaluate(run.model, held.tokens, context, args.batch_size, args.batches, 128, held.bytes_per_token)
     print(_eval_table(result), file=sys.stderr)
     return {"run": str(args.run), "step": run.state.get("step"), **result}
 
@@ -207,6 +224,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-at-eos", action="store_true")
+    p.add_argument("--speculative", action="store_true", help="self-speculative decoding (a chain of heads by default)")
+    p.add_argument("--heads-used", type=int, help="heads k used by speculative decoding (1..n; default all)")
+    p.add_argument(
+        "--tree", nargs="?", const="", metavar="TREE_JSON",
+        help="draft with a tree (default: RUN/tree.json from `multitoken calibrate`)",
+    )  # fmt: skip
+    p.add_argument("--threads", type=int, help="CPU threads (small models decode fastest on 1)")
     p.add_argument("--stats", action="store_true", help="print a JSON line with decoding statistics")
     p.set_defaults(func=_cmd_generate)
 
@@ -227,6 +251,15 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _resolve_tree(run_dir: Path, tree_arg: str | None):
+    """None for a chain; else the tree named by --tree (empty: the run's own calibrated tree.json)."""
+    from multitoken.generate.tree import load_tree
+
+    if tree_arg is None:
+        return None
+    return load_tree(Path(tree_arg) if tree_arg else Path(run_dir) / TREE_FILE)
+
+
 def _cmd_generate(args: argparse.Namespace) -> dict[str, Any] | None:
     import torch
 
@@ -234,32 +267,147 @@ def _cmd_generate(args: argparse.Namespace) -> dict[str, Any] | None:
     from multitoken.data.tokenizers import load_tokenizer
     from multitoken.generate.autoregressive import generate
     from multitoken.generate.sampling import SamplingConfig
+    from multitoken.generate.speculative import speculative_generate
+    from multitoken.generate.stats import result_json
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     prompts = _read_prompts(args)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    speculative = args.speculative or args.tree is not None or args.heads_used is not None
     run = load_run(args.run)
     tok = load_tokenizer(args.run)
+    tree = _resolve_tree(args.run, args.tree)
     ids = [tok.encode(p) for p in prompts]
     gen = torch.Generator().manual_seed(args.seed)
-    result = generate(run.model, ids, args.max_new_tokens, sampling, gen, tok.eos_id if args.stop_at_eos else None)
+    eos = tok.eos_id if args.stop_at_eos else None
+    if speculative:
+        result = speculative_generate(run.model, ids, args.max_new_tokens, args.heads_used, sampling, gen, eos, tree)
+    else:
+        result = generate(run.model, ids, args.max_new_tokens, sampling, gen, eos)
     for prompt, new in zip(prompts, result.tokens, strict=True):
         print(prompt + tok.decode(new))
     for b, reason in enumerate(result.stop_reasons):
         if reason == "context":
-            print(
-                f"note: prompt {b} reached the model's context limit ({run.model.cfg.max_seq_len} tokens)",
-                file=sys.stderr,
-            )
+            limit = run.model.cfg.max_seq_len
+            print(f"note: prompt {b} reached the model's context limit ({limit} tokens)", file=sys.stderr)
     if not args.stats:
         return None
+    record = result_json(result)
+    stats = record.pop("stats")
+    stats.setdefault("tokens_per_forward", result.n_generated / max(result.n_forwards * len(prompts), 1))
+    stats.setdefault("tokens_per_second", result.n_generated / max(result.seconds, 1e-9))
+    return {"decoder": ("tree" if tree else "chain") if speculative else "plain", **stats, **record}
+
+
+# --------------------------------------------------------------------------------------------------
+# calibrate
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="measure each head's top-k acceptance on held-out data and build a draft tree (RUN/tree.json)",
+    )
+    p.add_argument("run", type=Path)
+    p.add_argument("--budget", type=int, default=16, help="tree nodes per forward, the root included")
+    p.add_argument("--max-rank", type=int, default=4, help="candidates considered per head")
+    p.add_argument("--windows", type=int, default=32, help="held-out windows to measure on")
+    p.add_argument("--data", nargs="+", action="extend", help="measure on these files instead")
+    p.add_argument("--cache-dir", type=Path)
+    p.set_defaults(func=_cmd_calibrate)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
+    from multitoken.checkpoint import load_run
+    from multitoken.eval.heldout import load_heldout, windows_tensor
+    from multitoken.generate.tree import Tree, build_tree, calibrate, save_tree
+
+    run = load_run(args.run)
+    held = load_heldout(args.run, run.config, args.data, args.cache_dir)
+    length = min(run.config.get("train", {}).get("context", 256), run.model.cfg.max_seq_len)
+    acceptance = calibrate(run.model, windows_tensor(held.tokens, args.windows, length), args.max_rank)
+    tree = build_tree(acceptance, args.budget)
+    save_tree(tree, Path(args.run) / TREE_FILE, acceptance)
+    print(f"head acceptance (rows: heads 2..n, columns: candidate rank 1..{args.max_rank}):", file=sys.stderr)
+    for i, row in enumerate(acceptance.tolist()):
+        print(f"  head {i + 2}: " + " ".join(f"{x:.3f}" for x in row), file=sys.stderr)
     return {
-        "decoder": "plain",
-        "tokens_per_forward": result.n_generated / max(result.n_forwards, 1) / len(prompts),
-        "tokens_per_second": result.n_generated / max(result.seconds, 1e-9),
-        "n_forwards": result.n_forwards,
-        "stop_reasons": result.stop_reasons,
-        "generated_token_ids": result.tokens,
-        **result.stats,
+        "tree": str(Path(args.run) / TREE_FILE),
+        "size": tree.size,
+        "expected_tokens_per_forward": tree.expected_length(acceptance),
+        "chain_expected_tokens_per_forward": Tree.chain(acceptance.shape[0] + 1).expected_length(acceptance),
+        "acceptance": acceptance.tolist(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# bench
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks: a readable table, then a JSON document as the last line")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    g = bench.add_parser("generate", help="plain vs chain vs tree decoding on held-out prompts of a run")
+    g.add_argument("run", type=Path)
+    g.add_argument("--prompts", type=int, default=8, help="held-out prompts")
+    g.add_argument("--prompt-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--heads-used", type=int)
+    g.add_argument("--tree", nargs="?", const="", metavar="TREE_JSON", help="also a tree (default: RUN/tree.json)")
+    g.add_argument("--batch", action="store_true", help="decode the prompts as one batch (default: one at a time)")
+    g.add_argument("--repeats", type=int, default=1)
+    g.add_argument("--threads", type=int, help="CPU threads (small models decode fastest on 1)")
+    g.add_argument("--data", nargs="+", action="extend", help="take prompts from these files instead")
+    g.add_argument("--cache-dir", type=Path)
+    g.set_defaults(func=_cmd_bench_generate)
+    for name, module in BENCHES.items():
+        mod = __import__(module, fromlist=["add_arguments"])
+        b = bench.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
+        mod.add_arguments(b)
+        b.set_defaults(func=mod.run)
+
+
+def _cmd_bench_generate(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from multitoken.checkpoint import load_run
+    from multitoken.eval.heldout import load_heldout, prompt_windows
+    from multitoken.generate.bench import bench_generate, format_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = load_run(args.run)
+    held = load_heldout(args.run, run.config, args.data, args.cache_dir)
+    prompts = prompt_windows(held.tokens, args.prompts, args.prompt_tokens)
+    tree = _resolve_tree(args.run, args.tree)
+    groups = [prompts] if args.batch else [[p] for p in prompts]
+    per_group = [bench_generate(run.model, g, args.max_new_tokens, args.heads_used, tree, args.repeats) for g in groups]
+    # Sum tokens and seconds over the prompts, then form the ratios.
+    rows: dict[str, dict[str, Any]] = {}
+    for name in per_group[0]["decoders"]:
+        rs = [g["decoders"][name] for g in per_group]
+        tokens = sum(r["tokens_per_second"] * r["seconds"] for r in rs)
+        seconds = sum(r["seconds"] for r in rs)
+        rows[name] = {
+            "tokens_per_forward": tokens
+            / sum(r["tokens_per_second"] * r["seconds"] / r["tokens_per_forward"] for r in rs),
+            "tokens_per_second": tokens / seconds,
+            "seconds": seconds,
+            "forwards": sum(r["forwards"] for r in rs),
+            "exact": sum(r["exact"] for r in rs) / len(rs),
+        }
+    for r in rows.values():
+        r["speedup"] = rows["plain"]["seconds"] / r["seconds"]
+        r["efficiency"] = r["speedup"] / r["tokens_per_forward"]
+    print(format_table(rows))
+    return {
+        "run": str(args.run),
+        "prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "batch": args.batch,
+        "threads": torch.get_num_threads(),
+        "decoders": rows,
     }
 
 
@@ -311,6 +459,19 @@ def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": str(export_run(args.run, args.out, args.format)), "format": args.format}
 
 
+def _add_consolidate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("consolidate", help="gather a sharded (FSDP2) checkpoint into model.safetensors")
+    p.add_argument("run", type=Path)
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.set_defaults(func=_cmd_consolidate)
+
+
+def _cmd_consolidate(args: argparse.Namespace) -> dict[str, Any]:
+    from multitoken.dcp import consolidate
+
+    return {"checkpoint": str(consolidate(args.run, args.step))}
+
+
 # --------------------------------------------------------------------------------------------------
 # main
 
@@ -324,8 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_generate(sub)
+    _add_calibrate(sub)
+    _add_bench(sub)
     _add_import(sub)
     _add_export(sub)
+    _add_consolidate(sub)
     return parser
 
 

@@ -54,6 +54,7 @@ def bench_generate(
         rows[name] = {
             "tokens_per_forward": tokens_per_forward,
             "tokens_per_second": r.n_generated / r.seconds,
+            "seconds": r.seconds,
             "speedup": speedup,
             "efficiency": speedup / tokens_per_forward,
             "forwards": r.n_forwards,

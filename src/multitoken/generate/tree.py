@@ -19,7 +19,9 @@ heads' hits are independent.
 from __future__ import annotations
 
 import heapq
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -218,3 +220,24 @@ def build_tree(acceptance: torch.Tensor, budget: int) -> Tree:
         paths.append(path)
         push_children(path, -neg_value)
     return Tree(tuple(paths))
+
+
+def save_tree(tree: Tree, path: Path, acceptance: torch.Tensor | None = None) -> None:
+    """Write a tree (and the calibrated acceptance it came from) as JSON."""
+    data = {"paths": [list(p) for p in tree.paths], "size": tree.size, "depth": tree.depth}
+    if acceptance is not None:
+        data["acceptance"] = acceptance.tolist()
+        data["expected_tokens_per_forward"] = tree.expected_length(acceptance)
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def load_tree(path: Path) -> Tree:
+    """A tree written by `save_tree`; UserError if the file is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no draft tree at {path}; make one with `multitoken calibrate RUN`")
+    try:
+        paths = json.loads(path.read_text())["paths"]
+        return Tree(tuple(tuple(int(r) for r in p) for p in paths))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} is not a draft tree file: {e}") from None
