@@ -57,7 +57,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--loss-chunk", type=int, default=128, help="positions per cross-entropy chunk (0: none)")
+    p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per cross-entropy chunk (0: none)")
     p.add_argument("--summed-loss", action="store_true", help="sum the head losses, one backward (no memory saving)")
     p.add_argument("--head-weights", type=float, nargs="+", help="loss weight of each head (default all 1)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (falls back to eager on failure)")
@@ -204,7 +204,7 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     run = load_run(args.run)
     held = load_heldout(args.run, run.config, args.data, args.cache_dir)
     context = args.context or min(run.config.get("train", {}).get("context", 256), run.model.cfg.max_seq_len)
-    result = evaluate(run.model, held.tokens, context, args.batch_size, args.batches, 128, held.bytes_per_token)
+    result = evaluate(run.model, held.tokens, context, args.batch_size, args.batches, 1024, held.bytes_per_token)
     print(_eval_table(result), file=sys.stderr)
     return {"run": str(args.run), "step": run.state.get("step"), **result}
 

@@ -152,7 +152,7 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int = 100
     head_weights: list[float] | None = None
-    loss_chunk: int = 128  # positions per cross-entropy chunk in the sequential step; 0 = no chunking
+    loss_chunk: int = 1024  # tokens per cross-entropy chunk in the sequential step; 0 = no chunking
     sequential: bool = True  # the paper's memory-efficient step (False: sum the losses, one backward)
     compile: bool = False
     seed: int = 0

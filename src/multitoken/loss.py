@@ -62,9 +62,10 @@ def _head_weights(n: int, weights: Sequence[float] | None) -> list[float]:
     return list(weights)
 
 
-def _chunks(T: int, chunk: int) -> list[slice]:
-    step = T if chunk <= 0 else chunk
-    return [slice(s, min(s + step, T)) for s in range(0, T, step)]
+def _chunks(n_rows: int, chunk: int) -> list[slice]:
+    """Row ranges of at most `chunk` rows (all rows at once when chunk <= 0)."""
+    step = n_rows if chunk <= 0 else chunk
+    return [slice(s, min(s + step, n_rows)) for s in range(0, n_rows, step)]
 
 
 def _token_ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -98,18 +99,21 @@ def summed_loss(
 
 
 def chunked_cross_entropy_backward(
-    model: MultiTokenModel, z: torch.Tensor, targets: torch.Tensor, scale: float, chunk: int
-) -> float:
+    model: MultiTokenModel, z: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | float, chunk: int
+) -> torch.Tensor:
     """Backward of `scale * sum CE(unembed(z), targets)` into z.grad and the norm/unembedding, by chunks.
 
-    z: (B, T, D) a leaf tensor requiring grad; targets: (B, T). Each chunk's logits are built, reduced to
-    a loss, back-propagated and freed before the next chunk. Returns the unscaled summed loss.
+    z: (B, T, D) a leaf tensor requiring grad; targets: (B, T); chunk: tokens (rows of the flattened
+    batch) per chunk, so the matmuls stay large whatever the batch shape. Each chunk's logits are built,
+    reduced, back-propagated and freed before the next. Returns the unscaled summed loss as a detached
+    device tensor: reading it is left to the caller, so the step needs no host sync per chunk.
     """
-    total = 0.0
-    for s in _chunks(z.shape[1], chunk):
-        loss = _token_ce_sum(model.unembed(z[:, s]), targets[:, s])  # logits (B, c, V) live only here
+    flat_z, flat_t = z.flatten(0, 1), targets.flatten()  # (B*T, D), (B*T,): views, gradients flow to z
+    total = torch.zeros((), device=z.device)
+    for s in _chunks(flat_t.shape[0], chunk):
+        loss = _token_ce_sum(model.unembed(flat_z[s]), flat_t[s])  # logits (c, V) live only here
         (loss * scale).backward()
-        total += loss.item()
+        total = total + loss.detach()
     return total
 
 
@@ -123,28 +127,28 @@ def sequential_backward(
 ) -> LossReport:
     """The memory-efficient step: gradients of `loss_scale * L_n` accumulated into the parameters.
 
-    inputs (B, T), targets (B, n, T). Parallel and linear heads run forward and backward one at a time.
-    Causal and anticausal heads feed each other, so each head's output is detached, all heads run
-    forward, and the backward goes from the head furthest from the trunk back towards it, each head
-    adding its own loss's gradient to what its successors left on its output (paper Fig. S11).
+    inputs (B, T), targets (B, n, T); chunk: tokens per cross-entropy chunk (0: a head's whole batch).
+    Parallel and linear heads run forward and backward one at a time. Causal and anticausal heads feed
+    each other, so each head's output is detached, all heads run forward, and the backward goes from the
+    head furthest from the trunk back towards it, each head adding its own loss's gradient to what its
+    successors left on its output (paper Fig. S11). Everything stays on the device until the one host
+    read of the losses at the end.
     """
     cfg = model.cfg
-    w = _head_weights(cfg.n_future, weights)
-    counts = [int((targets[:, i] != IGNORE_INDEX).sum()) for i in range(cfg.n_future)]
+    w = torch.tensor(_head_weights(cfg.n_future, weights), device=inputs.device)
+    counts = (targets != IGNORE_INDEX).sum(dim=(0, 2))  # (n,) on the device
+    scales = loss_scale * w / counts.clamp_min(1)  # a head without targets contributes a zero loss
     ctx = model.attention_context(inputs.shape[1])
     h = model.embed_and_trunk(inputs, ctx)  # (B, T, D)
     h_leaf = h.detach().requires_grad_()
     chained = cfg.head_type in ("causal", "anticausal")
-    per_head = [float("nan")] * cfg.n_future
+    sums: dict[int, torch.Tensor] = {}
     leaves: dict[int, torch.Tensor] = {}
     pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
     def head_backward(i: int, z: torch.Tensor, leaf: torch.Tensor) -> None:
-        if counts[i]:
-            scale = loss_scale * w[i] / counts[i]
-            per_head[i] = chunked_cross_entropy_backward(model, leaf, targets[:, i], scale, chunk) / counts[i]
-        if leaf.grad is not None:
-            z.backward(leaf.grad)
+        sums[i] = chunked_cross_entropy_backward(model, leaf, targets[:, i], scales[i], chunk)
+        z.backward(leaf.grad)
 
     for i in model.head_order():
         z = model.heads[i](model.head_input(i, h_leaf, leaves), ctx)  # (B, T, D)
@@ -156,10 +160,11 @@ def sequential_backward(
             head_backward(i, z, leaf)  # frees this head's activations before the next head runs
     for i, z, leaf in reversed(pending):
         head_backward(i, z, leaf)
-    if h_leaf.grad is not None:
-        h.backward(h_leaf.grad)
-    total = sum(wi * li for wi, li, c in zip(w, per_head, counts, strict=True) if c)
-    return LossReport(total, per_head)
+    h.backward(h_leaf.grad)
+    per_head = torch.stack([sums[i] for i in range(cfg.n_future)]) / counts  # nan where a head has no target
+    total = torch.nansum(w * per_head)
+    values = torch.cat([total[None], per_head]).tolist()  # the step's one host sync
+    return LossReport(values[0], values[1:])
 
 
 @torch.no_grad()
@@ -178,13 +183,13 @@ def evaluate_heads(
     preds: dict[int, torch.Tensor] = {}
     loss_sum, count, correct = torch.zeros(n), torch.zeros(n), torch.zeros(n)
     for i in range(n):
+        flat_z, flat_t = outputs[i].flatten(0, 1), targets[:, i].flatten()  # (B*T, D), (B*T,)
         parts = []
-        for s in _chunks(inputs.shape[1], chunk):
-            logits = model.unembed(outputs[i][:, s])  # (B, c, V)
-            tgt = targets[:, i, s]
-            loss_sum[i] += _token_ce_sum(logits, tgt).item()
+        for s in _chunks(flat_t.shape[0], chunk):
+            logits = model.unembed(flat_z[s])  # (c, V)
+            loss_sum[i] += _token_ce_sum(logits, flat_t[s]).item()
             parts.append(logits.argmax(-1))
-        preds[i] = torch.cat(parts, dim=1)  # (B, T)
+        preds[i] = torch.cat(parts).view_as(targets[:, i])  # (B, T)
         valid = targets[:, i] != IGNORE_INDEX
         count[i] = valid.sum()
         correct[i] = ((preds[i] == targets[:, i]) & valid).sum()

@@ -206,7 +206,7 @@ def evaluate(
     context: int,
     batch_size: int = 8,
     max_batches: int | None = 8,
-    chunk: int = 128,
+    chunk: int = 1024,
     bytes_per_token: float | None = None,
 ) -> dict[str, Any]:
     """Per-head loss, top-1 accuracy and agreement with head 1 on held-out windows.

@@ -15,7 +15,7 @@ Two parts, both at the SAME total depth (n_layers blocks: n_layers - n trunk blo
 
 Methods: `summed` builds every head's logits, sums the losses, one backward (`loss.summed_loss`);
 `sequential` is the paper's memory-efficient step (`loss.sequential_backward`, chunk 0); `chunked` is the
-sequential step with the cross-entropy taken in chunks of positions.
+sequential step with the cross-entropy taken in chunks of tokens.
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-layers", type=int, default=12, help="total blocks in the sweep (> max n)")
     parser.add_argument("--sweep-vocab", type=int_list, default=[256, 32000, 128256])
     parser.add_argument("--sweep-n", type=int_list, default=[1, 2, 4, 8])
-    parser.add_argument("--chunk", type=int, default=128, help="positions per cross-entropy chunk (chunked)")
+    parser.add_argument("--chunk", type=int, default=128, help="tokens per cross-entropy chunk (chunked)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
