@@ -144,8 +144,10 @@ def test_console_script_exit_code_without_traceback(tmp_path):
 
 
 def test_help_for_every_subcommand():
-    for cmd in ["train", "eval", "generate"]:
-        proc = subprocess.run([sys.executable, "-m", "multitoken", cmd, "--help"], capture_output=True, text=True)
+    commands = ["train", "eval", "generate", "calibrate", "import", "export", "consolidate", "bench"]
+    for cmd in [*commands, "bench generate", "bench memory", "bench train"]:
+        argv = [sys.executable, "-m", "multitoken", *cmd.split(), "--help"]
+        proc = subprocess.run(argv, capture_output=True, text=True)
         assert proc.returncode == 0 and "usage" in proc.stdout
 
 

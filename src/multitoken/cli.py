@@ -19,7 +19,7 @@ from multitoken.errors import UserError
 DEFAULT_TIME_BUDGET_S = 240.0
 TREE_FILE = "tree.json"
 # `multitoken bench NAME`: modules with add_arguments(parser) and run(args) -> dict.
-BENCHES: dict[str, str] = {}
+BENCHES: dict[str, str] = {"memory": "multitoken.bench.memory", "train": "multitoken.bench.train_speed"}
 
 
 def _print_json(data: dict[str, Any]) -> None:
@@ -363,7 +363,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(func=_cmd_bench_generate)
     for name, module in BENCHES.items():
         mod = __import__(module, fromlist=["add_arguments"])
-        b = bench.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
+        summary = (mod.__doc__ or "").strip().splitlines()[0].split(": ", 1)[-1]
+        b = bench.add_parser(name, help=summary)
         mod.add_arguments(b)
         b.set_defaults(func=mod.run)
 
