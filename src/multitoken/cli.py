@@ -184,7 +184,10 @@ def _final_sample(run_dir: Path, n_tokens: int) -> dict[str, Any]:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="per-head loss and accuracy on held-out data (JSON)")
+    p = sub.add_parser(
+        "eval",
+        help="per-head loss and accuracy on held-out data (JSON); `eval humaneval RUN` for HumanEval",
+    )
     p.add_argument("run", type=Path, help="run directory")
     p.add_argument(
         "--data", nargs="+", action="extend", help="evaluate on these files (default: the run's held-out split)"
@@ -207,6 +210,73 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     result = evaluate(run.model, held.tokens, context, args.batch_size, args.batches, 1024, held.bytes_per_token)
     print(_eval_table(result), file=sys.stderr)
     return {"run": str(args.run), "step": run.state.get("step"), **result}
+
+
+def _add_humaneval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval-humaneval",
+        help="HumanEval pass@k, completions run in a sandbox (also spelled `multitoken eval humaneval RUN`)",
+    )
+    p.add_argument("run", type=Path)
+    p.add_argument("--n-samples", type=int, default=1, help="completions per problem")
+    p.add_argument("--k", type=int, nargs="+", default=[1], help="report pass@k for these k")
+    p.add_argument("--limit", type=int, help="only the first N problems")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (use > 0 with --n-samples > 1)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plain", action="store_true", help="plain decoding instead of self-speculative")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per program")
+    p.add_argument("--out", type=Path, help="write the full report (per-problem results) here as JSON")
+    p.set_defaults(func=_cmd_humaneval)
+
+
+def _cmd_humaneval(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from multitoken.checkpoint import load_run
+    from multitoken.data.tokenizers import load_tokenizer
+    from multitoken.eval.humaneval import evaluate_humaneval
+    from multitoken.generate.autoregressive import generate
+    from multitoken.generate.sampling import SamplingConfig
+    from multitoken.generate.speculative import speculative_generate
+
+    run = load_run(args.run)
+    tok = load_tokenizer(args.run)
+    sampling = SamplingConfig(args.temperature, None, args.top_p)
+    gen = torch.Generator().manual_seed(args.seed)
+    limit = run.model.cfg.max_seq_len
+    totals = {"tokens": 0, "forwards": 0, "seconds": 0.0}
+
+    def complete(prompt: str, n: int) -> list[str]:
+        ids = tok.encode(prompt)[-(limit - 1) :]  # keep the end of an over-long prompt: that is where code goes on
+        max_new = min(args.max_new_tokens, limit - len(ids))
+        prompts = [ids] * n
+        if args.plain:
+            result = generate(run.model, prompts, max_new, sampling, gen, tok.eos_id)
+            forwards = result.n_forwards * n
+        else:
+            result = speculative_generate(run.model, prompts, max_new, None, sampling, gen, tok.eos_id)
+            forwards = result.n_generated / result.stats["tokens_per_forward"]
+        totals["tokens"] += result.n_generated
+        totals["forwards"] += forwards
+        totals["seconds"] += result.seconds
+        return [tok.decode([t for t in new if t != tok.eos_id]) for new in result.tokens]
+
+    report = evaluate_humaneval(complete, args.n_samples, args.k, limit=args.limit, timeout_s=args.timeout)
+    if args.out:
+        args.out.write_text(report.to_json())
+    print(" ".join(f"{k}={v:.3f}" for k, v in report.pass_at_k.items()), file=sys.stderr)
+    return {
+        "run": str(args.run),
+        "problems": len(report.results),
+        "n_samples": args.n_samples,
+        **report.pass_at_k,
+        "decoder": "plain" if args.plain else "self-speculative",
+        "tokens_per_forward": totals["tokens"] / max(totals["forwards"], 1),
+        "tokens_per_second": totals["tokens"] / max(totals["seconds"], 1e-9),
+        "sandbox": report.isolation,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -485,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_eval(sub)
+    _add_humaneval(sub)
     _add_generate(sub)
     _add_calibrate(sub)
     _add_bench(sub)
@@ -496,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["eval", "humaneval"]:  # `multitoken eval humaneval RUN`, as users spell it
+        argv = ["eval-humaneval", *argv[2:]]
     args = parser.parse_args(argv)
     try:
         out = args.func(args)
