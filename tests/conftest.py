@@ -13,6 +13,16 @@ def make_model(seed: int = 0, **overrides) -> MultiTokenModel:
     return MultiTokenModel(ModelConfig(**fields)).eval()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Test models are tiny: a second thread only adds synchronisation, which is ruinous when other
+    processes share the 2 cores (a 3 s training run took 47 s with 2 threads under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def model() -> MultiTokenModel:
     return make_model()

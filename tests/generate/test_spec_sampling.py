@@ -25,14 +25,6 @@ from tests.generate.test_speculative import StubModel
 V, N_TOKENS, ROWS = 3, 4, 24_000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: see test_speculative.one_thread
-    yield
-    torch.set_num_threads(threads)
-
-
 def bigram_stub() -> StubModel:
     """Three heads whose distributions differ clearly, so drafts are often rejected and the residual matters."""
     g = torch.Generator().manual_seed(0)

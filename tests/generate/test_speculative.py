@@ -21,16 +21,6 @@ from tests.conftest import make_model
 HEAD_TYPES = ["parallel", "causal", "anticausal", "linear"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second thread only adds synchronisation, which is ruinous when other
-    processes share the 2 cores (a 3 s training run took 47 s with 2 threads under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------------
 # shared helpers (also used by test_tree.py and test_spec_sampling.py)
 

@@ -24,14 +24,6 @@ from tests.generate.test_speculative import (
 SMALL_TREE = Tree(((0,), (1,), (0, 0), (0, 1), (1, 0)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: see test_speculative.one_thread
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------------
 # structure and mask
 
