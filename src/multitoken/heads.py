@@ -1,0 +1,425 @@
+"""Multi-token heads on a pretrained next-token model: add them, then train them (paper §3.2 applied post hoc).
+
+A pretrained causal LM (n_future = 1: trunk + head 1 = its last block) gains heads 2..n with `add_heads`,
+each starting as a copy of head 1. `train_heads` then teaches them, in one of two modes:
+
+- "frozen": only heads 2..n learn. The trunk, head 1 and the shared norm + unembedding stay bitwise the
+  pretrained model, so self-speculative greedy decoding reproduces the original model's greedy output. The
+  trunk output h is computed under no_grad (no trunk activations kept, no trunk backward).
+- "joint": everything learns; the pretrained parts (embedding, trunk, head 1, norm, unembedding) at
+  `trunk_lr_scale` times the learning rate of the new heads, so they move only a little. The verifier then
+  is no longer the original model.
+
+What the draft heads should predict, for a high acceptance, is what head 1 will say, not the corpus:
+
+- "corpus": head i at t learns the corpus token x_{t+i} (`shift_targets`).
+- "self": teacher-forced self-distillation. Head i at t learns head 1's argmax at position t+i-1 over corpus
+  text, i.e. the token head 1 would verify there. One no_grad forward of head 1 gives all the targets.
+- "generated": the model's own greedy continuations of corpus prompts (decoded with the KV cache) become the
+  training text, with corpus targets on it. On that text head 1's teacher-forced argmax is the next token
+  itself, so "self" and "corpus" targets coincide there; what changes is that the contexts are the model's
+  own, as in decoding. It costs one decode per training token, so only a little such data is made.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from multitoken.checkpoint import load_run, save_checkpoint, write_run_config
+from multitoken.config import TrainConfig
+from multitoken.data.dataset import WindowSampler
+from multitoken.data.tokenizers import load_tokenizer
+from multitoken.errors import UserError
+from multitoken.generate.autoregressive import generate
+from multitoken.interop.meta import staged_dir
+from multitoken.loss import (
+    IGNORE_INDEX,
+    LossReport,
+    chunked_cross_entropy_backward,
+    sequential_backward,
+    shift_targets,
+)
+from multitoken.model import AttentionContext, MultiTokenModel
+from multitoken.train import METRICS_FILE, evaluate, lr_at, prepare_data
+
+MODES = ("frozen", "joint")
+TARGETS = ("corpus", "self", "generated")
+INITS = ("copy", "random")
+
+
+# --------------------------------------------------------------------------------------------------
+# adding heads
+
+
+def add_heads(model: MultiTokenModel, n_future: int, init: str = "copy", seed: int = 0) -> MultiTokenModel:
+    """A new model with `n_future` heads whose heads 1..m are `model`'s (m = its n_future <= n_future).
+
+    The trunk keeps its blocks and head 1 stays the old last block, so head 1's logits are unchanged
+    (bitwise). New heads are initialised by `init`:
+
+    - "copy" (default): a copy of head 1. At step 0 head i then predicts x_{t+1} instead of x_{t+i}: a
+      sensible prior (neighbouring tokens are correlated, and the verifier accepts a draft equal to its own
+      next guess surprisingly often), a stable start (the head's output already lives where the shared norm
+      and unembedding expect it), and no loss of the pretrained alignment between the last block and the
+      unembedding, which a random block would throw away and have to relearn from little data.
+    - "random": the model's usual random block init (seeded), for comparison.
+
+    Parallel heads only (a 1-head model of any block head type counts as parallel): causal or anticausal
+    heads would change what the existing heads read. `model` itself is not modified.
+    """
+    cfg = model.cfg
+    m = cfg.n_future
+    if init not in INITS:
+        raise UserError(f"unknown head init {init!r}; choose one of {', '.join(INITS)}")
+    if n_future < m:
+        raise UserError(f"the model already has {m} heads; cannot reduce it to {n_future}")
+    if m > 1 and cfg.head_type not in ("parallel", "linear"):
+        raise UserError(f"cannot add heads to {cfg.head_type} heads: only parallel (or linear) heads are independent")
+    head_type = cfg.head_type if cfg.head_type == "linear" else "parallel"
+    extra_blocks = 0 if head_type == "linear" else n_future - m  # n_layers counts every block
+    new_cfg = cfg.replace(n_future=n_future, n_layers=cfg.n_layers + extra_blocks, head_type=head_type)
+    device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
+    new = MultiTokenModel(new_cfg)
+    if init == "random":
+        new.reset_parameters(seed=seed)
+    state = dict(model.state_dict())
+    head1 = {k.removeprefix("heads.0."): v for k, v in state.items() if k.startswith("heads.0.")}
+    fresh = new.state_dict()
+    for i in range(m, n_future):
+        if init == "copy":
+            state.update({f"heads.{i}.{k}": v.clone() for k, v in head1.items()})
+        else:
+            state.update({k: v for k, v in fresh.items() if k.startswith(f"heads.{i}.")})
+    new.load_state_dict(state, strict=True)  # re-ties a tied unembedding to the embedding
+    return new.to(device=device, dtype=dtype).train(model.training)
+
+
+# --------------------------------------------------------------------------------------------------
+# targets
+
+
+def self_distilled_targets(choice: torch.Tensor, n_future: int) -> torch.Tensor:
+    """Teacher-forced self-distillation targets (B, n_future, T) from head 1's argmax `choice` (B, T).
+
+    choice[:, t] is the token head 1 predicts for position t+1. Head i (1-based) at position t drafts the
+    token of position t+i, which head 1 decides from position t+i-1: its target is choice[:, t+i-1]. Row 0
+    (head 1) is `choice` itself; the last i-1 positions of head i have no target (IGNORE_INDEX).
+    """
+    B, T = choice.shape
+    targets = torch.full((B, n_future, T), IGNORE_INDEX, dtype=torch.long, device=choice.device)
+    for i in range(n_future):
+        if i < T:
+            targets[:, i, : T - i] = choice[:, i:]
+    return targets
+
+
+@torch.no_grad()
+def head1_choice(model: MultiTokenModel, h: torch.Tensor, ctx: AttentionContext, chunk: int = 128) -> torch.Tensor:
+    """Head 1's argmax (B, T) on trunk output h; logits built `chunk` positions at a time (V is large)."""
+    z = model.heads[0](h, ctx)  # (B, T, D)
+    step = z.shape[1] if chunk <= 0 else chunk
+    return torch.cat([model.unembed(z[:, s : s + step]).argmax(-1) for s in range(0, z.shape[1], step)], dim=1)
+
+
+@torch.no_grad()
+def generate_self_data(
+    model: MultiTokenModel,
+    tokens: np.ndarray,
+    n_prompts: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    eos_id: int,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> np.ndarray:
+    """The model's own greedy continuations of corpus prompts, as one flat token array.
+
+    Prompts are `prompt_tokens`-long slices of `tokens` at seeded random offsets; each continues for up to
+    `new_tokens` greedy tokens of head 1 (plain decoding with the KV cache), stopping at `eos_id`. Each
+    sequence (prompt + continuation) is followed by `eos_id`, like documents in a token store.
+    """
+    if len(tokens) <= prompt_tokens:
+        raise UserError(f"{len(tokens)} tokens cannot give prompts of {prompt_tokens} tokens")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(tokens) - prompt_tokens, size=n_prompts)
+    prompts = [tokens[s : s + prompt_tokens].astype(np.int64).tolist() for s in starts]
+    was_training = model.training
+    model.eval()
+    flat: list[int] = []
+    for b in range(0, n_prompts, batch_size):
+        batch = prompts[b : b + batch_size]
+        result = generate(model, batch, new_tokens, eos_id=eos_id)
+        for prompt, new in zip(batch, result.tokens, strict=True):
+            flat.extend(prompt + new)
+            if not new or new[-1] != eos_id:
+                flat.append(eos_id)
+    model.train(was_training)
+    return np.asarray(flat, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------------
+# one training step
+
+
+def _draft_parameters(model: MultiTokenModel) -> list[torch.nn.Parameter]:
+    return [p for head in model.heads[1:] for p in head.parameters()]
+
+
+def configure_trainable(model: MultiTokenModel, mode: str) -> None:
+    """Set requires_grad: heads 2..n only ("frozen"), or every parameter ("joint")."""
+    if mode not in MODES:
+        raise UserError(f"unknown head training mode {mode!r}; choose one of {', '.join(MODES)}")
+    draft = {id(p) for p in _draft_parameters(model)}
+    for p in model.parameters():
+        p.requires_grad_(mode == "joint" or id(p) in draft)
+
+
+def build_heads_optimizer(
+    model: MultiTokenModel, mode: str, cfg: TrainConfig, trunk_lr_scale: float
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (see `configure_trainable`), which it also sets.
+
+    Each group carries `lr_scale`: 1 for the new heads, `trunk_lr_scale` for the pretrained parts in joint
+    mode; the schedule sets `lr = lr_at(...) * lr_scale`. Norm gains are not decayed (as `build_optimizer`).
+    """
+    configure_trainable(model, mode)
+    draft = {id(p) for p in _draft_parameters(model)}
+    seen: set[int] = set()
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for p in model.parameters():  # tied weights appear once in parameters(); `seen` guards anyway
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        scale = 1.0 if id(p) in draft else trunk_lr_scale
+        groups.setdefault((scale, p.dim() >= 2), []).append(p)
+    param_groups = [
+        {"params": ps, "lr": cfg.lr * scale, "lr_scale": scale, "weight_decay": cfg.weight_decay if decay else 0.0}
+        for (scale, decay), ps in groups.items()
+    ]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, fused=False)
+
+
+def frozen_heads_backward(
+    model: MultiTokenModel, inputs: torch.Tensor, targets: torch.Tensor | None, chunk: int = 128
+) -> LossReport:
+    """Gradients of sum_{i>=2} mean CE(head i) into heads 2..n only; the trunk runs under no_grad.
+
+    inputs (B, T). targets (B, n, T), or None for teacher-forced self-distilled targets computed here from
+    head 1 (`self_distilled_targets`). Each head runs forward and backward in turn (the sequential step of
+    loss.py without the trunk backward), its logits built `chunk` positions at a time. per_head[0] is NaN:
+    head 1 is not trained.
+    """
+    n = model.cfg.n_future
+    if model.cfg.head_type not in ("parallel", "linear"):
+        raise UserError("frozen head training needs parallel (or linear) heads, which all read the trunk output")
+    with torch.no_grad():
+        ctx = model.attention_context(inputs.shape[1])
+        h = model.embed_and_trunk(inputs, ctx)  # (B, T, D), no graph: the trunk is frozen
+        if targets is None:
+            targets = self_distilled_targets(head1_choice(model, h, ctx, chunk), n)
+    per_head = [float("nan")] * n
+    for i in range(1, n):
+        count = int((targets[:, i] != IGNORE_INDEX).sum())
+        if not count:
+            continue
+        z = model.heads[i](h, ctx)  # (B, T, D)
+        leaf = z.detach().requires_grad_()
+        per_head[i] = chunked_cross_entropy_backward(model, leaf, targets[:, i], 1.0 / count, chunk) / count
+        z.backward(leaf.grad)  # frees this head's activations before the next head runs
+    total = sum(x for x in per_head[1:] if not math.isnan(x))
+    return LossReport(total, per_head)
+
+
+def heads_step(
+    model: MultiTokenModel,
+    optimizer: torch.optim.Optimizer,
+    window: torch.Tensor,
+    mode: str,
+    targets: str,
+    lr: float,
+    cfg: TrainConfig,
+) -> tuple[LossReport, float]:
+    """One optimizer step on a batch of windows (B, context + n); returns the loss report and grad norm.
+
+    Joint mode trains head 1 on the corpus whatever `targets` says (its self-distilled target would be
+    its own argmax, a loss that teaches nothing); the draft heads get the chosen targets.
+    """
+    n = model.cfg.n_future
+    inputs, corpus = shift_targets(window, n, cfg.context)
+    if mode == "frozen":
+        report = frozen_heads_backward(model, inputs, None if targets == "self" else corpus, cfg.loss_chunk)
+    else:
+        if targets == "self":
+            with torch.no_grad():
+                ctx = model.attention_context(inputs.shape[1])
+                choice = head1_choice(model, model.embed_and_trunk(inputs, ctx), ctx, cfg.loss_chunk)
+            labels = self_distilled_targets(choice, n)
+            labels[:, 0] = corpus[:, 0]
+        else:
+            labels = corpus
+        report = sequential_backward(model, inputs, labels, chunk=cfg.loss_chunk)
+    if not math.isfinite(report.total):
+        optimizer.zero_grad(set_to_none=True)
+        raise UserError(f"head training diverged (loss {report.total}); lower the learning rate")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return report, grad_norm
+
+
+# --------------------------------------------------------------------------------------------------
+# the job
+
+
+@dataclass
+class HeadsConfig:
+    """What `train_heads` does besides optimisation (which a `TrainConfig` describes)."""
+
+    n_future: int = 4
+    mode: str = "frozen"
+    targets: str = "self"
+    init: str = "copy"
+    trunk_lr_scale: float = 0.1  # joint mode: LR of the pretrained parts relative to the new heads
+    generated_prompts: int = 64  # targets="generated": how many greedy continuations to make ...
+    prompt_tokens: int = 32  # ... from prompts of this many corpus tokens ...
+    generated_tokens: int = 96  # ... continued for this many tokens each
+
+    def __post_init__(self) -> None:
+        if self.n_future < 2:
+            raise UserError(f"n_future must be >= 2 to have heads to train, got {self.n_future}")
+        if self.mode not in MODES:
+            raise UserError(f"unknown head training mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.targets not in TARGETS:
+            raise UserError(f"unknown head targets {self.targets!r}; choose one of {', '.join(TARGETS)}")
+        if self.init not in INITS:
+            raise UserError(f"unknown head init {self.init!r}; choose one of {', '.join(INITS)}")
+        if self.trunk_lr_scale < 0:
+            raise UserError(f"trunk_lr_scale must be >= 0, got {self.trunk_lr_scale}")
+        for name in ("generated_prompts", "prompt_tokens", "generated_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def default_heads_train_config(**overrides: Any) -> TrainConfig:
+    """Optimisation defaults for head training on a pretrained model.
+
+    A lower LR than from scratch (the heads start from a trained block), no weight decay (it would pull
+    the copied pretrained weights towards zero, not a prior worth having), short warmup.
+    """
+    fields: dict[str, Any] = dict(
+        batch_size=4, context=256, lr=3e-4, warmup_steps=10, weight_decay=0.0, max_steps=100_000,
+        eval_batches=2, loss_chunk=128,
+    )  # fmt: skip
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def train_heads(
+    run_dir: Path,
+    out_dir: Path,
+    heads: HeadsConfig | None = None,
+    train: TrainConfig | None = None,
+    data: Sequence[str | Path] = (),
+    cache_dir: Path | None = None,
+    on_step: Callable[[int, LossReport], None] | None = None,
+) -> dict[str, Any]:
+    """Add heads to the model of `run_dir` (if it has fewer) and train them; write a new run to `out_dir`.
+
+    `heads` defaults to `HeadsConfig()` (4 heads, frozen, self-distilled targets). `data`: corpus sources
+    (files, folders, globs, JSON lines; default the standard library), tokenised with the run's tokenizer and
+    split as in `train`. `train` (default `default_heads_train_config()`) gives the batch, context, LR
+    schedule and the budget (`max_steps`, `time_budget_s`, whichever ends first; generation counts).
+    `out_dir` becomes a run directory (config, tokenizer, one checkpoint, metrics.jsonl) that `load_run`,
+    `multitoken generate` and `multitoken eval` read. Returns a JSON-ready summary: steps, seconds,
+    tokens trained on, first/last losses, held-out per-head loss and agreement with head 1 (the acceptance
+    forecast), and the generation cost for targets="generated".
+    """
+    from multitoken.data.corpus import default_corpus_paths
+
+    heads = heads or HeadsConfig()
+    cfg = train or default_heads_train_config()
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if (out_dir / "config.json").exists() or out_dir == run_dir:
+        raise UserError(f"{out_dir} already holds a run; choose another output directory")
+    torch.manual_seed(cfg.seed)
+    source = load_run(run_dir)
+    tokenizer = load_tokenizer(run_dir)
+    model = add_heads(source.model, heads.n_future, heads.init, seed=cfg.seed).train()
+    n = model.cfg.n_future
+    if cfg.context > model.cfg.max_seq_len:
+        raise UserError(f"context {cfg.context} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    sources = [str(s) for s in (data or default_corpus_paths())]
+    cache_dir = Path(cache_dir) if cache_dir else out_dir.parent / ".multitoken-cache"
+    bundle = prepare_data(sources, tokenizer, cache_dir, cfg.val_fraction)
+
+    t0 = time.perf_counter()
+    summary: dict[str, Any] = {"run_dir": str(out_dir), "source_run": str(run_dir), **asdict(heads)}
+    train_tokens: np.ndarray = bundle.store.train
+    targets = heads.targets
+    if targets == "generated":
+        train_tokens = generate_self_data(
+            model, bundle.store.train, heads.generated_prompts, heads.prompt_tokens, heads.generated_tokens,
+            tokenizer.eos_id, cfg.seed,
+        )  # fmt: skip
+        summary.update(generated_tokens_total=int(len(train_tokens)), generation_s=time.perf_counter() - t0)
+        targets = "corpus"  # on the model's own text, corpus targets are its own greedy choices
+    sampler = WindowSampler(train_tokens, cfg.batch_size, cfg.context + n, cfg.seed)
+    optimizer = build_heads_optimizer(model, heads.mode, cfg, heads.trunk_lr_scale)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    metrics: list[dict[str, Any]] = []
+    step, losses, t_train = 0, [], time.perf_counter()
+    while step < cfg.max_steps:
+        elapsed = time.perf_counter() - t0  # generation counts against the budget
+        if cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s:
+            break
+        progress = step / cfg.max_steps
+        if cfg.time_budget_s is not None:
+            progress = max(progress, elapsed / cfg.time_budget_s)
+        lr = lr_at(progress, step, cfg)
+        report, grad_norm = heads_step(model, optimizer, sampler.sample(step), heads.mode, targets, lr, cfg)
+        step += 1
+        losses.append(report.total)
+        metrics.append(
+            {"step": step, "kind": "train", "loss": report.total, "per_head": report.per_head, "lr": lr,
+             "grad_norm": grad_norm, "elapsed_s": time.perf_counter() - t0}
+        )  # fmt: skip
+        if on_step is not None:
+            on_step(step, report)
+    train_s = time.perf_counter() - t_train
+    configure_trainable(model, "joint")  # leave an ordinary model behind (every parameter trainable)
+    model.eval()
+    final_eval = None
+    if len(bundle.store.val) >= cfg.context + n:
+        final_eval = evaluate(model, bundle.store.val, cfg.context, cfg.batch_size, cfg.eval_batches, cfg.loss_chunk)
+        metrics.append({"step": step, "kind": "eval", **final_eval})
+    summary.update(
+        steps=step,
+        seconds=time.perf_counter() - t0,
+        train_s=train_s,
+        tokens_trained=step * cfg.batch_size * cfg.context,
+        first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None,
+        eval=final_eval,
+    )
+    with staged_dir(out_dir) as tmp:
+        write_run_config(
+            tmp, model.cfg, train=cfg.to_dict(), heads=asdict(heads),
+            data={"sources": sources, "tokenizer": tokenizer.kind}, source={"run": str(run_dir.resolve())},
+        )  # fmt: skip
+        tokenizer.save(tmp)
+        save_checkpoint(tmp, step, model, state={"heads": summary})
+        (tmp / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    return summary

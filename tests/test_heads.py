@@ -1,0 +1,223 @@
+"""Heads on a pretrained model: add_heads, targets, frozen and joint training, the train_heads job."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from multitoken.checkpoint import load_run, save_checkpoint, write_run_config
+from multitoken.data.tokenizers import ByteTokenizer
+from multitoken.errors import UserError
+from multitoken.generate.autoregressive import generate
+from multitoken.generate.speculative import speculative_generate
+from multitoken.heads import (
+    HeadsConfig,
+    add_heads,
+    build_heads_optimizer,
+    default_heads_train_config,
+    generate_self_data,
+    heads_step,
+    self_distilled_targets,
+    train_heads,
+)
+from multitoken.loss import IGNORE_INDEX
+from tests.conftest import make_model
+
+
+def next_token_model(seed: int = 0, **overrides) -> torch.nn.Module:
+    """A small random 1-head model standing in for a pretrained LM (3 blocks: 2 trunk + head 1)."""
+    return make_model(seed, n_future=1, n_layers=3, **overrides)
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# add_heads
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_add_heads_keeps_head1_exactly_and_copies_it(tie: bool) -> None:
+    old = next_token_model(tie_embeddings=tie)
+    new = add_heads(old, 3)
+    assert new.cfg.n_future == 3 and new.cfg.n_layers == 5 and new.cfg.n_trunk_layers == old.cfg.n_trunk_layers
+    tokens = torch.randint(0, old.cfg.vocab_size, (2, 17))
+    with torch.no_grad():
+        before = old(tokens)[:, :, 0]  # (B, T, V)
+        after = new(tokens)  # (B, T, 3, V)
+    assert torch.equal(after[:, :, 0], before)  # bitwise: the verifier is the pretrained model
+    # Copies of head 1: at step 0 every head predicts the next token.
+    assert torch.equal(after[:, :, 1], before) and torch.equal(after[:, :, 2], before)
+    # Copies, not shared storage: training a new head must leave head 1 alone.
+    assert new.heads[1].attention.wq.weight.data_ptr() != new.heads[0].attention.wq.weight.data_ptr()
+    if tie:
+        assert new.output.weight is new.tok_embeddings.weight
+    assert old.cfg.n_future == 1  # the source model is untouched
+
+
+def test_add_heads_random_init_and_refusals() -> None:
+    old = next_token_model()
+    new = add_heads(old, 2, init="random", seed=3)
+    assert not torch.equal(new.heads[1].attention.wq.weight, new.heads[0].attention.wq.weight)
+    assert torch.equal(new.heads[0].attention.wq.weight, old.heads[0].attention.wq.weight)
+    with pytest.raises(UserError, match="cannot reduce"):
+        add_heads(new, 1)
+    with pytest.raises(UserError, match="unknown head init"):
+        add_heads(old, 2, init="zeros")
+    with pytest.raises(UserError, match="causal"):
+        add_heads(make_model(head_type="causal"), 4)
+    grown = add_heads(new, 4)  # 2 heads -> 4: the existing heads are kept, the new ones copy head 1
+    assert torch.equal(grown.heads[1].attention.wq.weight, new.heads[1].attention.wq.weight)
+    assert torch.equal(grown.heads[3].attention.wq.weight, new.heads[0].attention.wq.weight)
+
+
+# --------------------------------------------------------------------------------------------------
+# targets
+
+
+def test_self_distilled_targets_hand_checked() -> None:
+    # Head 1's argmax at positions 0..3 (the token it wants at 1..4).
+    choice = torch.tensor([[10, 11, 12, 13]])
+    targets = self_distilled_targets(choice, 3)
+    x = IGNORE_INDEX
+    # Head 2 at t drafts position t+2, which head 1 decides from t+1: choice[t+1]. Head 3: choice[t+2].
+    assert targets.tolist() == [[[10, 11, 12, 13], [11, 12, 13, x], [12, 13, x, x]]]
+
+
+def test_self_targets_match_head1_argmax_of_the_model() -> None:
+    model = add_heads(next_token_model(), 3)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        choice = model(tokens, heads=[0])[:, :, 0].argmax(-1)  # (B, T)
+    targets = self_distilled_targets(choice, 3)
+    # What plain greedy decoding of head 1 would verify after the prefix tokens[:, :t+2].
+    assert torch.equal(targets[:, 2, :10], choice[:, 2:])
+
+
+# --------------------------------------------------------------------------------------------------
+# training steps
+
+
+@pytest.mark.parametrize("targets", ["corpus", "self"])
+def test_frozen_training_changes_only_the_draft_heads(targets: str) -> None:
+    model = add_heads(next_token_model(), 3).train()
+    cfg = default_heads_train_config(batch_size=2, context=16, lr=1e-2, loss_chunk=5)
+    before = snapshot(model)
+    optimizer = build_heads_optimizer(model, "frozen", cfg, trunk_lr_scale=0.1)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        window = torch.randint(0, model.cfg.vocab_size, (2, 16 + 3), generator=gen)
+        report, _ = heads_step(model, optimizer, window, "frozen", targets, cfg.lr, cfg)
+        assert torch.isnan(torch.tensor(report.per_head[0])) and all(x > 0 for x in report.per_head[1:])
+    after = model.state_dict()
+    for name, tensor in after.items():
+        if name.startswith(("heads.1.", "heads.2.")):
+            continue
+        assert torch.equal(tensor, before[name]), name  # trunk, head 1, embedding, norm, unembedding
+    for i in (1, 2):
+        assert not torch.equal(after[f"heads.{i}.feed_forward.w1.weight"], before[f"heads.{i}.feed_forward.w1.weight"])
+
+
+def test_joint_mode_scales_the_pretrained_learning_rate() -> None:
+    model = add_heads(next_token_model(), 2).train()
+    lr, scale = 1e-2, 0.1
+    cfg = default_heads_train_config(batch_size=2, context=16, lr=lr, weight_decay=0.0, grad_clip=1e9)
+    before = snapshot(model)
+    optimizer = build_heads_optimizer(model, "joint", cfg, trunk_lr_scale=scale)
+    window = torch.randint(0, model.cfg.vocab_size, (2, 18), generator=torch.Generator().manual_seed(1))
+    heads_step(model, optimizer, window, "joint", "corpus", lr, cfg)
+    # Adam's first step moves every parameter with a non-negligible gradient by exactly its LR (m/sqrt(v) =
+    # sign(g)), so the largest move of a tensor reads off the LR it was given.
+    moved = {k: float((v - before[k]).abs().max()) for k, v in model.state_dict().items()}
+    for name in ("trunk.0.attention.wq.weight", "heads.0.feed_forward.w2.weight", "tok_embeddings.weight"):
+        assert moved[name] == pytest.approx(lr * scale, rel=1e-3), name
+    for name in ("heads.1.attention.wq.weight", "heads.1.feed_forward.w2.weight"):
+        assert moved[name] == pytest.approx(lr, rel=1e-3), name
+
+
+def test_heads_config_validation() -> None:
+    with pytest.raises(UserError, match="mode"):
+        HeadsConfig(mode="partial")
+    with pytest.raises(UserError, match="targets"):
+        HeadsConfig(targets="teacher")
+    with pytest.raises(UserError, match="n_future"):
+        HeadsConfig(n_future=1)
+
+
+def test_generate_self_data_is_the_models_greedy_text() -> None:
+    model = next_token_model()
+    tokens = torch.randint(0, model.cfg.vocab_size - 1, (200,)).numpy()
+    eos = model.cfg.vocab_size - 1
+    flat = generate_self_data(model, tokens, n_prompts=3, prompt_tokens=5, new_tokens=6, eos_id=eos, batch_size=2)
+    sequences = [s for s in " ".join(map(str, flat.tolist())).split(str(eos)) if s.strip()]
+    assert len(sequences) == 3
+    first = [int(x) for x in sequences[0].split()]
+    assert generate(model, [first[:5]], 6).tokens[0][: len(first) - 5] == first[5:]
+
+
+# --------------------------------------------------------------------------------------------------
+# the job
+
+
+def make_run(path, model) -> None:
+    """A run directory holding `model` with the byte tokenizer, as `import_to_run` would write it."""
+    write_run_config(path, model.cfg)
+    ByteTokenizer().save(path)
+    save_checkpoint(path, 0, model)
+
+
+@pytest.mark.parametrize(
+    ("targets", "steps", "max_ratio"), [("corpus", 60, 0.7), ("self", 30, 0.98), ("generated", 30, 0.98)]
+)
+def test_train_heads_job_learns_and_writes_a_decodable_run(
+    tmp_path, targets: str, steps: int, max_ratio: float
+) -> None:
+    """Corpus targets on repetitive text are easy to learn; the self-distilled targets of a random model
+    (the argmax of nearly uniform logits) are close to a hash of the context, so there only some progress
+    is asked for."""
+    torch.manual_seed(0)
+    base = make_model(0, vocab_size=257, n_future=1, n_layers=3, max_seq_len=128)
+    with torch.no_grad():
+        # The frozen unembedding bounds what the heads can say: at init scale (N(0, 0.02), after an RMSNorm
+        # with frozen unit gains) its logits span well under one nat, so no head could become confident. A
+        # trained LM's unembedding spans tens of nats; scale this one up to be like it.
+        base.output.weight.mul_(25)
+    make_run(tmp_path / "base", base)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for part in range(4):  # several documents, so that one is held out for the final evaluation
+        corpus.joinpath(f"{part}.py").write_text("".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(80)))
+    cfg = default_heads_train_config(batch_size=8, context=32, lr=3e-3, max_steps=steps, eval_batches=1)
+    heads = HeadsConfig(n_future=3, targets=targets, generated_prompts=16, prompt_tokens=8, generated_tokens=40)
+    summary = train_heads(tmp_path / "base", tmp_path / "mtp", heads, cfg, [corpus], cache_dir=tmp_path / "cache")
+    assert summary["steps"] == steps and summary["eval"] is not None
+    losses = [json.loads(line) for line in (tmp_path / "mtp" / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [m["loss"] for m in losses if m["kind"] == "train"]
+    assert sum(train_losses[-10:]) < max_ratio * sum(train_losses[:10])
+    run = load_run(tmp_path / "mtp")
+    assert run.model.cfg.n_future == 3
+    # Frozen mode: the verifier is the base model, so speculative greedy == the base model's greedy.
+    prompt = list(b"def f7(x):\n    return")
+    plain = generate(base.eval(), [prompt], 30).tokens
+    spec = speculative_generate(run.model, [prompt], 30)
+    assert spec.tokens == plain
+    with pytest.raises(UserError, match="already holds a run"):
+        train_heads(tmp_path / "base", tmp_path / "mtp", heads, cfg, [corpus])
+
+
+@pytest.mark.slow
+def test_add_heads_matches_import_of_smollm2() -> None:
+    """import_hf(n_future=4) and add_heads(import_hf(n_future=1), 4) give the same weights."""
+    from multitoken.interop.gguf import find_smollm2_gguf
+    from multitoken.interop.hf import import_hf
+
+    path = find_smollm2_gguf()
+    one, _ = import_hf(path, 1, max_seq_len=256)
+    four, _ = import_hf(path, 4, max_seq_len=256)
+    grown = add_heads(one, 4)
+    assert grown.cfg == four.cfg
+    ours, theirs = grown.state_dict(), four.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
