@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -100,6 +101,10 @@ def prepare_data(
     A BPE tokenizer is trained on the training split only, so validation text stays unseen.
     """
     corpus = load_corpus(sources)
+    if corpus.skipped:
+        # Skipped, not fatal: a folder of code often holds a few binaries; say so, with an example.
+        path, reason = corpus.skipped[0]
+        print(f"skipped {corpus.n_skipped} file(s) that are not usable text (e.g. {path}: {reason})", file=sys.stderr)
     if isinstance(tokenizer, str):
         train_docs, _ = split_documents(corpus.documents, val_fraction)
         tokenizer = build_tokenizer(tokenizer, (d.text for d in train_docs), bpe_vocab_size)
