@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from multitoken.experiments import polynomials as poly
 from multitoken.experiments.common import git_commit, machine_info, markdown_table
@@ -149,8 +150,18 @@ def test_markdown_table_and_provenance() -> None:
     assert git_commit() is None or len(git_commit().split("+")[0]) == 40
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine a descheduled thread stalls
+    every parallel op: one thread keeps these tests within seconds of CPU time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("name", ["induction", "polynomials", "selfspec", "head_variants"])
-def test_experiment_writes_report(name: str, tmp_path) -> None:
+def test_experiment_writes_report(name: str, tmp_path, one_thread) -> None:
     from multitoken.experiments import run_experiment
 
     doc = run_experiment(name, "test", tmp_path)

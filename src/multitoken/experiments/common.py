@@ -303,10 +303,12 @@ def write_report(
     sections: Sequence[str],
     results: dict[str, Any],
     seconds: float,
+    commit: str | None,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Write `report.md` and `results.json` into `out_dir`; return the results document.
 
+    `commit` is `git_commit()` taken when the run started: the code that ran, even if HEAD moved since.
     `sections` are markdown blocks (tables, `![](plot.png)` links, discussion) in order; the header with
     the command, commit, machine, seeds and wall time is added here so no report can leave it out.
     """
@@ -317,7 +319,7 @@ def write_report(
         "experiment": name,
         "setting": setting,
         "command": command,
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "machine": machine,
         "seeds": list(seeds),
         "wall_time_s": round(seconds, 1),

@@ -21,6 +21,7 @@ from multitoken.config import HEAD_TYPES, ModelConfig, TrainConfig, param_count
 from multitoken.data.corpus import default_corpus_paths
 from multitoken.experiments.common import (
     default_command,
+    git_commit,
     grouped_bars,
     line_plot,
     markdown_table,
@@ -70,7 +71,7 @@ def run(
     out_dir = Path(out_dir or f"docs/results/{NAME}")
     device = torch.device("cuda" if setting == "full" and torch.cuda.is_available() else "cpu")
     sources = [str(p) for p in default_corpus_paths()][: s.n_source_files]
-    t0 = time.perf_counter()
+    t0, commit = time.perf_counter(), git_commit()
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="multitoken-heads-") as tmp:
         for head_type in s.head_types:
@@ -100,7 +101,7 @@ def run(
     return write_report(
         out_dir, title="Head variants (paper Table S4 layout)", name=NAME, setting=setting,
         command=command or default_command(NAME, setting, out_dir, overrides), seeds=s.seeds, sections=sections,
-        results={"settings": s.__dict__, "runs": runs}, seconds=seconds, device=device,
+        results={"settings": s.__dict__, "runs": runs}, seconds=seconds, commit=commit, device=device,
     )  # fmt: skip
 
 

@@ -24,6 +24,7 @@ import torch
 from multitoken.config import TrainConfig, param_count, preset
 from multitoken.experiments.common import (
     default_command,
+    git_commit,
     grouped_bars,
     line_plot,
     markdown_table,
@@ -215,7 +216,7 @@ def run(
     s = resolve_setting(SETTINGS, setting, overrides)
     out_dir = Path(out_dir or f"docs/results/{NAME}")
     device = torch.device("cuda" if setting == "full" and torch.cuda.is_available() else "cpu")
-    t0 = time.perf_counter()
+    t0, commit = time.perf_counter(), git_commit()
     tok = WordTokenizer()
     train = token_stream(generate_stories(10_000, s.train_stories, tok), tok.eos_id)
     test = generate_stories(20_000, s.test_stories, tok)  # other seed: unseen stories and name pairings
@@ -247,7 +248,7 @@ def run(
     return write_report(
         out_dir, title="Induction with two-token names (paper §4.1)", name=NAME, setting=setting,
         command=command or default_command(NAME, setting, out_dir, overrides), seeds=s.seeds, sections=sections,
-        results=results, seconds=seconds, device=device,
+        results=results, seconds=seconds, commit=commit, device=device,
     )  # fmt: skip
 
 

@@ -28,6 +28,7 @@ import torch
 from multitoken.config import TrainConfig, param_count, preset
 from multitoken.experiments.common import (
     default_command,
+    git_commit,
     line_plot,
     markdown_table,
     resolve_setting,
@@ -205,7 +206,7 @@ def run(
     s = resolve_setting(SETTINGS, setting, overrides)
     out_dir = Path(out_dir or f"docs/results/{NAME}")
     device = torch.device("cuda" if setting == "full" and torch.cuda.is_available() else "cpu")
-    t0 = time.perf_counter()
+    t0, commit = time.perf_counter(), git_commit()
     stream = training_stream(1_000, s.train_examples, TRAIN_M)
     test_rng = random.Random(2_000)  # another seed: test expressions are (almost surely) unseen
     tests = {m: [random_expr(test_rng, m) for _ in range(s.test_per_m)] for m in TEST_M}
@@ -235,7 +236,7 @@ def run(
     return write_report(
         out_dir, title="Polynomial arithmetic in F7[X]/(X^5) (paper §4.2)", name=NAME, setting=setting,
         command=command or default_command(NAME, setting, out_dir, overrides), seeds=s.seeds, sections=sections,
-        results=results, seconds=seconds, device=device,
+        results=results, seconds=seconds, commit=commit, device=device,
     )  # fmt: skip
 
 

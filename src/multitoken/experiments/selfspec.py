@@ -23,6 +23,7 @@ from multitoken.config import ModelConfig, TrainConfig, param_count
 from multitoken.data.corpus import default_corpus_paths
 from multitoken.experiments.common import (
     default_command,
+    git_commit,
     grouped_bars,
     line_plot,
     markdown_table,
@@ -79,7 +80,7 @@ def run(
     out_dir = Path(out_dir or f"docs/results/{NAME}")
     device = torch.device("cuda" if setting == "full" and torch.cuda.is_available() else "cpu")
     sources = [str(p) for p in default_corpus_paths()][: s.n_source_files]
-    t0 = time.perf_counter()
+    t0, commit = time.perf_counter(), git_commit()
     models: dict[str, Any] = {}
     decoding: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="multitoken-selfspec-") as tmp:
@@ -112,7 +113,7 @@ def run(
     return write_report(
         out_dir, title="Byte-level self-speculative decoding (paper Table S3 layout)", name=NAME, setting=setting,
         command=command or default_command(NAME, setting, out_dir, overrides), seeds=s.seeds, sections=sections,
-        results=results, seconds=seconds, device=device,
+        results=results, seconds=seconds, commit=commit, device=device,
     )  # fmt: skip
 
 
