@@ -123,11 +123,12 @@ def self_distilled_targets(choice: torch.Tensor, n_future: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def head1_choice(model: MultiTokenModel, h: torch.Tensor, ctx: AttentionContext, chunk: int = 128) -> torch.Tensor:
-    """Head 1's argmax (B, T) on trunk output h; logits built `chunk` positions at a time (V is large)."""
-    z = model.heads[0](h, ctx)  # (B, T, D)
-    step = z.shape[1] if chunk <= 0 else chunk
-    return torch.cat([model.unembed(z[:, s : s + step]).argmax(-1) for s in range(0, z.shape[1], step)], dim=1)
+def head1_choice(model: MultiTokenModel, h: torch.Tensor, ctx: AttentionContext, chunk: int = 1024) -> torch.Tensor:
+    """Head 1's argmax (B, T) on trunk output h; logits built `chunk` tokens at a time (V is large)."""
+    z = model.heads[0](h, ctx).flatten(0, 1)  # (B*T, D)
+    step = z.shape[0] if chunk <= 0 else chunk
+    choice = torch.cat([model.unembed(z[s : s + step]).argmax(-1) for s in range(0, z.shape[0], step)])
+    return choice.view(h.shape[:2])  # (B, T)
 
 
 @torch.no_grad()
@@ -209,13 +210,13 @@ def build_heads_optimizer(
 
 
 def frozen_heads_backward(
-    model: MultiTokenModel, inputs: torch.Tensor, targets: torch.Tensor | None, chunk: int = 128
+    model: MultiTokenModel, inputs: torch.Tensor, targets: torch.Tensor | None, chunk: int = 1024
 ) -> LossReport:
     """Gradients of sum_{i>=2} mean CE(head i) into heads 2..n only; the trunk runs under no_grad.
 
     inputs (B, T). targets (B, n, T), or None for teacher-forced self-distilled targets computed here from
     head 1 (`self_distilled_targets`). Each head runs forward and backward in turn (the sequential step of
-    loss.py without the trunk backward), its logits built `chunk` positions at a time. per_head[0] is NaN:
+    loss.py without the trunk backward), its logits built `chunk` tokens at a time. per_head[0] is NaN:
     head 1 is not trained.
     """
     n = model.cfg.n_future
@@ -226,17 +227,20 @@ def frozen_heads_backward(
         h = model.embed_and_trunk(inputs, ctx)  # (B, T, D), no graph: the trunk is frozen
         if targets is None:
             targets = self_distilled_targets(head1_choice(model, h, ctx, chunk), n)
-    per_head = [float("nan")] * n
+    means: dict[int, torch.Tensor] = {}
     for i in range(1, n):
         count = int((targets[:, i] != IGNORE_INDEX).sum())
         if not count:
             continue
         z = model.heads[i](h, ctx)  # (B, T, D)
         leaf = z.detach().requires_grad_()
-        per_head[i] = chunked_cross_entropy_backward(model, leaf, targets[:, i], 1.0 / count, chunk) / count
+        means[i] = chunked_cross_entropy_backward(model, leaf, targets[:, i], 1.0 / count, chunk) / count
         z.backward(leaf.grad)  # frees this head's activations before the next head runs
-    total = sum(x for x in per_head[1:] if not math.isnan(x))
-    return LossReport(total, per_head)
+    per_head = [float("nan")] * n
+    values = torch.stack(list(means.values())).tolist() if means else []  # the step's one host sync
+    for i, value in zip(means, values, strict=True):
+        per_head[i] = value
+    return LossReport(sum(values), per_head)
 
 
 def heads_step(
@@ -320,7 +324,7 @@ def default_heads_train_config(**overrides: Any) -> TrainConfig:
     """
     fields: dict[str, Any] = dict(
         batch_size=4, context=256, lr=3e-4, warmup_steps=10, weight_decay=0.0, max_steps=100_000,
-        eval_batches=2, loss_chunk=128,
+        eval_batches=2, loss_chunk=1024,
     )  # fmt: skip
     fields.update(overrides)
     return TrainConfig(**fields)
