@@ -6,38 +6,33 @@
 #   bash benchmarks/gpu_train.sh compare    # only the n=1 vs n=4 comparison (the issue's anchor setting)
 #   bash benchmarks/gpu_train.sh sweep      # only peak memory against n for V in {256, 32k, 128k}
 #   bash benchmarks/gpu_train.sh train      # only bench train at ~125M parameters
+#   bash benchmarks/gpu_train.sh compare --vocab 32000 --repeats 1    # extra flags override the defaults
 #
+# Flags after the part are appended to every bench command of that part (argparse keeps the last value),
+# e.g. `--device cpu --dtype fp32 --dim 64 ...` for a CPU smoke run (then no CUDA device is required).
 # Each benchmark's JSON document (its last stdout line) goes to $OUT (default ./bench_out), next to the full
 # log and the PNGs. Redraw plots later with: python -m multitoken.bench.plots $OUT/*.json --out docs
 set -euo pipefail
 
 part="${1:-all}"
+shift $(( $# > 0 ? 1 : 0 ))
+extra=("$@")
 out="${OUT:-./bench_out}"
 mkdir -p "$out"
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this script is for a GPU machine')"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+PY="${PYTHON:-python3}"  # the GPU image's PyTorch is under python3
+# The working tree's package, installed or not (the GPU machine has no network to `pip install -e .`).
+export PYTHONPATH="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/src${PYTHONPATH:+:$PYTHONPATH}"
 
-# `multitoken bench NAME ...` once the CLI wires it; the same add_arguments/run pair otherwise.
-bench() {
-    local name="$1"; shift
-    if multitoken bench "$name" --help >/dev/null 2>&1; then
-        multitoken bench "$name" "$@"
-    else
-        python - "$name" "$@" <<'PY'
-import argparse, json, sys
-from multitoken.bench import memory, train_speed
-module = {"memory": memory, "train": train_speed}[sys.argv[1]]
-parser = argparse.ArgumentParser(prog=f"bench {sys.argv[1]}")
-module.add_arguments(parser)
-print(json.dumps(module.run(parser.parse_args(sys.argv[2:]))))
-PY
-    fi
-}
+if [[ " ${extra[*]} " != *" --device cpu "* ]]; then
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this script is for a GPU machine')"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+fi
 
-# run NAME TAG FLAGS...: the log to $out/TAG.log, the JSON document (last line) to $out/TAG.json
+# run NAME TAG FLAGS...: `multitoken bench NAME FLAGS... EXTRA...`; the log to $out/TAG.log, the JSON
+# document (last line) to $out/TAG.json
 run() {
     local name="$1" tag="$2"; shift 2
-    bench "$name" "$@" | tee "$out/$tag.log"
+    "$PY" -m multitoken bench "$name" "$@" "${extra[@]}" | tee "$out/$tag.log"
     tail -n 1 "$out/$tag.log" > "$out/$tag.json"
 }
 

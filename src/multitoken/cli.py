@@ -430,6 +430,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--threads", type=int, help="CPU threads (small models decode fastest on 1)")
     g.add_argument("--data", nargs="+", action="extend", help="take prompts from these files instead")
     g.add_argument("--cache-dir", type=Path)
+    g.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and KV cache dtype")
+    g.add_argument(
+        "--compile", nargs="?", const="default", choices=["default", "reduce-overhead"],
+        help="also time the decoders with a torch.compile'd step (rows plain-c, chain-c, tree-c); "
+        "reduce-overhead: with CUDA graphs",
+    )  # fmt: skip
     g.set_defaults(func=_cmd_bench_generate)
     for name, module in BENCHES.items():
         mod = __import__(module, fromlist=["add_arguments"])
@@ -448,12 +455,17 @@ def _cmd_bench_generate(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = load_run(args.run)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    run = load_run(args.run, device, dtype)
     held = load_heldout(args.run, run.config, args.data, args.cache_dir)
     prompts = prompt_windows(held.tokens, args.prompts, args.prompt_tokens)
     tree = _resolve_tree(args.run, args.tree)
     groups = [prompts] if args.batch else [[p] for p in prompts]
-    per_group = [bench_generate(run.model, g, args.max_new_tokens, args.heads_used, tree, args.repeats) for g in groups]
+    per_group = [
+        bench_generate(run.model, g, args.max_new_tokens, args.heads_used, tree, args.repeats, args.compile)
+        for g in groups
+    ]
     # Sum tokens and seconds over the prompts, then form the ratios.
     rows: dict[str, dict[str, Any]] = {}
     for name in per_group[0]["decoders"]:
@@ -478,6 +490,9 @@ def _cmd_bench_generate(args: argparse.Namespace) -> dict[str, Any]:
         "max_new_tokens": args.max_new_tokens,
         "batch": args.batch,
         "threads": torch.get_num_threads(),
+        "device": device,
+        "dtype": args.dtype,
+        "compile": args.compile,
         "decoders": rows,
     }
 

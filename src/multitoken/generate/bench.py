@@ -8,6 +8,7 @@ measures the block cost curve itself.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,9 +29,16 @@ def bench_generate(
     heads_used: int | None = None,
     tree: Tree | None = None,
     repeats: int = 1,
+    compile_mode: str | None = None,
 ) -> dict[str, Any]:
     """Greedy plain vs chain (vs tree, if given) decoding: each warmed up once, then timed `repeats` times
     (the fastest run counts).
+
+    compile_mode "default" or "reduce-overhead" adds rows plain-c, chain-c (and tree-c): the same decoders
+    with the step under `torch.compile` and a static full-length cache read (`compile_step`); plain-c is
+    the one-head chain, i.e. plain decoding through the same compiled step. "reduce-overhead" also turns
+    on Inductor's CUDA graphs (what that mode of torch.compile sets) while they run. Speedups stay
+    relative to eager plain; the warm-up run pays for compilation.
 
     Returns {"decoders": {name: {tokens_per_forward, tokens_per_second, speedup, efficiency, forwards,
     exact}}, "table": str}. `exact` is the fraction of prompts whose output equals plain decoding's
@@ -42,10 +50,19 @@ def bench_generate(
     }
     if tree is not None:
         decoders["tree"] = lambda n: speculative_generate(model, prompts, n, tree=tree)
+    if compile_mode is not None:
+        if compile_mode not in ("default", "reduce-overhead"):
+            raise ValueError(f"compile_mode must be 'default' or 'reduce-overhead', got {compile_mode!r}")
+        decoders["plain-c"] = lambda n: speculative_generate(model, prompts, n, heads_used=1, compile_step=True)
+        decoders["chain-c"] = lambda n: speculative_generate(model, prompts, n, heads_used, compile_step=True)
+        if tree is not None:
+            decoders["tree-c"] = lambda n: speculative_generate(model, prompts, n, tree=tree, compile_step=True)
     results: dict[str, GenerationResult] = {}
     for name, run in decoders.items():
-        run(min(max_new_tokens, 8))  # warm-up: allocator, kernels, lazy initialisation
-        results[name] = min((run(max_new_tokens) for _ in range(repeats)), key=lambda r: r.seconds)
+        graphs = compile_mode == "reduce-overhead" and name.endswith("-c")
+        with _cuda_graphs() if graphs else contextlib.nullcontext():
+            run(min(max_new_tokens, 8))  # warm-up: allocator, kernels, lazy initialisation, compilation
+            results[name] = min((run(max_new_tokens) for _ in range(repeats)), key=lambda r: r.seconds)
     plain = results["plain"]
     rows: dict[str, dict[str, Any]] = {}
     for name, r in results.items():
@@ -60,9 +77,16 @@ def bench_generate(
             "forwards": r.n_forwards,
             "exact": sum(a == b for a, b in zip(r.tokens, plain.tokens, strict=True)) / len(prompts),
         }
-        if name == "tree":
+        if name in ("tree", "tree-c"):
             rows[name]["tree_size"] = tree.size
     return {"decoders": rows, "table": format_table(rows)}
+
+
+def _cuda_graphs():
+    """Inductor's CUDA graphs on, as torch.compile(mode="reduce-overhead") would set them."""
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch({"triton.cudagraphs": True})
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
