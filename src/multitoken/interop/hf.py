@@ -44,6 +44,7 @@ from multitoken.data.tokenizers import (
     Tokenizer,
 )
 from multitoken.errors import CheckpointError, DataError, UserError
+from multitoken.heads import add_heads
 from multitoken.interop.gguf import load_gguf
 from multitoken.interop.meta import export_meta, import_meta, resolve_model, staged_dir
 from multitoken.model import MultiTokenModel
@@ -171,7 +172,7 @@ def config_to_hf(cfg: ModelConfig, n_layers: int, eos_id: int | None) -> dict[st
 def state_from_hf(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our state dict from a transformers Llama state dict (`model.layers.*`, `lm_head`, ...).
 
-    Source layer i goes to our i-th next-token block; heads 2..n start as copies of head 1. Missing or
+    Source layer i goes to our i-th next-token block (cfg must have n_future = 1). Missing or
     unexpected tensors raise CheckpointError (RoPE frequency buffers of old checkpoints are ignored).
     """
     blocks = next_token_blocks(cfg)  # trunk + head 1: an imported config has parallel heads
@@ -194,9 +195,6 @@ def state_from_hf(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict
     state = {ours: tensors[theirs] for theirs, ours in wanted.items()}
     if cfg.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
-    head1 = {name.removeprefix("heads.0."): t for name, t in state.items() if name.startswith("heads.0.")}
-    for j in range(1, cfg.n_future):
-        state.update({f"heads.{j}.{name}": t.clone() for name, t in head1.items()})
     return state
 
 
@@ -356,9 +354,11 @@ def import_hf(
     `max_seq_len` defaults to the source's max_position_embeddings.
     """
     hf_config, read_tensors, tokenizer, source = _open_source(src, gguf_file)
-    cfg = config_from_hf(hf_config, n_future, max_seq_len)
+    cfg = config_from_hf(hf_config, 1, max_seq_len)
     model = MultiTokenModel(cfg)
     _load_state(model, state_from_hf(read_tensors(), cfg), source)
+    if n_future > 1:
+        model = add_heads(model, n_future)
     return model.eval(), tokenizer
 
 
