@@ -273,4 +273,6 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu", dtype: torch.dty
     load_weights(ckpt, model)
     if dtype is not None:
         model = model.to(dtype)
+        # The rotary tables stay fp32 (apply_rope computes in fp32): bf16 angles would blur positions.
+        model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
     return LoadedRun(model.eval(), config, ckpt, state)
