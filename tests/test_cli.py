@@ -144,7 +144,7 @@ def test_console_script_exit_code_without_traceback(tmp_path):
 
 
 def test_help_for_every_subcommand(capsys):
-    commands = ["train", "eval", "generate", "calibrate", "import", "export", "consolidate", "bench"]
+    commands = ["train", "eval", "generate", "calibrate", "heads", "import", "export", "consolidate", "bench"]
     for cmd in [*commands, "bench generate", "bench memory", "bench train"]:
         with pytest.raises(SystemExit) as exit_info:
             main([*cmd.split(), "--help"])
@@ -206,3 +206,15 @@ def test_eval_humaneval_runs_in_the_sandbox(run_dir, tmp_path, capsys):
     assert result["problems"] == 2 and 0.0 <= result["pass@1"] <= 1.0 and "netns" in result["sandbox"]
     assert len(json.loads(out.read_text())["results"]) == 2
     assert "every k must be in" in error_of(["eval", "humaneval", str(run_dir), "--k", "5"], capsys)
+
+
+def test_heads_adds_and_trains_heads(run_dir, tmp_path, corpus, capsys):
+    out = tmp_path / "more-heads"
+    argv = ["heads", str(run_dir), "--out", str(out), "--n-future", "3", "--max-steps", "2", "--context", "32"]
+    assert main([*argv, "--data", str(corpus)]) == 0
+    assert last_json(capsys.readouterr().out)["n_future"] == 3
+    gen = ["--prompt", "def ", "--max-new-tokens", "10", "--stats"]
+    assert main(["generate", str(run_dir), *gen]) == 0
+    base = last_json(capsys.readouterr().out)["generated_token_ids"]
+    assert main(["generate", str(out), *gen, "--speculative"]) == 0  # frozen: the verifier is the base model
+    assert last_json(capsys.readouterr().out)["generated_token_ids"] == base

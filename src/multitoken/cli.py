@@ -511,6 +511,52 @@ def _cmd_bench_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
+# heads
+
+
+def _add_heads(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "heads",
+        help="add multi-token heads to a (pretrained) run and train them; writes a new run directory",
+    )
+    p.add_argument("run", type=Path, help="run directory, e.g. one made by `multitoken import`")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--n-future", type=int, default=4, help="heads in total, the next-token head included")
+    p.add_argument(
+        "--mode",
+        choices=["frozen", "joint"],
+        default="frozen",
+        help="frozen: train only the new heads (the verifier stays the original model)",
+    )
+    p.add_argument(
+        "--targets",
+        choices=["corpus", "self", "generated"],
+        default="self",
+        help="corpus text, head 1's own predictions on it (self), or the model's own continuations",
+    )
+    p.add_argument("--trunk-lr-scale", type=float, default=0.1, help="joint mode: LR of the pretrained parts")
+    p.add_argument("--data", nargs="+", action="extend", help="corpus (default: the standard library)")
+    p.add_argument("--time-budget", type=float, default=600.0, help="seconds")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--cache-dir", type=Path)
+    p.set_defaults(func=_cmd_heads)  # fmt: skip
+
+
+def _cmd_heads(args: argparse.Namespace) -> dict[str, Any]:
+    from multitoken.heads import HeadsConfig, default_heads_train_config, train_heads
+
+    heads = HeadsConfig(args.n_future, args.mode, args.targets, trunk_lr_scale=args.trunk_lr_scale)
+    budget = {"max_steps": args.max_steps} if args.max_steps else {}
+    train = default_heads_train_config(
+        batch_size=args.batch_size, context=args.context, lr=args.lr, time_budget_s=args.time_budget, **budget
+    )
+    return train_heads(args.run, args.out, heads, train, args.data or (), args.cache_dir)
+
+
+# --------------------------------------------------------------------------------------------------
 # import / export
 
 
@@ -587,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_calibrate(sub)
     _add_bench(sub)
+    _add_heads(sub)
     _add_import(sub)
     _add_export(sub)
     _add_consolidate(sub)
