@@ -495,8 +495,13 @@ def _train(
             return train_step(*args)
 
     t0 = time.perf_counter()
+    # With a time budget the step count is unknown: the bar counts steps and the postfix shows the clock.
     bar = tqdm(
-        total=cfg.max_steps, initial=start_step, disable=not (progress and env.is_main), unit="step", dynamic_ncols=True
+        total=None if cfg.time_budget_s else cfg.max_steps,
+        initial=start_step,
+        disable=not (progress and env.is_main),
+        unit="step",
+        dynamic_ncols=True,
     )
     step, last_eval, losses = start_step, None, []
     window_t, window_tokens = time.perf_counter(), 0
@@ -534,7 +539,8 @@ def _train(
             }
             _append_metrics(run_dir, record)
         bar.update(1)
-        bar.set_postfix_str(f"{tok_s:,.0f} tok/s loss " + " ".join(f"{x:.2f}" for x in report.per_head))
+        clock = f"{elapsed:.0f}/{cfg.time_budget_s:.0f}s " if cfg.time_budget_s else ""
+        bar.set_postfix_str(f"{clock}{tok_s:,.0f} tok/s loss/head " + " ".join(f"{x:.2f}" for x in report.per_head))
         if on_step is not None:
             on_step(step, report)
         if can_eval and step % cfg.eval_every == 0:
