@@ -162,7 +162,8 @@ def sequential_backward(
         head_backward(i, z, leaf)
     h.backward(h_leaf.grad)
     per_head = torch.stack([sums[i] for i in range(cfg.n_future)]) / counts  # nan where a head has no target
-    total = torch.nansum(w * per_head)
+    # Heads without targets add nothing; a NaN or inf loss of a head with targets must show in the total.
+    total = torch.where(counts > 0, w * per_head, 0.0).sum()
     values = torch.cat([total[None], per_head]).tolist()  # the step's one host sync
     return LossReport(values[0], values[1:])
 
