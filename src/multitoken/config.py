@@ -111,7 +111,7 @@ def param_count(cfg: ModelConfig, *, embeddings: bool = True) -> int:
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=64, n_layers=4, n_heads=4, max_seq_len=256, n_future=2),
     "small": dict(dim=192, n_layers=8, n_heads=6, max_seq_len=512),
-    "demo": dict(dim=256, n_layers=10, n_heads=8, max_seq_len=512),
+    "demo": dict(dim=192, n_layers=10, n_heads=6, max_seq_len=512),
     "base": dict(dim=768, n_layers=12, n_heads=12, max_seq_len=2048),
     # Paper Table S14 (induction): ~1M, 3M, 10M, 30M non-embedding parameters.
     "induction-1m": dict(dim=128, n_layers=5, n_heads=4, max_seq_len=256, n_future=2),
