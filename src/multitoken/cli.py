@@ -557,6 +557,32 @@ def _cmd_heads(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
+# experiments
+
+
+def _add_experiment(sub: argparse._SubParsersAction) -> None:
+    from multitoken.experiments import EXPERIMENTS
+
+    p = sub.add_parser("experiment", help="reproduce one of the paper's small-scale findings, with a report")
+    p.add_argument("name", choices=list(EXPERIMENTS), help="; ".join(f"{k}: {v}" for k, v in EXPERIMENTS.items()))
+    p.add_argument("--full", action="store_true", help="the full setting (a GPU or a long CPU run)")
+    p.add_argument("--out", type=Path, help="report folder (default docs/results/NAME)")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--threads", type=int, help="CPU threads (on a shared machine 1 avoids OpenMP stalls)")
+    p.set_defaults(func=_cmd_experiment)
+
+
+def _cmd_experiment(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from multitoken.experiments import run_experiment
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return run_experiment(args.name, "full" if args.full else "quick", args.out, args.seeds)
+
+
+# --------------------------------------------------------------------------------------------------
 # import / export
 
 
@@ -634,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate(sub)
     _add_bench(sub)
     _add_heads(sub)
+    _add_experiment(sub)
     _add_import(sub)
     _add_export(sub)
     _add_consolidate(sub)
