@@ -133,12 +133,30 @@ def test_plain_fork_bomb_with_guard_fails_fast():
     assert sandbox_processes() == []
 
 
+PRIVATE_MOUNTS = ("/tmp", "/var/tmp", "/dev/shm")  # the sandbox covers these with its own tmpfs
+
+
+def _visible_to_sandbox(path: Path) -> bool:
+    """Outside the private mounts, with every ancestor traversable by others."""
+    resolved = path.resolve()
+    if any(resolved == Path(m) or Path(m) in resolved.parents for m in PRIVATE_MOUNTS):
+        return False
+    return all(p.stat().st_mode & 0o001 for p in resolved.parents)
+
+
 @pytest.fixture
 def root_owned_dir(request):
-    """A directory the test process owns with mode 0o755, outside the sandbox's private tmpfs mounts."""
-    parent = request.config.rootpath / ".pytest_cache"
+    """A directory the test process owns with mode 0o755 that the sandboxed program can see.
+
+    The checkout itself may sit under /tmp (hidden inside the sandbox) or under /root (not traversable),
+    so the first visible candidate is used.
+    """
+    candidates = [request.config.rootpath / ".pytest_cache", Path("/var/lib"), Path("/srv"), Path("/opt")]
+    parent = next((c for c in candidates if _visible_to_sandbox(c if c.exists() else c.parent)), None)
+    if parent is None:
+        pytest.skip("no directory visible to the sandbox to test writes in")
     parent.mkdir(exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix="sandbox-write-", dir=parent))
+    path = Path(tempfile.mkdtemp(prefix="multitoken-sandbox-write-", dir=parent))
     path.chmod(0o755)
     yield path
     shutil.rmtree(path)

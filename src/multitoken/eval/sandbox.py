@@ -249,7 +249,10 @@ def run_untrusted(
             "namespaces": namespaces and os.geteuid() == 0,
             "uid": uid,
             "gid": uid,
-            "python": sys.executable,
+            # The resolved binary, not a virtualenv's link to it: a venv may live under /tmp, which the
+            # sandbox covers with its own tmpfs. Programs get the standard library only, which is all
+            # HumanEval's tests need (and keeps the project's packages out of their reach).
+            "python": os.path.realpath(sys.executable),
             "workdir": workdir,
             "program_path": program_path,
             "disk_mb": disk_mb,
