@@ -128,9 +128,7 @@ def train_byte_model(
     sources = list(sources) or [str(p) for p in default_corpus_paths()]
     cache_dir = Path(work_dir).parent / "cache"
     run_dir = Path(work_dir) / "run"
-    result = train(
-        run_dir, model_cfg, cfg, sources, "bytes", cache_dir=cache_dir, device=device, progress=False
-    )
+    result = train(run_dir, model_cfg, cfg, sources, "bytes", cache_dir=cache_dir, device=device, progress=False)
     loaded = load_run(run_dir, device or "cpu")
     val = prepare_data(sources, "bytes", cache_dir, cfg.val_fraction).store.val
     return ByteRun(loaded.model, result.final_eval or {}, result.seconds, result.tokens_seen, np.asarray(val))
@@ -193,12 +191,22 @@ def resolve_setting(settings: dict[str, Any], setting: str, overrides: dict[str,
     return dataclasses.replace(base, **(overrides or {}))
 
 
+def start_run(
+    name: str, settings: dict[str, Any], setting: str, out_dir: Path | None, overrides: dict[str, Any] | None
+) -> tuple[Any, Path, torch.device, float, str | None]:
+    """What every experiment starts with: the resolved setting, the report folder (default
+    docs/results/NAME), the device (CUDA for the full setting when there is one), the start time, the commit."""
+    s = resolve_setting(settings, setting, overrides)
+    device = torch.device("cuda" if setting == "full" and torch.cuda.is_available() else "cpu")
+    return s, Path(out_dir or f"docs/results/{name}"), device, time.perf_counter(), git_commit()
+
+
 def default_command(name: str, setting: str, out_dir: Path, overrides: dict[str, Any] | None = None) -> str:
     """The line that reruns an experiment: the CLI's, or the Python call when fields were overridden."""
     if overrides or setting == "test":
         return (
-            "python -c \"from multitoken.experiments import run_experiment; "
-            f"run_experiment({name!r}, {setting!r}, {str(out_dir)!r}, overrides={overrides!r})\""
+            'python -c "from multitoken.experiments import run_experiment; '
+            f'run_experiment({name!r}, {setting!r}, {str(out_dir)!r}, overrides={overrides!r})"'
         )
     flag = " --full" if setting == "full" else ""
     return f"multitoken experiment {name}{flag} --out {out_dir}"

@@ -15,17 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from multitoken.config import HEAD_TYPES, ModelConfig, TrainConfig, param_count
 from multitoken.data.corpus import default_corpus_paths
 from multitoken.experiments.common import (
     default_command,
-    git_commit,
     grouped_bars,
     line_plot,
     markdown_table,
-    resolve_setting,
+    start_run,
     train_byte_model,
     write_report,
 )
@@ -67,11 +64,8 @@ def run(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one model per head type (and seed), measure per-head bits per byte and speculative decoding."""
-    s = resolve_setting(SETTINGS, setting, overrides)
-    out_dir = Path(out_dir or f"docs/results/{NAME}")
-    device = torch.device("cuda" if setting == "full" and torch.cuda.is_available() else "cpu")
+    s, out_dir, device, t0, commit = start_run(NAME, SETTINGS, setting, out_dir, overrides)
     sources = [str(p) for p in default_corpus_paths()][: s.n_source_files]
-    t0, commit = time.perf_counter(), git_commit()
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="multitoken-heads-") as tmp:
         for head_type in s.head_types:

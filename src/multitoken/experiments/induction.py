@@ -24,12 +24,11 @@ import torch
 from multitoken.config import TrainConfig, param_count, preset
 from multitoken.experiments.common import (
     default_command,
-    git_commit,
     grouped_bars,
     line_plot,
     markdown_table,
     mean_std,
-    resolve_setting,
+    start_run,
     train_on_tokens,
     write_report,
 )
@@ -213,10 +212,7 @@ def run(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train every (size, n, seed) of the setting, measure induction accuracy, write the report."""
-    s = resolve_setting(SETTINGS, setting, overrides)
-    out_dir = Path(out_dir or f"docs/results/{NAME}")
-    device = torch.device("cuda" if setting == "full" and torch.cuda.is_available() else "cpu")
-    t0, commit = time.perf_counter(), git_commit()
+    s, out_dir, device, t0, commit = start_run(NAME, SETTINGS, setting, out_dir, overrides)
     tok = WordTokenizer()
     train = token_stream(generate_stories(10_000, s.train_stories, tok), tok.eos_id)
     test = generate_stories(20_000, s.test_stories, tok)  # other seed: unseen stories and name pairings

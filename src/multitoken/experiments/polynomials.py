@@ -28,10 +28,9 @@ import torch
 from multitoken.config import TrainConfig, param_count, preset
 from multitoken.experiments.common import (
     default_command,
-    git_commit,
     line_plot,
     markdown_table,
-    resolve_setting,
+    start_run,
     train_on_tokens,
     write_report,
 )
@@ -203,10 +202,7 @@ def run(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train every (size, n, seed), score exact match by number of operations, write the report."""
-    s = resolve_setting(SETTINGS, setting, overrides)
-    out_dir = Path(out_dir or f"docs/results/{NAME}")
-    device = torch.device("cuda" if setting == "full" and torch.cuda.is_available() else "cpu")
-    t0, commit = time.perf_counter(), git_commit()
+    s, out_dir, device, t0, commit = start_run(NAME, SETTINGS, setting, out_dir, overrides)
     stream = training_stream(1_000, s.train_examples, TRAIN_M)
     test_rng = random.Random(2_000)  # another seed: test expressions are (almost surely) unseen
     tests = {m: [random_expr(test_rng, m) for _ in range(s.test_per_m)] for m in TEST_M}

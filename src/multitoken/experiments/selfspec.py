@@ -23,11 +23,10 @@ from multitoken.config import ModelConfig, TrainConfig, param_count
 from multitoken.data.corpus import default_corpus_paths
 from multitoken.experiments.common import (
     default_command,
-    git_commit,
     grouped_bars,
     line_plot,
     markdown_table,
-    resolve_setting,
+    start_run,
     train_byte_model,
     write_report,
 )
@@ -76,11 +75,8 @@ def run(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train the n=1 and n=8 byte models, measure per-head bits per byte and speculative decoding."""
-    s = resolve_setting(SETTINGS, setting, overrides)
-    out_dir = Path(out_dir or f"docs/results/{NAME}")
-    device = torch.device("cuda" if setting == "full" and torch.cuda.is_available() else "cpu")
+    s, out_dir, device, t0, commit = start_run(NAME, SETTINGS, setting, out_dir, overrides)
     sources = [str(p) for p in default_corpus_paths()][: s.n_source_files]
-    t0, commit = time.perf_counter(), git_commit()
     models: dict[str, Any] = {}
     decoding: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="multitoken-selfspec-") as tmp:
