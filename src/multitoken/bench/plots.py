@@ -48,6 +48,15 @@ def _series(rows: list[dict[str, Any]], method: str, key: str) -> tuple[list[int
     return [r["spec"]["n_future"] for r in ok], [r[key] for r in ok]
 
 
+def _save(fig: Any, title: str, path: Path) -> Path:
+    """Title, lay out, write the PNG and free the figure."""
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_memory_document(doc: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """The sweep's two figures (memory, time ratio); nothing if the document has no sweep."""
     if not doc.get("sweep"):
@@ -73,11 +82,7 @@ def plot_memory_document(doc: dict[str, Any], out_dir: str | Path) -> list[Path]
         ax.set_ylim(bottom=0)
         _n_axis(ax, ns)
     axes[0][0].legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"Peak training-step memory against n\n{setting}", fontsize=10)
-    fig.tight_layout()
-    memory_png = out / "bench_memory_vs_n.png"
-    fig.savefig(memory_png, dpi=120)
-    plt.close(fig)
+    memory_png = _save(fig, f"Peak training-step memory against n\n{setting}", out / "bench_memory_vs_n.png")
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
@@ -90,12 +95,8 @@ def plot_memory_document(doc: dict[str, Any], out_dir: str | Path) -> list[Path]
         ax.set_ylabel("step time / step time of n=1 (x)")
         _n_axis(ax, ns)
     axes[0][0].legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"Step-time ratio against n, beside the FLOP ratio\n{setting}", fontsize=10)
-    fig.tight_layout()
-    time_png = out / "bench_memory_time_ratio.png"
-    fig.savefig(time_png, dpi=120)
-    plt.close(fig)
-    return [memory_png, time_png]
+    title = f"Step-time ratio against n, beside the FLOP ratio\n{setting}"
+    return [memory_png, _save(fig, title, out / "bench_memory_time_ratio.png")]
 
 
 def plot_train_document(doc: dict[str, Any], out_dir: str | Path) -> Path:
@@ -122,16 +123,11 @@ def plot_train_document(doc: dict[str, Any], out_dir: str | Path) -> Path:
     right.set_ylabel("training throughput (tokens/s)")
     right.set_title(f"Throughput (MFU vs {doc['peak_tflops']:.3g} TFLOP/s peak)")
     s = doc["settings"]
-    fig.suptitle(
+    title = (
         f"bench train: {rows[0]['params'] / 1e6:.1f}M params, V={s['vocab']:,}, method {s['method']}\n"
-        + _setting_line(doc, "layers"),
-        fontsize=10,
+        + _setting_line(doc, "layers")
     )
-    fig.tight_layout()
-    path = out / "bench_train_time_ratio.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, title, out / "bench_train_time_ratio.png")
 
 
 def main(argv: list[str] | None = None) -> None:
