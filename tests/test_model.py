@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from multitoken.config import PRESETS, ModelConfig, param_count, preset
 from multitoken.errors import UserError
 from multitoken.kv_cache import causal_mask
-from multitoken.model import MultiTokenModel
+from multitoken.model import FEW_ROWS, LARGE_WEIGHT, Linear, MultiTokenModel
 from tests.conftest import make_model
 
 HEAD_TYPES = ["parallel", "causal", "anticausal", "linear"]
@@ -152,3 +152,21 @@ def test_sequence_longer_than_context_is_refused():
     model = make_model(max_seq_len=16)
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (2, 3), (4, 16), (1, FEW_ROWS), (1, FEW_ROWS + 1), (3, 50)])
+@pytest.mark.parametrize("d_in, d_out", [(24, 40), (64, LARGE_WEIGHT // 64)])
+def test_linear_equals_f_linear_for_every_row_count(shape, d_in, d_out):
+    # Each path (F.linear; few rows of a large weight, weight-stationary; one row of it as two columns) must
+    # be x @ W.T, with the same gradients.
+    torch.manual_seed(0)
+    layer = Linear(d_in, d_out)
+    x = torch.randn(*shape, d_in, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (*shape, d_out)
+    torch.testing.assert_close(y, F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, layer.weight), g)
+    rx, rw = torch.autograd.grad(F.linear(x, layer.weight), (x, layer.weight), g)
+    torch.testing.assert_close(dx, rx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw, rw, rtol=1e-5, atol=1e-5)

@@ -27,6 +27,32 @@ from torch import nn
 from multitoken.config import ModelConfig
 from multitoken.kv_cache import KVCache, ModelCache, causal_mask
 
+# On the CPU, MKL multiplies a few rows by a weight that is not in the cache slowly, and in decoding no weight
+# is: every step streams the whole model. Computing (W @ x.T).T instead, which streams W once, made a verify
+# forward of SmolLM2-135M over 4 tokens cost 97 ms instead of 190 ms (one token: 80-106 ms), and one row of
+# a large weight is faster as a two-column product than as MKL's matrix-vector product (49152 x 576: 19 ms
+# -> 11 ms). 2 AMD EPYC cores; benchmarks/few_rows.py and docs/benchmarks.md "Few-row products". Many rows
+# (training, prefill) stay on F.linear, which is as fast or faster there, and so do other devices.
+FEW_ROWS = 64
+LARGE_WEIGHT = 2**22  # elements (16 MiB in fp32): below this one row stays a matrix-vector product
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias whose few-row products on the CPU are computed weight-stationary (see above)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if not x.is_cpu or rows > FEW_ROWS or (rows == 1 and self.in_features * self.out_features < LARGE_WEIGHT):
+            return F.linear(x, self.weight)
+        flat = x.reshape(rows, self.in_features)  # (M, in)
+        if rows == 1:
+            flat = flat.repeat(2, 1)  # (2, in): a two-column product, not MKL's matrix-vector product
+        y = self.weight @ flat.T  # (out, M) or (out, 2)
+        return y[:, :rows].T.reshape(*x.shape[:-1], self.out_features)  # (..., out)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -81,10 +107,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -109,9 +135,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w1 = Linear(cfg.dim, cfg.ffn_dim)
+        self.w2 = Linear(cfg.ffn_dim, cfg.dim)
+        self.w3 = Linear(cfg.dim, cfg.ffn_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -137,7 +163,7 @@ class LinearHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.proj = Linear(cfg.dim, cfg.dim)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, cache: KVCache | None = None) -> torch.Tensor:
         return self.proj(x)
@@ -154,7 +180,7 @@ class MultiTokenModel(nn.Module):
         head_cls = LinearHead if cfg.head_type == "linear" else Block
         self.heads = nn.ModuleList(head_cls(cfg) for _ in range(cfg.n_future))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = Linear(cfg.dim, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
