@@ -17,13 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from multitoken.checkpoint import latest_checkpoint, load_run, read_checkpoint_state
 from multitoken.config import ModelConfig, TrainConfig
 from multitoken.dcp import consolidate
-from multitoken.distributed import FSDP_MIN_PARAMS, resolve_strategy
+from multitoken.distributed import FSDP_MIN_PARAMS, DDPParallel, DistEnv, resolve_strategy
 from multitoken.errors import CheckpointError, UserError
+from multitoken.loss import sequential_backward, shift_targets
 from multitoken.train import RankSampler, train
+from tests.conftest import make_model
 
 CORPUS = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(300))
 LAUNCH_TIMEOUT_S = 150
@@ -158,6 +161,28 @@ def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, corpus, c
     assert_same_weights(tmp_path / "plain", tmp_path / "ac", rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("head_type", ["parallel", "causal"])
+def test_ddp_launches_each_blocks_all_reduce_inside_the_backward(tmp_path, head_type):
+    # A world of one: every all-reduce is the identity, so gradients must come out unchanged, while the
+    # launches show the overlap: one per block from the backward, none of them waiting for its end.
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model, ref = make_model(head_type=head_type).train(), make_model(head_type=head_type).train()
+        parallel = DDPParallel(DistEnv())
+        parallel.wrap(model)
+        inputs, targets = shift_targets(torch.randint(0, 61, (2, 20)), 3)
+        for micro, last in enumerate([False, True]):  # two micro-batches: the first only accumulates
+            parallel.before_backward(last_micro_batch=last)
+            sequential_backward(model, inputs, targets, chunk=16)
+            sequential_backward(ref, inputs, targets, chunk=16)
+            assert parallel.overlapped == (len(model.trunk) + len(model.heads)) * micro
+        parallel.after_backward(model)
+        for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
 # --------------------------------------------------------------------------------------------------
 # two processes against one
 
@@ -166,6 +191,8 @@ def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, corpus, c
     "strategy, mkw, tkw",
     [
         ("ddp", {}, {}),
+        # Causal heads change the backward order; accumulation leaves reduction to the last micro-batch.
+        pytest.param("ddp", {"head_type": "causal"}, {"grad_accum": 2}, marks=pytest.mark.slow),
         ("fsdp", {}, {}),
         # Tied embeddings share the root shard group; causal heads run all forwards before any backward;
         # gradient accumulation defers every reduction to the last micro-batch.
@@ -173,7 +200,7 @@ def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, corpus, c
             "fsdp", {"tie_embeddings": True, "head_type": "causal"}, {"grad_accum": 2}, marks=pytest.mark.slow
         ),
     ],
-    ids=["ddp", "fsdp", "fsdp-tied-causal-accum"],
+    ids=["ddp", "ddp-causal-accum", "fsdp", "fsdp-tied-causal-accum"],
 )
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, corpus, cache, strategy, mkw, tkw):
     mcfg = model_cfg(**mkw)

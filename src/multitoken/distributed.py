@@ -193,31 +193,72 @@ class Parallelism:
 
 
 class DDPParallel(Parallelism):
-    """Replicated model, gradients averaged over ranks once per optimizer step.
+    """Replicated model, gradients averaged over ranks once per optimizer step, overlapped with the backward.
 
-    The sequential step back-propagates several times per step (each loss chunk, each head, the trunk);
-    the gradients of every backward gather locally (DDP's `no_sync`) and one bucketed all-reduce after
-    the last micro-batch's trunk backward averages them all: every parameter exactly once, whichever
-    backward produced its gradient. A parameter no rank used gets no gradient, as with DDP.
+    The sequential step back-propagates several times per step (each loss chunk, each head, the trunk), so
+    "when is a gradient final" is not "when the backward ends". What holds for every head type and both
+    loss paths: each block (trunk or head) gets its gradient in exactly one backward per micro-batch (a head
+    in its own backward, a trunk block in the trunk backward). On the last micro-batch (earlier ones only
+    accumulate, as DDP's `no_sync`) a per-parameter hook counts the arrivals of each block's gradients and,
+    when the block's last one lands, launches that block's all-reduce asynchronously: it runs while the next
+    head or the next trunk block computes. Only the shared parameters (embedding, final norm, unembedding),
+    to which every head's backward adds, are reduced after the backward, in buckets. Every parameter is
+    reduced exactly once; a parameter no rank used gets no gradient, as with DDP. Collectives are issued in
+    backward order, which is the same on every rank.
     """
 
     name = "ddp"
+
+    def __init__(self, env: DistEnv) -> None:
+        super().__init__(env)
+        self._blocks: list[list[nn.Parameter]] = []
+        self._shared: list[nn.Parameter] = []
+        self._arrivals: list[int] = []
+        self._armed = False
+        self._in_flight: list[tuple[dist.Work, torch.Tensor, list[torch.Tensor]]] = []
+        self.overlapped = 0  # blocks whose all-reduce the last step launched inside the backward
 
     def wrap(self, model: MultiTokenModel) -> MultiTokenModel:
         # Same seed gives the same init on every rank; broadcasting makes it a guarantee.
         with torch.no_grad():
             for t in [*model.parameters(), *model.buffers()]:
                 dist.broadcast(t, src=0)
+        self._blocks = [[p for p in block.parameters() if p.requires_grad] for block in [*model.trunk, *model.heads]]
+        in_blocks = {id(p) for params in self._blocks for p in params}
+        self._shared = [p for p in model.parameters() if p.requires_grad and id(p) not in in_blocks]
+        for b, params in enumerate(self._blocks):
+            for p in params:
+                p.register_post_accumulate_grad_hook(lambda _p, b=b: self._arrived(b))
         return model
 
+    def before_backward(self, last_micro_batch: bool) -> None:
+        self._armed = last_micro_batch
+        self._arrivals = [0] * len(self._blocks)
+        self._in_flight, self.overlapped = [], 0
+
+    @torch.compiler.disable
+    def _arrived(self, b: int) -> None:
+        if not self._armed:
+            return
+        self._arrivals[b] += 1
+        if self._arrivals[b] == len(self._blocks[b]):  # the block's gradients are final: reduce them now
+            grads = [p.grad for p in self._blocks[b]]
+            flat = _flatten_dense_tensors(grads)
+            self._in_flight.append((dist.all_reduce(flat, async_op=True), flat, grads))
+            self.overlapped += 1
+
     def after_backward(self, model: nn.Module) -> None:
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        for bucket in _buckets(grads, BUCKET_BYTES):
+        self._armed = False
+        shared = [p.grad for p in self._shared if p.grad is not None]
+        for bucket in _buckets(shared, BUCKET_BYTES):
             flat = _flatten_dense_tensors(bucket)
-            dist.all_reduce(flat)
+            self._in_flight.append((dist.all_reduce(flat, async_op=True), flat, bucket))
+        for work, flat, grads in self._in_flight:
+            work.wait()
             flat /= self.env.world_size
-            for g, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
+            for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
                 g.copy_(reduced)
+        self._in_flight = []
 
 
 def _buckets(tensors: list[torch.Tensor], max_bytes: int) -> list[list[torch.Tensor]]:
