@@ -218,3 +218,16 @@ def test_heads_adds_and_trains_heads(run_dir, tmp_path, corpus, capsys):
     base = last_json(capsys.readouterr().out)["generated_token_ids"]
     assert main(["generate", str(out), *gen, "--speculative"]) == 0  # frozen: the verifier is the base model
     assert last_json(capsys.readouterr().out)["generated_token_ids"] == base
+
+
+def test_heads_on_generated_text_reports_what_was_generated(run_dir, tmp_path, corpus, capsys):
+    out = tmp_path / "generated-heads"
+    argv = ["heads", str(run_dir), "--out", str(out), "--n-future", "2", "--max-steps", "1", "--context", "16",
+            "--targets", "generated", "--generated-prompts", "3", "--generated-tokens", "5",
+            "--generation-batch", "2", "--data", str(corpus)]  # fmt: skip
+    assert main(argv) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert (summary["generated_prompts"], summary["generation_batch"], summary["init"]) == (3, 2, "copy")
+    # Each of the 3 sequences is a 32-token prompt, up to 5 greedy tokens and an end-of-text separator.
+    assert 3 * (32 + 1 + 1) <= summary["generated_tokens_total"] <= 3 * (32 + 5 + 1)
+    assert "generation_batch must be >= 1" in error_of([*argv, "--generation-batch", "0"], capsys)

@@ -534,7 +534,11 @@ def _add_heads(sub: argparse._SubParsersAction) -> None:
         default="self",
         help="corpus text, head 1's own predictions on it (self), or the model's own continuations",
     )
+    p.add_argument("--init", choices=["copy", "random"], default="copy", help="new heads: copies of the last block")
     p.add_argument("--trunk-lr-scale", type=float, default=0.1, help="joint mode: LR of the pretrained parts")
+    p.add_argument("--generated-prompts", type=int, default=64, help="targets=generated: corpus prompts continued")
+    p.add_argument("--generated-tokens", type=int, default=96, help="targets=generated: greedy tokens per prompt")
+    p.add_argument("--generation-batch", type=int, default=32, help="targets=generated: prompts decoded at once")
     p.add_argument("--data", nargs="+", action="extend", help="corpus (default: the standard library)")
     p.add_argument("--time-budget", type=float, default=600.0, help="seconds")
     p.add_argument("--max-steps", type=int)
@@ -542,18 +546,23 @@ def _add_heads(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_heads)  # fmt: skip
 
 
 def _cmd_heads(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.heads import HeadsConfig, default_heads_train_config, train_heads
 
-    heads = HeadsConfig(args.n_future, args.mode, args.targets, trunk_lr_scale=args.trunk_lr_scale)
+    heads = HeadsConfig(
+        n_future=args.n_future, mode=args.mode, targets=args.targets, init=args.init,
+        trunk_lr_scale=args.trunk_lr_scale, generated_prompts=args.generated_prompts,
+        generated_tokens=args.generated_tokens, generation_batch=args.generation_batch,
+    )  # fmt: skip
     budget = {"max_steps": args.max_steps} if args.max_steps else {}
     train = default_heads_train_config(
         batch_size=args.batch_size, context=args.context, lr=args.lr, time_budget_s=args.time_budget, **budget
     )
-    return train_heads(args.run, args.out, heads, train, args.data or (), args.cache_dir)
+    return train_heads(args.run, args.out, heads, train, args.data or (), args.cache_dir, progress=not args.quiet)
 
 
 # --------------------------------------------------------------------------------------------------

