@@ -7,10 +7,11 @@
 `train` imports the GGUF model (if WORK/base is missing), adds heads 2..4 as copies of the last block and
 trains them frozen on the model's own greedy continuations of corpus prompts (targets="generated"), the
 generation counted in the time budget. `bench` decodes held-out code and text prompts (documents the head
-training never saw) with transformers' `generate`, our plain decoder, chains of 2..4 heads and a calibrated
-tree, one prompt at a time with every decoder run back to back on it (so a change of machine load hits
-all decoders alike), and checks that every greedy output equals transformers'. Both write JSON to WORK and
-print it as their last line.
+training never saw) with transformers' `generate`, our plain decoder, chains of 2 and 4 heads and calibrated
+trees of each `--tree-budget`, each speculative decoder also with a draft vocabulary (the `--draft-vocab` most
+frequent tokens of the training split), one prompt at a time with every decoder run back to back on it (so
+a change of machine load hits all decoders alike), and checks that every greedy output equals
+transformers'. Both write JSON to WORK and print it as their last line.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from multitoken.data.corpus import default_corpus_paths, load_corpus
 from multitoken.data.dataset import split_documents
 from multitoken.data.tokenizers import load_tokenizer
 from multitoken.generate.autoregressive import generate
+from multitoken.generate.draft_vocab import DraftVocab
 from multitoken.generate.speculative import speculative_generate
 from multitoken.generate.tree import build_tree, calibrate
 from multitoken.heads import HeadsConfig, default_heads_train_config, train_heads
+from multitoken.train import prepare_data
 
 VAL_FRACTION = 0.05  # train_heads' default split (TrainConfig.val_fraction): the prompts come from its val side
 
@@ -105,8 +108,18 @@ def do_bench(args: argparse.Namespace) -> dict[str, Any]:
     hf, _ = load_gguf(find_smollm2_gguf())
     hf.generation_config.eos_token_id = None  # fixed-length greedy, as ours
     hf.generation_config.pad_token_id = 0
-    tree = build_tree(calibrate(model, calibration, max_rank=3), budget=args.tree_budget)
-    log("tree", tree)
+    train_tokens = prepare_data(sources(args.work), tok, args.work / "cache", VAL_FRACTION).store.train
+    vocab = DraftVocab.most_frequent(train_tokens, model.cfg.vocab_size, args.draft_vocab)
+    coverage = {kind: vocab.coverage(ps) for kind, ps in prompts.items()}
+    log(f"draft vocabulary: {vocab.size} tokens, covering {coverage} of the held-out prompts")
+    # Trees calibrated without and with the draft vocabulary (with it, candidates rank among its tokens).
+    variants = {"": None, f" + {vocab.size}-token draft vocabulary": vocab}  # row-name suffix -> vocabulary
+    trees = {
+        suffix: [build_tree(calibrate(model, calibration, args.max_rank, vocab=v), b) for b in args.tree_budget]
+        for suffix, v in variants.items()
+    }
+    for suffix, ts in trees.items():
+        log("trees" + suffix, *ts)
     max_new = args.max_new_tokens
 
     def transformers_generate(p: list[int]) -> tuple[list[int], float, float]:
@@ -123,17 +136,17 @@ def do_bench(args: argparse.Namespace) -> dict[str, Any]:
 
         return run_one
 
-    decoders = {
-        "transformers generate": transformers_generate,
-        "ours plain": ours(),
-        "chain, 2 heads": ours(heads_used=2),
-        "chain, 3 heads": ours(heads_used=3),
-        "chain, 4 heads": ours(heads_used=4),
-        f"tree, {tree.size} nodes": ours(tree=tree),
-    }
+    decoders = {"transformers generate": transformers_generate, "ours plain": ours()}
+    for suffix, v in variants.items():
+        decoders[f"chain, 2 heads{suffix}"] = ours(heads_used=2, draft_vocab=v)
+        decoders[f"chain, 4 heads{suffix}"] = ours(heads_used=4, draft_vocab=v)
+        for tree in trees[suffix]:
+            decoders[f"tree, {tree.size} nodes{suffix}"] = ours(tree=tree, draft_vocab=v)
     for run_one in decoders.values():
         run_one(prompts["code"][0][:16])  # warm-up
-    results: dict[str, Any] = {"tree": str(tree), "max_new_tokens": max_new, "machine": machine(), "sets": {}}
+    results: dict[str, Any] = {"trees": {suffix or "full": [str(t) for t in ts] for suffix, ts in trees.items()}}
+    results.update(max_new_tokens=max_new, machine=machine(), draft_vocab=vocab.size, coverage=coverage)
+    results["sets"] = {}
     for kind, ps in prompts.items():
         acc = {name: {"tokens": 0, "seconds": 0.0, "tpf": [], "same": 0} for name in decoders}
         for p in ps:
@@ -186,7 +199,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--n-prompts", type=int, default=4, help="bench: held-out prompts per kind")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--tree-budget", type=int, default=8)
+    parser.add_argument("--tree-budget", type=int, nargs="+", default=[8, 16, 32], help="bench: tree sizes")
+    parser.add_argument("--max-rank", type=int, default=6, help="bench: candidates per head the trees may use")
+    parser.add_argument("--draft-vocab", type=int, default=8192, help="bench: draft vocabulary size")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)

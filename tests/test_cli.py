@@ -186,6 +186,29 @@ def test_speculative_generate_equals_plain_and_tree(run_dir, tmp_path, capsys):
     tree = last_json(capsys.readouterr().out)
     assert tree["decoder"] == "tree" and tree["generated_token_ids"] == plain["generated_token_ids"]
     assert "heads_used must be between 1" in error_of([*argv, "--heads-used", "5"], capsys)
+    assert "calibrate RUN --draft-vocab" in error_of([*argv, "--draft-vocab"], capsys)  # none made yet
+    calibrate = ["calibrate", str(run_dir), "--windows", "4", "--budget", "3", "--max-rank", "2"]
+    assert main([*calibrate, "--draft-vocab", "32"]) == 0
+    report = last_json(capsys.readouterr().out)
+    assert report["draft_vocab_size"] == 32 and 0 < report["draft_vocab_coverage"] <= 1
+    for extra in (["--draft-vocab"], ["--tree", "--draft-vocab"]):
+        assert main([*argv, *extra]) == 0
+        drafted = last_json(capsys.readouterr().out)
+        assert drafted["draft_vocab_size"] == 32 and drafted["generated_token_ids"] == plain["generated_token_ids"]
+
+
+def test_generate_compile_flag_decodes_the_same(run_dir, capsys, monkeypatch):
+    import torch
+
+    # torch.compile as the identity: what is checked is the flag's path (a full-length cache read, plain
+    # decoding as the one-head chain), not Inductor, which takes minutes on 2 cores.
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    argv = ["generate", str(run_dir), "--prompt", "def ", "--max-new-tokens", "12", "--stats"]
+    assert main(argv) == 0
+    plain = last_json(capsys.readouterr().out)["generated_token_ids"]
+    for extra in (["--compile"], ["--compile", "--speculative"]):
+        assert main([*argv, *extra]) == 0
+        assert last_json(capsys.readouterr().out)["generated_token_ids"] == plain
 
 
 def test_bench_generate_json(run_dir, capsys):

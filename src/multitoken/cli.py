@@ -315,7 +315,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--tree", nargs="?", const="", metavar="TREE_JSON",
         help="draft with a tree (default: RUN/tree.json from `multitoken calibrate`)",
     )  # fmt: skip
+    p.add_argument(
+        "--draft-vocab", nargs="?", const="", metavar="VOCAB_JSON",
+        help="draft only among a draft vocabulary's tokens (default: RUN/draft_vocab.json from `calibrate`)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, help="CPU threads (default 1: decode steps are too small to split)")
+    p.add_argument(
+        "--compile", action="store_true",
+        help="run the decode step under torch.compile (the first steps pay for compiling; pays off on long outputs)",
+    )  # fmt: skip
     p.add_argument("--stats", action="store_true", help="print a JSON line with decoding statistics")
     p.set_defaults(func=_cmd_generate)
 
@@ -345,6 +353,15 @@ def _resolve_tree(run_dir: Path, tree_arg: str | None):
     return load_tree(Path(tree_arg) if tree_arg else Path(run_dir) / TREE_FILE)
 
 
+def _resolve_draft_vocab(run_dir: Path, vocab_arg: str | None):
+    """None for the full vocabulary; else the draft vocabulary named by --draft-vocab (empty: the run's own)."""
+    from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
+
+    if vocab_arg is None:
+        return None
+    return DraftVocab.load(Path(vocab_arg) if vocab_arg else Path(run_dir) / DRAFT_VOCAB_FILE)
+
+
 def _cmd_generate(args: argparse.Namespace) -> dict[str, Any] | None:
     import torch
 
@@ -359,14 +376,19 @@ def _cmd_generate(args: argparse.Namespace) -> dict[str, Any] | None:
     prompts = _read_prompts(args)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     speculative = args.speculative or args.tree is not None or args.heads_used is not None
+    speculative = speculative or args.draft_vocab is not None
     run = load_run(args.run)
     tok = load_tokenizer(args.run)
     tree = _resolve_tree(args.run, args.tree)
+    vocab = _resolve_draft_vocab(args.run, args.draft_vocab)
     ids = [tok.encode(p) for p in prompts]
     gen = torch.Generator().manual_seed(args.seed)
     eos = tok.eos_id if args.stop_at_eos else None
-    if speculative:
-        result = speculative_generate(run.model, ids, args.max_new_tokens, args.heads_used, sampling, gen, eos, tree)
+    if speculative or args.compile:  # compiled plain decoding is the one-head chain through the same step
+        heads_used = args.heads_used if speculative else 1
+        result = speculative_generate(
+            run.model, ids, args.max_new_tokens, heads_used, sampling, gen, eos, tree, args.compile, vocab
+        )
     else:
         result = generate(run.model, ids, args.max_new_tokens, sampling, gen, eos)
     for prompt, new in zip(prompts, result.tokens, strict=True):
@@ -397,6 +419,11 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=int, default=16, help="tree nodes per forward, the root included")
     p.add_argument("--max-rank", type=int, default=4, help="candidates considered per head")
     p.add_argument("--windows", type=int, default=32, help="held-out windows to measure on")
+    p.add_argument(
+        "--draft-vocab", type=int, metavar="K",
+        help="also restrict drafts to the K tokens most frequent in the training split (RUN/draft_vocab.json); "
+        "the tree is then calibrated with it",
+    )  # fmt: skip
     p.add_argument("--data", nargs="+", action="extend", help="measure on these files instead")
     p.add_argument("--cache-dir", type=Path)
     p.set_defaults(func=_cmd_calibrate)
@@ -405,12 +432,21 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.checkpoint import load_run
     from multitoken.eval.heldout import load_heldout, windows_tensor
+    from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
     from multitoken.generate.tree import Tree, build_tree, calibrate, save_tree
 
     run = load_run(args.run)
     held = load_heldout(args.run, run.config, args.data, args.cache_dir)
     length = min(run.config.get("train", {}).get("context", 256), run.model.cfg.max_seq_len)
-    acceptance = calibrate(run.model, windows_tensor(held.tokens, args.windows, length), args.max_rank)
+    vocab, report = None, {}
+    if args.draft_vocab is not None:
+        vocab = DraftVocab.most_frequent(held.train_tokens, run.model.cfg.vocab_size, args.draft_vocab)
+        coverage = vocab.coverage(held.tokens)
+        vocab.save(Path(args.run) / DRAFT_VOCAB_FILE, coverage)
+        report = {"draft_vocab": str(Path(args.run) / DRAFT_VOCAB_FILE), "draft_vocab_size": vocab.size,
+                  "draft_vocab_coverage": coverage}  # fmt: skip
+    windows = windows_tensor(held.tokens, args.windows, length)
+    acceptance = calibrate(run.model, windows, args.max_rank, vocab=vocab)
     tree = build_tree(acceptance, args.budget)
     save_tree(tree, Path(args.run) / TREE_FILE, acceptance)
     print(f"head acceptance (rows: heads 2..n, columns: candidate rank 1..{args.max_rank}):", file=sys.stderr)
@@ -422,6 +458,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         "expected_tokens_per_forward": tree.expected_length(acceptance),
         "chain_expected_tokens_per_forward": Tree.chain(acceptance.shape[0] + 1).expected_length(acceptance),
         "acceptance": acceptance.tolist(),
+        **report,
     }
 
 
@@ -439,6 +476,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--heads-used", type=int)
     g.add_argument("--tree", nargs="?", const="", metavar="TREE_JSON", help="also a tree (default: RUN/tree.json)")
+    g.add_argument(
+        "--draft-vocab", nargs="?", const="", metavar="VOCAB_JSON",
+        help="also decode with drafts restricted to a draft vocabulary (default: RUN/draft_vocab.json)",
+    )  # fmt: skip
     g.add_argument("--batch", action="store_true", help="decode the prompts as one batch (default: one at a time)")
     g.add_argument("--repeats", type=int, default=1)
     g.add_argument("--threads", type=int, help="CPU threads (default 1: decode steps are too small to split)")
@@ -465,7 +506,7 @@ def _cmd_bench_generate(args: argparse.Namespace) -> dict[str, Any]:
 
     from multitoken.checkpoint import load_run
     from multitoken.eval.heldout import load_heldout, prompt_windows
-    from multitoken.generate.bench import bench_generate, format_table
+    from multitoken.generate.bench import add_ratios, bench_generate, format_table
 
     _set_decode_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -474,9 +515,10 @@ def _cmd_bench_generate(args: argparse.Namespace) -> dict[str, Any]:
     held = load_heldout(args.run, run.config, args.data, args.cache_dir)
     prompts = prompt_windows(held.tokens, args.prompts, args.prompt_tokens)
     tree = _resolve_tree(args.run, args.tree)
+    vocab = _resolve_draft_vocab(args.run, args.draft_vocab)
     groups = [prompts] if args.batch else [[p] for p in prompts]
     per_group = [
-        bench_generate(run.model, g, args.max_new_tokens, args.heads_used, tree, args.repeats, args.compile)
+        bench_generate(run.model, g, args.max_new_tokens, args.heads_used, tree, args.repeats, args.compile, vocab)
         for g in groups
     ]
     # Sum tokens and seconds over the prompts, then form the ratios.
@@ -493,9 +535,7 @@ def _cmd_bench_generate(args: argparse.Namespace) -> dict[str, Any]:
             "forwards": sum(r["forwards"] for r in rs),
             "exact": sum(r["exact"] for r in rs) / len(rs),
         }
-    for r in rows.values():
-        r["speedup"] = rows["plain"]["seconds"] / r["seconds"]
-        r["efficiency"] = r["speedup"] / r["tokens_per_forward"]
+    add_ratios(rows)
     print(format_table(rows))
     return {
         "run": str(args.run),

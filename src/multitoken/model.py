@@ -37,6 +37,19 @@ FEW_ROWS = 64
 LARGE_WEIGHT = 2**22  # elements (16 MiB in fp32): below this one row stays a matrix-vector product
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ weight (out, in).T, with few-row products on the CPU computed weight-stationary."""
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features
+    if not x.is_cpu or rows > FEW_ROWS or (rows == 1 and in_features * out_features < LARGE_WEIGHT):
+        return F.linear(x, weight)
+    flat = x.reshape(rows, in_features)  # (M, in)
+    if rows == 1:
+        flat = flat.repeat(2, 1)  # (2, in): a two-column product, not MKL's matrix-vector product
+    y = weight @ flat.T  # (out, M) or (out, 2)
+    return y[:, :rows].T.reshape(*x.shape[:-1], out_features)  # (..., out)
+
+
 class Linear(nn.Linear):
     """nn.Linear without bias whose few-row products on the CPU are computed weight-stationary (see above)."""
 
@@ -44,14 +57,7 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if not x.is_cpu or rows > FEW_ROWS or (rows == 1 and self.in_features * self.out_features < LARGE_WEIGHT):
-            return F.linear(x, self.weight)
-        flat = x.reshape(rows, self.in_features)  # (M, in)
-        if rows == 1:
-            flat = flat.repeat(2, 1)  # (2, in): a two-column product, not MKL's matrix-vector product
-        y = self.weight @ flat.T  # (out, M) or (out, 2)
-        return y[:, :rows].T.reshape(*x.shape[:-1], self.out_features)  # (..., out)
+        return linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -289,9 +295,15 @@ class MultiTokenModel(nn.Module):
             outputs[i] = self.heads[i](x, ctx, cache.heads[i] if cache is not None else None)
         return outputs
 
-    def unembed(self, z: torch.Tensor) -> torch.Tensor:
-        """Head output (..., D) -> logits (..., V) through the shared norm and unembedding."""
-        return self.output(self.norm(z))
+    def unembed(self, z: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Head output (..., D) -> logits (..., V) through the shared norm and unembedding.
+
+        rows: (K, D) rows of the unembedding to score against instead of all V (a draft vocabulary's,
+        gathered once by the caller); the logits are then (..., K).
+        """
+        if rows is None:
+            return self.output(self.norm(z))
+        return linear(self.norm(z), rows)
 
     # ----------------------------------------------------------------------------------------------
     # composition

@@ -16,6 +16,7 @@ import torch
 
 import multitoken.generate.speculative as speculative
 from multitoken.errors import UserError
+from multitoken.generate.draft_vocab import DraftVocab
 from multitoken.generate.sampling import SamplingConfig, probabilities
 from multitoken.generate.speculative import residual_distribution, speculative_generate
 from multitoken.generate.tree import Tree
@@ -42,10 +43,13 @@ def exact_law(model: StubModel, first: int, cfg: SamplingConfig) -> dict[tuple[i
     return law
 
 
-def chi_square(model: StubModel, cfg: SamplingConfig, seed: int = 0, k: int = 3) -> tuple[float, int, int]:
+def chi_square(
+    model: StubModel, cfg: SamplingConfig, seed: int = 0, k: int = 3, vocab: DraftVocab | None = None
+) -> tuple[float, int, int]:
     """Chi-square statistic, its degrees of freedom, and samples that fell where the law puts no mass."""
+    gen = torch.Generator().manual_seed(seed)
     result = speculative_generate(
-        model, [[0]] * ROWS, N_TOKENS, heads_used=k, sampling=cfg, generator=torch.Generator().manual_seed(seed)
+        model, [[0]] * ROWS, N_TOKENS, heads_used=k, sampling=cfg, generator=gen, draft_vocab=vocab
     )
     counts: dict[tuple[int, ...], int] = {}
     for t in result.tokens:
@@ -93,6 +97,13 @@ def test_the_check_catches_a_broken_residual(monkeypatch):
     monkeypatch.setattr(speculative, "residual_distribution", lambda p, q: p)
     stat, df, _ = chi_square(model, CONFIGS[0])
     assert stat > 3 * chi_square_quantile(df), (stat, df)
+
+
+def test_a_draft_vocabulary_keeps_the_law():
+    """Drafts only among tokens {2, 0}: q has no mass on token 1, which head 1 still samples."""
+    vocab = DraftVocab(torch.tensor([2, 0]), V)
+    stat, df, impossible = chi_square(bigram_stub(), CONFIGS[0], seed=3, vocab=vocab)
+    assert impossible == 0 and stat < chi_square_quantile(df), (stat, df)
 
 
 def test_drafts_are_accepted_and_rejected():

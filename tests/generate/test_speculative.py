@@ -81,6 +81,8 @@ class StubModel:
         n, V, _ = table.shape
         self.table = table
         self.cfg = SimpleNamespace(n_future=n, vocab_size=V, max_seq_len=max_seq_len, head_type="parallel")
+        # Row v of the "unembedding" names token v, so a draft vocabulary's rows (K, 1) are its token ids.
+        self.output = SimpleNamespace(weight=torch.arange(V)[:, None])
 
     def __call__(self, tokens, *, heads, positions=None, cache=None, attn_mask=None, kv_len=None):
         return self.table[list(heads)][:, tokens].permute(1, 2, 0, 3)  # (B, T, k, V)
@@ -96,8 +98,9 @@ class StubModel:
         heads = range(self.cfg.n_future) if heads is None else heads
         return {i: h + i * V for i in heads}  # head i's output names (head, token)
 
-    def unembed(self, z):
-        return self.table.flatten(0, 1)[z[..., 0].long()]  # (..., V)
+    def unembed(self, z, rows=None):
+        logits = self.table.flatten(0, 1)[z[..., 0].long()]  # (..., V)
+        return logits if rows is None else logits[..., rows[:, 0]]  # (..., K)
 
     def make_cache(self, batch_size, max_len=None, dtype=None):
         return ModelCache(trunk=[KVCache.empty(batch_size, 1, self.cfg.max_seq_len, 2)], heads=[])
@@ -268,3 +271,19 @@ def test_bench_generate_compares_decoders():
     assert "chain" in report["table"] and "tok/fwd" in report["table"]
     costs = time_blocks(model, [1, 4], context=10, repeats=2)
     assert set(costs) == {1, 4} and all(c > 0 for c in costs.values())
+
+
+def test_bench_judges_compiled_decoders_against_compiled_plain(monkeypatch):
+    # torch.compile as the identity: the "-c" rows then run the same step eagerly with a full-length cache
+    # read, which is enough to check that they decode exactly and which baseline their efficiency uses.
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    report = bench_generate(trained_model(), held_out_prompts(2), 16, compile_mode="default")
+    rows = report["decoders"]
+    assert list(rows) == ["plain", "chain", "plain-c", "chain-c"]
+    assert all(r["exact"] == 1.0 for r in rows.values())
+    assert rows["plain-c"]["tokens_per_forward"] == 1.0
+    assert rows["plain-c"]["efficiency"] == pytest.approx(1.0)
+    chain_c = rows["chain-c"]
+    relative = rows["plain-c"]["seconds"] / chain_c["seconds"]
+    assert chain_c["efficiency"] == pytest.approx(relative / chain_c["tokens_per_forward"])
+    assert chain_c["speedup"] == pytest.approx(rows["plain"]["seconds"] / chain_c["seconds"])

@@ -20,6 +20,7 @@ class HeldOut:
     tokenizer: Tokenizer
     tokens: np.ndarray  # 1-D token ids, documents separated by the tokenizer's eos
     bytes_per_token: float | None
+    train_tokens: np.ndarray  # the run's training split (with `data`: the same tokens), e.g. for frequencies
 
 
 def load_heldout(
@@ -35,7 +36,7 @@ def load_heldout(
     bundle = prepare_data(sources, tok, cache_dir, val_fraction)
     tokens = bundle.store.train if data else bundle.store.val  # val_fraction 0 puts everything in "train"
     bpt = bytes_per_token(tok, bundle.store) if len(bundle.store.val) else (1.0 if tok.kind == "bytes" else None)
-    return HeldOut(tok, tokens, bpt)
+    return HeldOut(tok, tokens, bpt, bundle.store.train)
 
 
 def prompt_windows(tokens: np.ndarray, n: int, length: int) -> list[list[int]]:

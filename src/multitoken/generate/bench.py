@@ -17,6 +17,7 @@ import torch
 
 from multitoken.generate.autoregressive import generate
 from multitoken.generate.common import GenerationResult
+from multitoken.generate.draft_vocab import DraftVocab
 from multitoken.generate.speculative import speculative_generate
 from multitoken.generate.tree import Tree
 from multitoken.model import MultiTokenModel
@@ -30,6 +31,7 @@ def bench_generate(
     tree: Tree | None = None,
     repeats: int = 1,
     compile_mode: str | None = None,
+    draft_vocab: DraftVocab | None = None,
 ) -> dict[str, Any]:
     """Greedy plain vs chain (vs tree, if given) decoding: each warmed up once, then timed `repeats` times
     (the fastest run counts).
@@ -38,11 +40,15 @@ def bench_generate(
     with the step under `torch.compile` and a static full-length cache read (`compile_step`); plain-c is
     the one-head chain, i.e. plain decoding through the same compiled step. "reduce-overhead" also turns
     on Inductor's CUDA graphs (what that mode of torch.compile sets) while they run. Speedups stay
-    relative to eager plain; the warm-up run pays for compilation.
+    relative to eager plain; the warm-up run pays for compilation. A `draft_vocab` adds rows chain-v (and
+    tree-v): the same decoders with the drafts restricted to its tokens.
 
     Returns {"decoders": {name: {tokens_per_forward, tokens_per_second, speedup, efficiency, forwards,
-    exact}}, "table": str}. `exact` is the fraction of prompts whose output equals plain decoding's
-    (1.0 in fp32 on the CPU; in bf16 near-ties of head 1's top two logits can flip).
+    exact}}, "table": str}. `speedup` is against eager plain decoding; `efficiency` is the speedup against
+    the plain decoder of the same kind (plain-c for the compiled rows) per token per forward, i.e. how much
+    of the tokens per forward survives as speed once both sides have the same step machinery. `exact` is
+    the fraction of prompts whose output equals plain decoding's (1.0 in fp32 on the CPU; in bf16 near-ties
+    of head 1's top two logits can flip).
     """
     decoders: dict[str, Callable[[int], GenerationResult]] = {
         "plain": lambda n: generate(model, prompts, n),
@@ -50,6 +56,10 @@ def bench_generate(
     }
     if tree is not None:
         decoders["tree"] = lambda n: speculative_generate(model, prompts, n, tree=tree)
+    if draft_vocab is not None:
+        decoders["chain-v"] = lambda n: speculative_generate(model, prompts, n, heads_used, draft_vocab=draft_vocab)
+        if tree is not None:
+            decoders["tree-v"] = lambda n: speculative_generate(model, prompts, n, tree=tree, draft_vocab=draft_vocab)
     if compile_mode is not None:
         if compile_mode not in ("default", "reduce-overhead"):
             raise ValueError(f"compile_mode must be 'default' or 'reduce-overhead', got {compile_mode!r}")
@@ -66,20 +76,29 @@ def bench_generate(
     plain = results["plain"]
     rows: dict[str, dict[str, Any]] = {}
     for name, r in results.items():
-        tokens_per_forward = r.stats.get("tokens_per_forward", 1.0)  # plain: one token per forward
-        speedup = plain.seconds / r.seconds
         rows[name] = {
-            "tokens_per_forward": tokens_per_forward,
+            "tokens_per_forward": r.stats.get("tokens_per_forward", 1.0),  # plain: one token per forward
             "tokens_per_second": r.n_generated / r.seconds,
             "seconds": r.seconds,
-            "speedup": speedup,
-            "efficiency": speedup / tokens_per_forward,
             "forwards": r.n_forwards,
             "exact": sum(a == b for a, b in zip(r.tokens, plain.tokens, strict=True)) / len(prompts),
         }
-        if name in ("tree", "tree-c"):
+        if name.startswith("tree"):
             rows[name]["tree_size"] = tree.size
+    add_ratios(rows)
     return {"decoders": rows, "table": format_table(rows)}
+
+
+def add_ratios(rows: dict[str, dict[str, Any]]) -> None:
+    """Set each row's `speedup` (against eager plain) and `efficiency` from its seconds and tokens per forward.
+
+    A compiled decoder's efficiency is judged against compiled plain decoding (plain-c: the same step with
+    one head), the others' against eager plain decoding.
+    """
+    for name, r in rows.items():
+        baseline = rows["plain-c" if name.endswith("-c") else "plain"]
+        r["speedup"] = rows["plain"]["seconds"] / r["seconds"]
+        r["efficiency"] = baseline["seconds"] / r["seconds"] / r["tokens_per_forward"]
 
 
 def _cuda_graphs():

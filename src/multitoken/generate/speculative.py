@@ -14,6 +14,8 @@ past the accepted prefix, which the next step overwrites before any query can se
   from head 1's last distribution (Leviathan et al. 2023; Chen et al. 2023). Output is distributed exactly
   as plain sampling from head 1.
 - Trees (tree.py): several candidates per head verified at once under a tree mask; greedy only.
+- A draft vocabulary (draft_vocab.py) restricts what heads 2..k may propose to the K most frequent tokens,
+  so the second unembedding product of a step streams K rows instead of V; head 1 still judges over all V.
 
 The chain is the tree whose nodes all have rank 0, so one step function serves both. The step is a free
 function of tensors: acceptance is computed on the device and the host reads the accepted tokens once per
@@ -30,6 +32,7 @@ import torch
 
 from multitoken.errors import UserError
 from multitoken.generate.common import GenerationResult, check_prompts, prefill
+from multitoken.generate.draft_vocab import DraftVocab
 from multitoken.generate.sampling import SamplingConfig, probabilities, sample, sample_from
 from multitoken.generate.stats import AcceptanceHistogram, decode_stats
 from multitoken.generate.tree import Tree, TreeIndex, tree_mask
@@ -49,17 +52,25 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def propose(
-    logits: torch.Tensor, max_rank: int, sampling: SamplingConfig, generator: torch.Generator | None
+    logits: torch.Tensor,
+    max_rank: int,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+    vocab: DraftVocab | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Draft candidates from the draft heads' logits (B, k-1, V).
+    """Draft candidates from the draft heads' logits (B, k-1, V), or (B, k-1, K) over `vocab`'s tokens.
 
     Greedy: each head's top `max_rank` tokens (B, k-1, R). Sampling: one draw per head (B, k-1, 1) and the
-    distributions q it came from (B, k-1, V), which the acceptance test needs.
+    distributions q it came from (B, k-1, V), which the acceptance test needs (zero outside `vocab`).
     """
     if sampling.greedy:
-        return logits.topk(max_rank, dim=-1).indices, None
+        ranked = logits.topk(max_rank, dim=-1).indices
+        return (ranked if vocab is None else vocab.ids[ranked]), None
     q = probabilities(logits, sampling)
-    return sample_from(q, generator)[..., None], q
+    drafts = sample_from(q, generator)[..., None]
+    if vocab is None:
+        return drafts, q
+    return vocab.ids[drafts], vocab.expand(q)
 
 
 def verify_greedy(
@@ -122,10 +133,13 @@ def decode_step(
     generator: torch.Generator | None,
     heads: list[int],
     max_rank: int,
+    vocab: DraftVocab | None = None,
+    draft_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One verify forward over the tree `index` for every sequence.
 
     root (B,): pending tokens at positions pos (B,); candidates (B, k-1, R) and q: the last proposal.
+    vocab, draft_rows: a draft vocabulary and its unembedding rows (K, D), or None for the full vocabulary.
     Returns the new tokens (B, D+1) of which the first n_new (B,) count, the next pending positions (B,),
     and the next proposal (candidates, q).
     """
@@ -150,17 +164,25 @@ def decode_step(
     if len(heads) > 1:
         at = best[:, None, None].expand(-1, 1, z[0].shape[-1])  # (B, 1, dim)
         z_best = torch.cat([z[i].gather(1, at) for i in heads[1:]], dim=1)  # (B, k-1, dim)
-        candidates, q = propose(model.unembed(z_best), max_rank, sampling, generator)
+        candidates, q = propose(model.unembed(z_best, draft_rows), max_rank, sampling, generator, vocab)
     return new, n_accepted + 1, pos + n_accepted + 1, candidates, q
 
 
 def resolve_tree(
-    model: MultiTokenModel, heads_used: int | None, tree: Tree | None, sampling: SamplingConfig
+    model: MultiTokenModel,
+    heads_used: int | None,
+    tree: Tree | None,
+    sampling: SamplingConfig,
+    vocab: DraftVocab | None = None,
 ) -> Tree:
-    """The tree to decode with (a chain unless one is given), after checking it against the model."""
+    """The tree to decode with (a chain unless one is given), after checking it and `vocab` against the model."""
     n = model.cfg.n_future
     if heads_used is not None and not 1 <= heads_used <= n:
         raise UserError(f"heads_used must be between 1 and the model's {n} heads, got {heads_used}")
+    if vocab is not None and vocab.vocab_size != model.cfg.vocab_size:
+        raise UserError(
+            f"the draft vocabulary is for a vocabulary of {vocab.vocab_size}; the model has {model.cfg.vocab_size}"
+        )
     if tree is None:
         return Tree.chain(n if heads_used is None else heads_used)
     if tree.depth + 1 > n:
@@ -171,8 +193,8 @@ def resolve_tree(
         raise UserError(f"a tree of {tree.size} nodes does not fit the context of {model.cfg.max_seq_len}")
     if not sampling.greedy and not tree.is_chain:
         raise UserError("tree drafting is greedy only; sample with a chain (tree=None)")
-    if tree.max_rank > model.cfg.vocab_size:
-        raise UserError(f"the tree reads {tree.max_rank} candidates per head; the vocabulary has fewer")
+    if tree.max_rank > (model.cfg.vocab_size if vocab is None else vocab.size):
+        raise UserError(f"the tree reads {tree.max_rank} candidates per head; the (draft) vocabulary has fewer")
     return tree
 
 
@@ -187,27 +209,32 @@ def speculative_generate(
     eos_id: int | None = None,
     tree: Tree | None = None,
     compile_step: bool = False,
+    draft_vocab: DraftVocab | None = None,
 ) -> GenerationResult:
     """Decode up to `max_new_tokens` per prompt, drafting with heads 2..k and verifying with head 1.
 
     heads_used: k (default: all heads); k = 1 is plain decoding. tree: a draft tree (greedy only), or None
     for the chain of k heads. A sequence stops at `eos_id` (kept), after `max_new_tokens`, or when it
     fills the context ("context"). compile_step: run the step under `torch.compile` with a full-length,
-    static-shaped cache read (the first steps pay for compilation).
+    static-shaped cache read (the first steps pay for compilation). draft_vocab: heads 2..k propose only its
+    tokens (see draft_vocab.py); the output is unchanged, only which drafts can be accepted.
     """
     check_prompts(model, prompts, max_new_tokens)
-    tree = resolve_tree(model, heads_used, tree, sampling)
+    tree = resolve_tree(model, heads_used, tree, sampling, draft_vocab)
     start = time.perf_counter()
     L, B, k = model.cfg.max_seq_len, len(prompts), tree.depth + 1
     heads = list(range(k))
     max_rank = 1 if not sampling.greedy else tree.max_rank
     cache = model.make_cache(B)
     device = cache.trunk[0].k.device
+    vocab = draft_vocab.to(device) if draft_vocab is not None and k > 1 else None
+    draft_rows = vocab.rows(model.output.weight) if vocab is not None else None  # (K, D), gathered once
     indices = {tree.size: TreeIndex.build(tree, device)}  # prefixes are added near the context limit
     step = torch.compile(decode_step) if compile_step else decode_step
     logits, pos = prefill(model, cache, prompts, heads)  # (B, k, V), (B,)
     root = sample(logits[:, 0], sampling, generator)
-    candidates, q = propose(logits[:, 1:], max_rank, sampling, generator)
+    drafts = logits[:, 1:] if vocab is None else vocab.restrict(logits[:, 1:])
+    candidates, q = propose(drafts, max_rank, sampling, generator, vocab)
     new, n_new = root[:, None], torch.ones_like(root)
 
     lengths = [len(p) for p in prompts]
@@ -247,13 +274,13 @@ def speculative_generate(
         # Finished rows keep running (static batch) below the active ones, so their slots stay readable.
         new, n_new, pos, candidates, q = step(
             model, cache, indices[size], root_of(new, n_new), pos.clamp(max=last), candidates, q,
-            kv_len, sampling, generator, heads, max_rank,
+            kv_len, sampling, generator, heads, max_rank, vocab, draft_rows,
         )  # fmt: skip
         for b in range(B):
             row_forwards[b] += active[b]
     seconds = time.perf_counter() - start
     stats = decode_stats(out, row_forwards, seconds, histogram)
-    stats.update(heads_used=k, tree_size=tree.size)
+    stats.update(heads_used=k, tree_size=tree.size, draft_vocab_size=vocab.size if vocab is not None else None)
     return GenerationResult(out, max(row_forwards), reasons, seconds, stats)
 
 

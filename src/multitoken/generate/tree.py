@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from multitoken.errors import UserError
+from multitoken.generate.draft_vocab import DraftVocab
 from multitoken.model import MultiTokenModel
 
 
@@ -162,12 +163,20 @@ def tree_mask(index: TreeIndex, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def calibrate(model: MultiTokenModel, windows: torch.Tensor, max_rank: int, batch_size: int = 8) -> torch.Tensor:
+def calibrate(
+    model: MultiTokenModel,
+    windows: torch.Tensor,
+    max_rank: int,
+    batch_size: int = 8,
+    vocab: DraftVocab | None = None,
+) -> torch.Tensor:
     """Measure acceptance (n-1, max_rank): P(head d+2's rank-r candidate equals head 1's choice).
 
     windows (B, L): held-out token windows. Head d+1 (0-based d) at position t drafts token t+d+1; in
     decoding, head 1 judges that token from position t+d, so its argmax there is the right answer. This
-    takes the data as the context, not the model's own text, which is the usual offline estimate.
+    takes the data as the context, not the model's own text, which is the usual offline estimate. With a
+    draft vocabulary the candidates are ranked among its tokens only, as the decoder ranks them, and a
+    right answer outside it is a miss at every rank.
     """
     n = model.cfg.n_future
     if n < 2:
@@ -176,6 +185,7 @@ def calibrate(model: MultiTokenModel, windows: torch.Tensor, max_rank: int, batc
         raise UserError(f"calibration needs (batch, length >= {n + 1}) token windows, got {tuple(windows.shape)}")
     hits = torch.zeros(n - 1, max_rank)
     counts = torch.zeros(n - 1)
+    where = vocab.position() if vocab is not None else None  # (V,): index among the draft tokens, or -1
     for chunk in windows.split(batch_size):
         ctx = model.attention_context(chunk.shape[1])
         outputs = model.run_heads(model.embed_and_trunk(chunk, ctx), ctx)
@@ -183,7 +193,12 @@ def calibrate(model: MultiTokenModel, windows: torch.Tensor, max_rank: int, batc
         for d in range(1, n):
             logits = model.unembed(outputs[d][:, :-d]).float()  # (b, T-d, V): drafts for t+d+1
             right = choice[:, d:]  # (b, T-d): head 1's token for t+d+1, from position t+d
+            if where is not None:  # rank among the draft tokens; outside them, never drafted
+                logits, inside = vocab.restrict(logits), where[right] >= 0
+                right = where[right].clamp_min(0)
             rank = (logits > logits.gather(-1, right[..., None])).sum(-1)  # (b, T-d)
+            if where is not None:
+                rank = torch.where(inside, rank, max_rank)  # past the counted ranks
             hits[d - 1] += torch.bincount(rank.flatten(), minlength=max_rank)[:max_rank].float()
             counts[d - 1] += rank.numel()
     return hits / counts[:, None]
