@@ -13,7 +13,8 @@ trees of each `--tree-budget`, each speculative decoder also with a draft vocabu
 frequent tokens of the training split), one prompt at a time with every decoder run back to back on it (so
 a change of machine load hits all decoders alike), and checks that every greedy output equals
 transformers'. `steps` times single decode steps (plain; chain and tree verify steps with and without the draft
-vocabulary) interleaved, which isolates per-step costs that whole-decode timings blur. All write JSON to
+vocabulary) interleaved, which isolates per-step costs that whole-decode timings blur, and one frozen
+head-training step with and without the draft vocabulary. All write JSON to
 WORK and print it as their last line.
 """
 
@@ -37,7 +38,14 @@ from multitoken.generate.autoregressive import generate
 from multitoken.generate.draft_vocab import DraftVocab
 from multitoken.generate.speculative import speculative_generate
 from multitoken.generate.tree import build_tree, calibrate
-from multitoken.heads import HeadsConfig, default_heads_train_config, train_heads
+from multitoken.heads import (
+    HeadsConfig,
+    configure_trainable,
+    default_heads_train_config,
+    frozen_heads_backward,
+    train_heads,
+)
+from multitoken.loss import shift_targets
 from multitoken.train import prepare_data
 
 VAL_FRACTION = 0.05  # train_heads' default split (TrainConfig.val_fraction): the prompts come from its val side
@@ -223,7 +231,25 @@ def do_steps(args: argparse.Namespace) -> dict[str, Any]:
     lines = ["| step | ms (median) | vs plain |", "| --- | --- | --- |"]
     lines += [f"| {name} | {m:.1f} | {m / ms['plain']:.2f}x |" for name, m in ms.items()]
     print("\n".join(lines), flush=True)
-    return {"median_ms": ms, "repeats": args.repeats, "context": context, "machine": machine()}
+
+    # One frozen head-training step's forward and backward (batch 4 x 128, as `train`), with and without
+    # the draft vocabulary in the heads' softmax.
+    window = torch.tensor(train_tokens[: 4 * 131].astype("int64")).view(4, 131)
+    inputs, targets = shift_targets(window, 4, 128)
+    configure_trainable(model, "frozen")
+    train_s: dict[str, list[float]] = {"full vocabulary": [], f"{vocab.size}-token draft vocabulary": []}
+    for rep in range(args.train_repeats + 1):
+        for name, v in zip(train_s, (None, vocab), strict=True):
+            start = time.perf_counter()
+            frozen_heads_backward(model, inputs, targets, chunk=1024, vocab=v)
+            model.zero_grad(set_to_none=True)
+            if rep:  # one warm-up round
+                train_s[name].append(time.perf_counter() - start)
+    train_ms = {name: 1e3 * sorted(t)[len(t) // 2] for name, t in train_s.items()}
+    print("\n| frozen head-training step (4 x 128 tokens) | ms (median) |\n| --- | --- |", flush=True)
+    print("\n".join(f"| {name} | {m:.0f} |" for name, m in train_ms.items()), flush=True)
+    return {"median_ms": ms, "train_step_ms": train_ms, "repeats": args.repeats, "context": context,
+            "machine": machine()}  # fmt: skip
 
 
 def table(kind: str, rows: dict[str, dict[str, float]]) -> str:
@@ -253,6 +279,7 @@ def main() -> None:
     parser.add_argument("--max-rank", type=int, default=6, help="bench: candidates per head the trees may use")
     parser.add_argument("--draft-vocab", type=int, default=8192, help="bench, steps: draft vocabulary size")
     parser.add_argument("--repeats", type=int, default=30, help="steps: timed rounds")
+    parser.add_argument("--train-repeats", type=int, default=5, help="steps: timed training-step rounds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)

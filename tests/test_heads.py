@@ -6,17 +6,21 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from multitoken.checkpoint import load_run, save_checkpoint, write_run_config
 from multitoken.data.tokenizers import ByteTokenizer
 from multitoken.errors import UserError
 from multitoken.generate.autoregressive import generate
+from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
 from multitoken.generate.speculative import speculative_generate
 from multitoken.heads import (
     HeadsConfig,
     add_heads,
     build_heads_optimizer,
+    configure_trainable,
     default_heads_train_config,
+    frozen_heads_backward,
     generate_self_data,
     heads_step,
     self_distilled_targets,
@@ -121,6 +125,50 @@ def test_frozen_training_changes_only_the_draft_heads(targets: str) -> None:
         assert not torch.equal(after[f"heads.{i}.feed_forward.w1.weight"], before[f"heads.{i}.feed_forward.w1.weight"])
 
 
+def take_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_draft_vocab_training_is_cross_entropy_over_its_tokens() -> None:
+    model = add_heads(next_token_model(), 3).train()
+    configure_trainable(model, "frozen")
+    V, gen = model.cfg.vocab_size, torch.Generator().manual_seed(0)
+    inputs = torch.randint(0, V, (2, 12), generator=gen)
+    targets = torch.randint(0, V, (2, 3, 12), generator=gen)
+    targets[:, :, -2:] = IGNORE_INDEX
+    full = frozen_heads_backward(model, inputs, targets, chunk=5)
+    full_grads = take_grads(model)
+    # Every token, in another order: the same loss and gradients as the full vocabulary.
+    everything = DraftVocab(torch.randperm(V, generator=gen), V)
+    permuted = frozen_heads_backward(model, inputs, targets, chunk=5, vocab=everything)
+    assert permuted.per_head[1:] == pytest.approx(full.per_head[1:], rel=1e-5)
+    for name, grad in take_grads(model).items():
+        torch.testing.assert_close(grad, full_grads[name], rtol=1e-4, atol=1e-6)
+    # Every third token: the oracle is the plain cross-entropy of the restricted logits, outside targets skipped.
+    vocab = DraftVocab(torch.arange(0, V, 3), V)
+    report = frozen_heads_backward(model, inputs, targets, chunk=5, vocab=vocab)
+    grads = take_grads(model)
+    ctx = model.attention_context(inputs.shape[1])
+    with torch.no_grad():
+        h = model.embed_and_trunk(inputs, ctx)
+    total = torch.zeros(())
+    for i in (1, 2):
+        logits = vocab.restrict(model.unembed(model.heads[i](h, ctx)))  # (2, 12, K)
+        t = targets[:, i]
+        inside = vocab.position()[t.clamp_min(0)]
+        t = torch.where((t == IGNORE_INDEX) | (inside < 0), IGNORE_INDEX, inside)
+        loss = F.cross_entropy(logits.flatten(0, 1), t.flatten(), ignore_index=IGNORE_INDEX)
+        assert report.per_head[i] == pytest.approx(loss.item(), rel=1e-5)
+        total = total + loss
+    total.backward()
+    oracle = take_grads(model)
+    assert set(grads) == set(oracle) and all(k.startswith(("heads.1.", "heads.2.")) for k in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, oracle[name], rtol=1e-4, atol=1e-6)
+
+
 def test_joint_mode_scales_the_pretrained_learning_rate() -> None:
     model = add_heads(next_token_model(), 2).train()
     lr, scale = 1e-2, 0.1
@@ -145,6 +193,8 @@ def test_heads_config_validation() -> None:
         HeadsConfig(targets="teacher")
     with pytest.raises(UserError, match="n_future"):
         HeadsConfig(n_future=1)
+    with pytest.raises(UserError, match="frozen mode only"):
+        HeadsConfig(mode="joint", draft_vocab=64)
 
 
 def test_generate_self_data_is_the_models_greedy_text() -> None:
@@ -170,14 +220,15 @@ def make_run(path, model) -> None:
 
 
 @pytest.mark.parametrize(
-    ("targets", "steps", "max_ratio"), [("corpus", 60, 0.7), ("self", 30, 0.98), ("generated", 30, 0.98)]
+    ("targets", "steps", "max_ratio", "draft_vocab"),
+    [("corpus", 60, 0.7, None), ("self", 30, 0.98, None), ("generated", 30, 0.98, None), ("corpus", 60, 0.7, 16)],
 )
 def test_train_heads_job_learns_and_writes_a_decodable_run(
-    tmp_path, targets: str, steps: int, max_ratio: float
+    tmp_path, targets: str, steps: int, max_ratio: float, draft_vocab: int | None
 ) -> None:
     """Corpus targets on repetitive text are easy to learn; the self-distilled targets of a random model
     (the argmax of nearly uniform logits) are close to a hash of the context, so there only some progress
-    is asked for."""
+    is asked for. A 16-token draft vocabulary leaves some of the text's bytes out."""
     torch.manual_seed(0)
     base = make_model(0, vocab_size=257, n_future=1, n_layers=3, max_seq_len=128)
     with torch.no_grad():
@@ -191,7 +242,9 @@ def test_train_heads_job_learns_and_writes_a_decodable_run(
     for part in range(4):  # several documents, so that one is held out for the final evaluation
         corpus.joinpath(f"{part}.py").write_text("".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(80)))
     cfg = default_heads_train_config(batch_size=8, context=32, lr=3e-3, max_steps=steps, eval_batches=1)
-    heads = HeadsConfig(n_future=3, targets=targets, generated_prompts=16, prompt_tokens=8, generated_tokens=40)
+    heads = HeadsConfig(
+        n_future=3, targets=targets, generated_prompts=16, prompt_tokens=8, generated_tokens=40, draft_vocab=draft_vocab
+    )  # fmt: skip
     summary = train_heads(tmp_path / "base", tmp_path / "mtp", heads, cfg, [corpus], cache_dir=tmp_path / "cache")
     assert summary["steps"] == steps and summary["eval"] is not None
     losses = [json.loads(line) for line in (tmp_path / "mtp" / "metrics.jsonl").read_text().splitlines()]
@@ -204,6 +257,11 @@ def test_train_heads_job_learns_and_writes_a_decodable_run(
     plain = generate(base.eval(), [prompt], 30).tokens
     spec = speculative_generate(run.model, [prompt], 30)
     assert spec.tokens == plain
+    if draft_vocab is not None:
+        vocab = DraftVocab.load(tmp_path / "mtp" / DRAFT_VOCAB_FILE)
+        assert vocab.size == draft_vocab and 0.5 < summary["draft_vocab_coverage"] < 1.0
+        # The verifier is a random model whose greedy text is no corpus text: what counts is exactness.
+        assert speculative_generate(run.model, [prompt], 30, draft_vocab=vocab).tokens == plain
     with pytest.raises(UserError, match="already holds a run"):
         train_heads(tmp_path / "base", tmp_path / "mtp", heads, cfg, [corpus])
 

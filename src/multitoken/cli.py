@@ -579,6 +579,11 @@ def _add_heads(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--generated-prompts", type=int, default=64, help="targets=generated: corpus prompts continued")
     p.add_argument("--generated-tokens", type=int, default=96, help="targets=generated: greedy tokens per prompt")
     p.add_argument("--generation-batch", type=int, default=32, help="targets=generated: prompts decoded at once")
+    p.add_argument(
+        "--draft-vocab", type=int, metavar="K",
+        help="frozen mode: heads 2..n learn only the K most frequent tokens of their text (OUT/draft_vocab.json; "
+        "decode with --draft-vocab)",
+    )  # fmt: skip
     p.add_argument("--data", nargs="+", action="extend", help="corpus (default: the standard library)")
     p.add_argument("--time-budget", type=float, default=600.0, help="seconds")
     p.add_argument("--max-steps", type=int)
@@ -596,7 +601,7 @@ def _cmd_heads(args: argparse.Namespace) -> dict[str, Any]:
     heads = HeadsConfig(
         n_future=args.n_future, mode=args.mode, targets=args.targets, init=args.init,
         trunk_lr_scale=args.trunk_lr_scale, generated_prompts=args.generated_prompts,
-        generated_tokens=args.generated_tokens, generation_batch=args.generation_batch,
+        generated_tokens=args.generated_tokens, generation_batch=args.generation_batch, draft_vocab=args.draft_vocab,
     )  # fmt: skip
     budget = {"max_steps": args.max_steps} if args.max_steps else {}
     train = default_heads_train_config(

@@ -20,8 +20,13 @@ What the draft heads should predict, for a high acceptance, is what head 1 will 
   itself, so "self" and "corpus" targets coincide there; what changes is that the contexts are the model's
   own, as in decoding: what the heads must learn is a function of what they can see. It costs a decode
   step per token, batched (`generation_batch` sequences at once): SmolLM2-135M on 2 CPU cores made 61k
-  tokens in 6.4 minutes this way, and 24 more minutes of training on them took its heads to 1.4-1.7 tokens
+  tokens in 6.4 minutes this way, and 24 more minutes of training on them took its heads to 1.4-1.9 tokens
   per forward on held-out code (docs/results/smollm2_heads.md).
+
+With `draft_vocab` = K (frozen mode), heads 2..n learn a softmax over the K tokens most frequent in their
+training text only, the vocabulary they will draft from (generate/draft_vocab.py, saved with the run):
+each step's unembedding products shrink from V to K rows, most of a frozen step's cost when V is large.
+Targets outside the K are skipped: the decoder can never draft them anyway.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from multitoken.data.dataset import WindowSampler
 from multitoken.data.tokenizers import load_tokenizer
 from multitoken.errors import UserError
 from multitoken.generate.autoregressive import generate
+from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
 from multitoken.interop.meta import staged_dir
 from multitoken.loss import (
     IGNORE_INDEX,
@@ -215,14 +221,19 @@ def build_heads_optimizer(
 
 
 def frozen_heads_backward(
-    model: MultiTokenModel, inputs: torch.Tensor, targets: torch.Tensor | None, chunk: int = 1024
+    model: MultiTokenModel,
+    inputs: torch.Tensor,
+    targets: torch.Tensor | None,
+    chunk: int = 1024,
+    vocab: DraftVocab | None = None,
 ) -> LossReport:
     """Gradients of sum_{i>=2} mean CE(head i) into heads 2..n only; the trunk runs under no_grad.
 
     inputs (B, T). targets (B, n, T), or None for teacher-forced self-distilled targets computed here from
     head 1 (`self_distilled_targets`). Each head runs forward and backward in turn (the sequential step of
     loss.py without the trunk backward), its logits built `chunk` tokens at a time. per_head[0] is NaN:
-    head 1 is not trained.
+    head 1 is not trained. With a draft vocabulary the heads' softmax runs over its tokens only, and
+    targets outside it are skipped.
     """
     n = model.cfg.n_future
     if model.cfg.head_type not in ("parallel", "linear"):
@@ -232,6 +243,11 @@ def frozen_heads_backward(
         h = model.embed_and_trunk(inputs, ctx)  # (B, T, D), no graph: the trunk is frozen
         if targets is None:
             targets = self_distilled_targets(head1_choice(model, h, ctx, chunk), n)
+    rows = None
+    if vocab is not None:
+        rows = vocab.rows(model.output.weight)  # (K, D): frozen, so no gradient is lost by gathering
+        where = vocab.position()[targets.clamp_min(0)]  # (B, n, T): index among the draft tokens, or -1
+        targets = torch.where((targets == IGNORE_INDEX) | (where < 0), IGNORE_INDEX, where)
     means: dict[int, torch.Tensor] = {}
     for i in range(1, n):
         count = int((targets[:, i] != IGNORE_INDEX).sum())
@@ -239,7 +255,7 @@ def frozen_heads_backward(
             continue
         z = model.heads[i](h, ctx)  # (B, T, D)
         leaf = z.detach().requires_grad_()
-        means[i] = chunked_cross_entropy_backward(model, leaf, targets[:, i], 1.0 / count, chunk) / count
+        means[i] = chunked_cross_entropy_backward(model, leaf, targets[:, i], 1.0 / count, chunk, rows) / count
         z.backward(leaf.grad)  # frees this head's activations before the next head runs
     per_head = [float("nan")] * n
     values = torch.stack(list(means.values())).tolist() if means else []  # the step's one host sync
@@ -256,6 +272,7 @@ def heads_step(
     targets: str,
     lr: float,
     cfg: TrainConfig,
+    vocab: DraftVocab | None = None,
 ) -> tuple[LossReport, float]:
     """One optimizer step on a batch of windows (B, context + n); returns the loss report and grad norm.
 
@@ -265,7 +282,7 @@ def heads_step(
     n = model.cfg.n_future
     inputs, corpus = shift_targets(window, n, cfg.context)
     if mode == "frozen":
-        report = frozen_heads_backward(model, inputs, None if targets == "self" else corpus, cfg.loss_chunk)
+        report = frozen_heads_backward(model, inputs, None if targets == "self" else corpus, cfg.loss_chunk, vocab)
     else:
         if targets == "self":
             with torch.no_grad():
@@ -305,6 +322,7 @@ class HeadsConfig:
     prompt_tokens: int = 32  # ... from prompts of this many corpus tokens ...
     generated_tokens: int = 96  # ... continued for this many tokens each ...
     generation_batch: int = 32  # ... this many at a time (SmolLM2 on 2 cores: 44 tok/s at 8, 90 at 64)
+    draft_vocab: int | None = None  # frozen mode: heads 2..n learn (and later draft) the K most frequent tokens
 
     def __post_init__(self) -> None:
         if self.n_future < 2:
@@ -320,6 +338,8 @@ class HeadsConfig:
         for name in ("generated_prompts", "prompt_tokens", "generated_tokens", "generation_batch"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.draft_vocab is not None and self.mode != "frozen":
+            raise UserError("a draft vocabulary is trained in frozen mode only (head 1 keeps the full vocabulary)")
 
 
 def default_heads_train_config(**overrides: Any) -> TrainConfig:
@@ -387,6 +407,11 @@ def train_heads(
         )  # fmt: skip
         summary.update(generated_tokens_total=int(len(train_tokens)), generation_s=time.perf_counter() - t0)
         targets = "corpus"  # on the model's own text, corpus targets are its own greedy choices
+    vocab = None
+    if heads.draft_vocab is not None:  # the tokens the heads see most, in the text they train on
+        vocab = DraftVocab.most_frequent(train_tokens, model.cfg.vocab_size, heads.draft_vocab)
+        summary.update(draft_vocab_coverage=vocab.coverage(train_tokens))
+        vocab = vocab.to(model.tok_embeddings.weight.device)
     sampler = WindowSampler(train_tokens, cfg.batch_size, cfg.context + n, cfg.seed)
     optimizer = build_heads_optimizer(model, heads.mode, cfg, heads.trunk_lr_scale)
 
@@ -403,7 +428,8 @@ def train_heads(
         if cfg.time_budget_s is not None:
             progress = max(progress, elapsed / cfg.time_budget_s)
         lr = lr_at(progress, step, cfg)
-        report, grad_norm = heads_step(model, optimizer, sampler.sample(step), heads.mode, targets, lr, cfg)
+        window = sampler.sample(step)
+        report, grad_norm = heads_step(model, optimizer, window, heads.mode, targets, lr, cfg, vocab)
         step += 1
         losses.append(report.total)
         metrics.append(
@@ -438,5 +464,7 @@ def train_heads(
         )  # fmt: skip
         tokenizer.save(tmp)
         save_checkpoint(tmp, step, model, state={"heads": summary})
+        if vocab is not None:  # decoding with --draft-vocab reads it
+            vocab.to("cpu").save(tmp / DRAFT_VOCAB_FILE, summary["draft_vocab_coverage"])
         (tmp / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in metrics))
     return summary

@@ -99,19 +99,25 @@ def summed_loss(
 
 
 def chunked_cross_entropy_backward(
-    model: MultiTokenModel, z: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | float, chunk: int
+    model: MultiTokenModel,
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    scale: torch.Tensor | float,
+    chunk: int,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Backward of `scale * sum CE(unembed(z), targets)` into z.grad and the norm/unembedding, by chunks.
 
     z: (B, T, D) a leaf tensor requiring grad; targets: (B, T); chunk: tokens (rows of the flattened
     batch) per chunk, so the matmuls stay large whatever the batch shape. Each chunk's logits are built,
     reduced, back-propagated and freed before the next. Returns the unscaled summed loss as a detached
-    device tensor: reading it is left to the caller, so the step needs no host sync per chunk.
+    device tensor: reading it is left to the caller, so the step needs no host sync per chunk. rows: (K, D)
+    unembedding rows to score against instead of all V (a draft vocabulary's); targets then index them.
     """
     flat_z, flat_t = z.flatten(0, 1), targets.flatten()  # (B*T, D), (B*T,): views, gradients flow to z
     total = torch.zeros((), device=z.device)
     for s in _chunks(flat_t.shape[0], chunk):
-        loss = _token_ce_sum(model.unembed(flat_z[s]), flat_t[s])  # logits (c, V) live only here
+        loss = _token_ce_sum(model.unembed(flat_z[s], rows), flat_t[s])  # logits (c, V or K) live only here
         (loss * scale).backward()
         total = total + loss.detach()
     return total
