@@ -35,7 +35,7 @@ from multitoken.data.corpus import default_corpus_paths, load_corpus
 from multitoken.data.dataset import split_documents
 from multitoken.data.tokenizers import load_tokenizer
 from multitoken.generate.autoregressive import generate
-from multitoken.generate.draft_vocab import DraftVocab
+from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
 from multitoken.generate.speculative import speculative_generate
 from multitoken.generate.tree import build_tree, calibrate
 from multitoken.heads import (
@@ -88,7 +88,7 @@ def do_train(args: argparse.Namespace) -> dict[str, Any]:
         import_to_run(find_smollm2_gguf(), base, max_seq_len=1024)
     heads = HeadsConfig(
         n_future=4, mode="frozen", targets="generated", generated_prompts=args.prompts, prompt_tokens=32,
-        generated_tokens=args.new_tokens, generation_batch=64,
+        generated_tokens=args.new_tokens, generation_batch=64, draft_vocab=args.train_draft_vocab,
     )  # fmt: skip
     cfg = default_heads_train_config(
         time_budget_s=args.minutes * 60, batch_size=4, context=128, lr=args.lr, warmup_steps=10, eval_batches=4
@@ -107,6 +107,15 @@ def machine() -> dict[str, Any]:
             "threads": torch.get_num_threads(), "torch": torch.__version__, "loadavg": os.getloadavg()}  # fmt: skip
 
 
+def draft_vocabulary(args: argparse.Namespace, tok, vocab_size: int) -> DraftVocab:
+    """The heads' own draft vocabulary if they were trained with one, else the corpus's most frequent tokens."""
+    trained = args.work / "heads" / DRAFT_VOCAB_FILE
+    if trained.exists():
+        return DraftVocab.load(trained)
+    train_tokens = prepare_data(sources(args.work), tok, args.work / "cache", VAL_FRACTION).store.train
+    return DraftVocab.most_frequent(train_tokens, vocab_size, args.draft_vocab)
+
+
 def do_bench(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.interop.gguf import find_smollm2_gguf, load_gguf
 
@@ -119,8 +128,7 @@ def do_bench(args: argparse.Namespace) -> dict[str, Any]:
     hf, _ = load_gguf(find_smollm2_gguf())
     hf.generation_config.eos_token_id = None  # fixed-length greedy, as ours
     hf.generation_config.pad_token_id = 0
-    train_tokens = prepare_data(sources(args.work), tok, args.work / "cache", VAL_FRACTION).store.train
-    vocab = DraftVocab.most_frequent(train_tokens, model.cfg.vocab_size, args.draft_vocab)
+    vocab = draft_vocabulary(args, tok, model.cfg.vocab_size)
     coverage = {kind: vocab.coverage(ps) for kind, ps in prompts.items()}
     log(f"draft vocabulary: {vocab.size} tokens, covering {coverage} of the held-out prompts")
     # Trees calibrated without and with the draft vocabulary (with it, candidates rank among its tokens).
@@ -197,7 +205,7 @@ def do_steps(args: argparse.Namespace) -> dict[str, Any]:
     model = load_run(run).model.eval()
     tok = load_tokenizer(run)
     train_tokens = prepare_data(sources(args.work), tok, args.work / "cache", VAL_FRACTION).store.train
-    vocab = DraftVocab.most_frequent(train_tokens, model.cfg.vocab_size, args.draft_vocab)
+    vocab = draft_vocabulary(args, tok, model.cfg.vocab_size)
     rows = vocab.rows(model.output.weight)
     cache, context = model.make_cache(1), 160  # the keys and values are garbage; the cost is the same
     pos, token = torch.tensor([context]), torch.zeros(1, dtype=torch.long)
@@ -273,11 +281,15 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=512, help="train: corpus prompts to continue")
     parser.add_argument("--new-tokens", type=int, default=128, help="train: greedy tokens per continuation")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--train-draft-vocab", type=int, help="train: heads learn only the K most frequent tokens")
     parser.add_argument("--n-prompts", type=int, default=4, help="bench: held-out prompts per kind")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--tree-budget", type=int, nargs="+", default=[8, 16, 32], help="bench: tree sizes")
     parser.add_argument("--max-rank", type=int, default=6, help="bench: candidates per head the trees may use")
-    parser.add_argument("--draft-vocab", type=int, default=8192, help="bench, steps: draft vocabulary size")
+    parser.add_argument(
+        "--draft-vocab", type=int, default=8192,
+        help="bench, steps: draft vocabulary size (unless the heads were trained with their own)",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=30, help="steps: timed rounds")
     parser.add_argument("--train-repeats", type=int, default=5, help="steps: timed training-step rounds")
     args = parser.parse_args()
