@@ -408,8 +408,9 @@ def train_heads(
         summary.update(generated_tokens_total=int(len(train_tokens)), generation_s=time.perf_counter() - t0)
         targets = "corpus"  # on the model's own text, corpus targets are its own greedy choices
     vocab = None
-    if heads.draft_vocab is not None:  # the tokens the heads see most, in the text they train on
-        vocab = DraftVocab.most_frequent(train_tokens, model.cfg.vocab_size, heads.draft_vocab)
+    if heads.draft_vocab is not None:  # the tokens the heads see most, in their text and then in the corpus
+        then = bundle.store.train if train_tokens is not bundle.store.train else None
+        vocab = DraftVocab.most_frequent(train_tokens, model.cfg.vocab_size, heads.draft_vocab, then)
         summary.update(draft_vocab_coverage=vocab.coverage(train_tokens))
         vocab = vocab.to(model.tok_embeddings.weight.device)
     sampler = WindowSampler(train_tokens, cfg.batch_size, cfg.context + n, cfg.seed)

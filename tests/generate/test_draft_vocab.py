@@ -25,6 +25,9 @@ def test_most_frequent_orders_by_count_then_id():
     assert vocab.ids.tolist() == [3, 5, 1, 7]  # counts 3, 2, then ties (1 each) by id
     assert vocab.coverage(np.array([3, 5, 0, 2])) == 0.5
     assert DraftVocab.most_frequent(np.array([2]), 4, 4).ids.tolist() == [2, 0, 1, 3]  # unseen tokens last
+    # A small sample first, a corpus behind it for the tokens the sample never shows.
+    corpus = np.array([3, 3, 3, 1, 1, 0])
+    assert DraftVocab.most_frequent(np.array([2, 2, 1]), 4, 4, then=corpus).ids.tolist() == [2, 1, 3, 0]
 
 
 def test_restrict_expand_and_position_agree():

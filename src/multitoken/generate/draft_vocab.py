@@ -42,12 +42,25 @@ class DraftVocab:
             raise UserError("the draft vocabulary lists a token twice")
 
     @classmethod
-    def most_frequent(cls, tokens: np.ndarray | torch.Tensor, vocab_size: int, size: int) -> DraftVocab:
-        """The `size` tokens most frequent in `tokens` (ties: smaller id first), never-seen tokens last."""
+    def most_frequent(
+        cls,
+        tokens: np.ndarray | torch.Tensor,
+        vocab_size: int,
+        size: int,
+        then: np.ndarray | torch.Tensor | None = None,
+    ) -> DraftVocab:
+        """The `size` tokens most frequent in `tokens`; equal counts are ordered by their counts in `then`
+        (e.g. a large corpus behind a small sample of generated text, which may hold fewer than `size`
+        distinct tokens), then by id."""
         if not 1 <= size <= vocab_size:
             raise UserError(f"draft vocabulary size must be between 1 and {vocab_size}, got {size}")
-        counts = np.bincount(np.asarray(tokens, dtype=np.int64).ravel(), minlength=vocab_size)[:vocab_size]
-        order = np.argsort(-counts, kind="stable")  # stable: ids in increasing order among equal counts
+
+        def counts(t: np.ndarray | torch.Tensor | None) -> np.ndarray:
+            if t is None:
+                return np.zeros(vocab_size, dtype=np.int64)
+            return np.bincount(np.asarray(t, dtype=np.int64).ravel(), minlength=vocab_size)[:vocab_size]
+
+        order = np.lexsort((np.arange(vocab_size), -counts(then), -counts(tokens)))  # last key sorts first
         return cls(torch.from_numpy(order[:size].copy()), vocab_size)
 
     @property
