@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from multitoken.checkpoint import load_run
@@ -107,13 +108,17 @@ def machine() -> dict[str, Any]:
             "threads": torch.get_num_threads(), "torch": torch.__version__, "loadavg": os.getloadavg()}  # fmt: skip
 
 
+def training_split(args: argparse.Namespace, tok) -> np.ndarray:
+    """The corpus tokens head training draws from (the validation split left out)."""
+    return prepare_data(sources(args.work), tok, args.work / "cache", VAL_FRACTION).store.train
+
+
 def draft_vocabulary(args: argparse.Namespace, tok, vocab_size: int) -> DraftVocab:
     """The heads' own draft vocabulary if they were trained with one, else the corpus's most frequent tokens."""
     trained = args.work / "heads" / DRAFT_VOCAB_FILE
     if trained.exists():
         return DraftVocab.load(trained)
-    train_tokens = prepare_data(sources(args.work), tok, args.work / "cache", VAL_FRACTION).store.train
-    return DraftVocab.most_frequent(train_tokens, vocab_size, args.draft_vocab)
+    return DraftVocab.most_frequent(training_split(args, tok), vocab_size, args.draft_vocab)
 
 
 def do_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -204,7 +209,6 @@ def do_steps(args: argparse.Namespace) -> dict[str, Any]:
     run = args.work / "heads"
     model = load_run(run).model.eval()
     tok = load_tokenizer(run)
-    train_tokens = prepare_data(sources(args.work), tok, args.work / "cache", VAL_FRACTION).store.train
     vocab = draft_vocabulary(args, tok, model.cfg.vocab_size)
     rows = vocab.rows(model.output.weight)
     cache, context = model.make_cache(1), 160  # the keys and values are garbage; the cost is the same
@@ -242,7 +246,7 @@ def do_steps(args: argparse.Namespace) -> dict[str, Any]:
 
     # One frozen head-training step's forward and backward (batch 4 x 128, as `train`), with and without
     # the draft vocabulary in the heads' softmax.
-    window = torch.tensor(train_tokens[: 4 * 131].astype("int64")).view(4, 131)
+    window = torch.tensor(training_split(args, tok)[: 4 * 131].astype("int64")).view(4, 131)
     inputs, targets = shift_targets(window, 4, 128)
     configure_trainable(model, "frozen")
     train_s: dict[str, list[float]] = {"full vocabulary": [], f"{vocab.size}-token draft vocabulary": []}

@@ -246,8 +246,8 @@ def frozen_heads_backward(
     rows = None
     if vocab is not None:
         rows = vocab.rows(model.output.weight)  # (K, D): frozen, so no gradient is lost by gathering
-        where = vocab.position()[targets.clamp_min(0)]  # (B, n, T): index among the draft tokens, or -1
-        targets = torch.where((targets == IGNORE_INDEX) | (where < 0), IGNORE_INDEX, where)
+        index = vocab.index(targets)  # (B, n, T): index among the draft tokens; -1 outside or ignored
+        targets = torch.where(index < 0, IGNORE_INDEX, index)
     means: dict[int, torch.Tensor] = {}
     for i in range(1, n):
         count = int((targets[:, i] != IGNORE_INDEX).sum())

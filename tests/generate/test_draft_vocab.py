@@ -37,6 +37,7 @@ def test_restrict_expand_and_position_agree():
     q = torch.tensor([0.5, 0.3, 0.2])
     assert vocab.expand(q).tolist() == pytest.approx([0.0, 0.3, 0.2, 0.0, 0.5, 0.0])
     assert vocab.position().tolist() == [-1, 1, 2, -1, 0, -1]
+    assert vocab.index(torch.tensor([[2, 3], [-100, 4]])).tolist() == [[2, -1], [-1, 0]]
 
 
 def test_unembedding_rows_score_like_the_full_unembedding():

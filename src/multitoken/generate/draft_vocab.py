@@ -83,6 +83,10 @@ class DraftVocab:
         where[self.ids] = torch.arange(self.size, device=self.ids.device)
         return where
 
+    def index(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (...) -> their indices in the draft vocabulary (...), -1 outside it (negative ids too)."""
+        return torch.where(tokens < 0, -1, self.position()[tokens.clamp_min(0)])
+
     def rows(self, weight: torch.Tensor) -> torch.Tensor:
         """The unembedding's rows (K, D) for the draft tokens: gather once per decode, then score with them."""
         return weight.index_select(0, self.ids.to(weight.device))

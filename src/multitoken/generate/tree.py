@@ -185,7 +185,6 @@ def calibrate(
         raise UserError(f"calibration needs (batch, length >= {n + 1}) token windows, got {tuple(windows.shape)}")
     hits = torch.zeros(n - 1, max_rank)
     counts = torch.zeros(n - 1)
-    where = vocab.position() if vocab is not None else None  # (V,): index among the draft tokens, or -1
     for chunk in windows.split(batch_size):
         ctx = model.attention_context(chunk.shape[1])
         outputs = model.run_heads(model.embed_and_trunk(chunk, ctx), ctx)
@@ -193,12 +192,12 @@ def calibrate(
         for d in range(1, n):
             logits = model.unembed(outputs[d][:, :-d]).float()  # (b, T-d, V): drafts for t+d+1
             right = choice[:, d:]  # (b, T-d): head 1's token for t+d+1, from position t+d
-            if where is not None:  # rank among the draft tokens; outside them, never drafted
-                logits, inside = vocab.restrict(logits), where[right] >= 0
-                right = where[right].clamp_min(0)
+            if vocab is not None:  # rank among the draft tokens; outside them, never drafted
+                index = vocab.index(right)
+                logits, right = vocab.restrict(logits), index.clamp_min(0)
             rank = (logits > logits.gather(-1, right[..., None])).sum(-1)  # (b, T-d)
-            if where is not None:
-                rank = torch.where(inside, rank, max_rank)  # past the counted ranks
+            if vocab is not None:
+                rank = torch.where(index >= 0, rank, max_rank)  # past the counted ranks
             hits[d - 1] += torch.bincount(rank.flatten(), minlength=max_rank)[:max_rank].float()
             counts[d - 1] += rank.numel()
     return hits / counts[:, None]
