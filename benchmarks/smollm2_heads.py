@@ -43,7 +43,9 @@ from multitoken.heads import (
     HeadsConfig,
     configure_trainable,
     default_heads_train_config,
+    draft_heads_backward,
     frozen_heads_backward,
+    frozen_trunk,
     train_heads,
 )
 from multitoken.loss import shift_targets
@@ -58,12 +60,18 @@ def log(*parts: Any) -> None:
 
 def sources(work: Path) -> list[str]:
     """The standard library's .py files without pydoc_data/topics.py, plus that file's prose as JSON lines."""
+    code, prose = source_groups(work)
+    return code + prose
+
+
+def source_groups(work: Path) -> tuple[list[str], list[str]]:
+    """(code, prose): the corpus's two kinds, the prose 4 % of its bytes."""
     from pydoc_data.topics import topics
 
     prose = work / "pydoc_topics.jsonl"
     prose.write_text("".join(json.dumps({"text": t}) + "\n" for t in topics.values()))
     code = [str(p) for p in default_corpus_paths() if not str(p).endswith("pydoc_data/topics.py")]
-    return code + [str(prose)]
+    return code, [str(prose)]
 
 
 def held_out_prompts(work: Path, tok, n: int, length: int = 96) -> dict[str, list[list[int]]]:
@@ -90,16 +98,19 @@ def do_train(args: argparse.Namespace) -> dict[str, Any]:
     heads = HeadsConfig(
         n_future=4, mode="frozen", targets="generated", generated_prompts=args.prompts, prompt_tokens=32,
         generated_tokens=args.new_tokens, generation_batch=64, draft_vocab=args.train_draft_vocab,
+        trunk_cache_gib=args.trunk_cache_gib,
     )  # fmt: skip
     cfg = default_heads_train_config(
         time_budget_s=args.minutes * 60, batch_size=4, context=128, lr=args.lr, warmup_steps=10, eval_batches=4
     )
-    log("train heads", heads, cfg.lr)
+    # "balanced": half the prompts from code, half from prose (4 % of the corpus); "corpus": by size.
+    prompt_data = source_groups(args.work) if args.prompt_mix == "balanced" else ()
+    log("train heads", heads, cfg.lr, args.prompt_mix)
     summary = train_heads(
-        base, out, heads, cfg, sources(args.work), cache_dir=args.work / "cache",
+        base, out, heads, cfg, sources(args.work), args.work / "cache", prompt_data,
         on_step=lambda s, r: log(" step", s, [round(x, 3) for x in r.per_head]) if s % 10 == 0 else None,
     )  # fmt: skip
-    summary["machine"] = machine()
+    summary.update(machine=machine(), prompt_mix=args.prompt_mix)
     return summary
 
 
@@ -245,15 +256,23 @@ def do_steps(args: argparse.Namespace) -> dict[str, Any]:
     print("\n".join(lines), flush=True)
 
     # One frozen head-training step's forward and backward (batch 4 x 128, as `train`), with and without
-    # the draft vocabulary in the heads' softmax.
+    # the draft vocabulary in the heads' softmax, and with the trunk output kept from an earlier step.
     window = torch.tensor(training_split(args, tok)[: 4 * 131].astype("int64")).view(4, 131)
     inputs, targets = shift_targets(window, 4, 128)
     configure_trainable(model, "frozen")
-    train_s: dict[str, list[float]] = {"full vocabulary": [], f"{vocab.size}-token draft vocabulary": []}
+    h, _ = frozen_trunk(model, inputs, targets)
+    train_steps = {
+        "full vocabulary": lambda: frozen_heads_backward(model, inputs, targets, chunk=1024),
+        f"{vocab.size}-token draft vocabulary": lambda: frozen_heads_backward(model, inputs, targets, 1024, vocab),
+        f"{vocab.size}-token draft vocabulary, trunk output kept": lambda: draft_heads_backward(
+            model, h, targets, 1024, vocab
+        ),
+    }
+    train_s: dict[str, list[float]] = {name: [] for name in train_steps}
     for rep in range(args.train_repeats + 1):
-        for name, v in zip(train_s, (None, vocab), strict=True):
+        for name, train_step in train_steps.items():
             start = time.perf_counter()
-            frozen_heads_backward(model, inputs, targets, chunk=1024, vocab=v)
+            train_step()
             model.zero_grad(set_to_none=True)
             if rep:  # one warm-up round
                 train_s[name].append(time.perf_counter() - start)
@@ -286,6 +305,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128, help="train: greedy tokens per continuation")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--train-draft-vocab", type=int, help="train: heads learn only the K most frequent tokens")
+    parser.add_argument(
+        "--prompt-mix", choices=["balanced", "corpus"], default="balanced",
+        help="train: prompts half code, half prose; or drawn from the corpus by size (96 %% code)",
+    )
+    parser.add_argument("--trunk-cache-gib", type=float, default=4.0, help="train: 0 recomputes the trunk every step")
     parser.add_argument("--n-prompts", type=int, default=4, help="bench: held-out prompts per kind")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--tree-budget", type=int, nargs="+", default=[8, 16, 32], help="bench: tree sizes")

@@ -234,8 +234,9 @@ def test_eval_humaneval_runs_in_the_sandbox(run_dir, tmp_path, capsys):
 def test_heads_adds_and_trains_heads(run_dir, tmp_path, corpus, capsys):
     out = tmp_path / "more-heads"
     argv = ["heads", str(run_dir), "--out", str(out), "--n-future", "3", "--max-steps", "2", "--context", "32"]
-    assert main([*argv, "--data", str(corpus)]) == 0
-    assert last_json(capsys.readouterr().out)["n_future"] == 3
+    assert main([*argv, "--data", str(corpus), "--trunk-cache-gib", "0"]) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["n_future"] == 3 and summary["trunk_cache_gib"] == 0 and "trunk_features" not in summary
     gen = ["--prompt", "def ", "--max-new-tokens", "10", "--stats"]
     assert main(["generate", str(run_dir), *gen]) == 0
     base = last_json(capsys.readouterr().out)["generated_token_ids"]
@@ -248,8 +249,10 @@ def test_heads_on_generated_text_reports_what_was_generated(run_dir, tmp_path, c
     argv = ["heads", str(run_dir), "--out", str(out), "--n-future", "2", "--max-steps", "1", "--context", "16",
             "--targets", "generated", "--generated-prompts", "3", "--generated-tokens", "5",
             "--generation-batch", "2", "--data", str(corpus)]  # fmt: skip
-    assert main(argv) == 0
+    assert main([*argv, "--prompt-data", str(corpus), "--prompt-data", str(corpus)]) == 0
     summary = last_json(capsys.readouterr().out)
+    assert summary["trunk_features"]["computed"] >= 1  # frozen mode keeps the trunk output by default
+    assert json.loads((out / "config.json").read_text())["data"]["prompt_sources"] == [[str(corpus)], [str(corpus)]]
     assert (summary["generated_prompts"], summary["generation_batch"], summary["init"]) == (3, 2, "copy")
     # Each of the 3 sequences is a 32-token prompt, up to 5 greedy tokens and an end-of-text separator.
     assert 3 * (32 + 1 + 1) <= summary["generated_tokens_total"] <= 3 * (32 + 5 + 1)

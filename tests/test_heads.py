@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,17 +17,21 @@ from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
 from multitoken.generate.speculative import speculative_generate
 from multitoken.heads import (
     HeadsConfig,
+    TrunkFeatures,
     add_heads,
     build_heads_optimizer,
     configure_trainable,
     default_heads_train_config,
+    draft_heads_backward,
     frozen_heads_backward,
+    frozen_trunk,
     generate_self_data,
-    heads_step,
+    heads_backward,
+    heads_update,
     self_distilled_targets,
     train_heads,
 )
-from multitoken.loss import IGNORE_INDEX
+from multitoken.loss import IGNORE_INDEX, LossReport, shift_targets
 from tests.conftest import make_model
 
 
@@ -114,7 +119,8 @@ def test_frozen_training_changes_only_the_draft_heads(targets: str) -> None:
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         window = torch.randint(0, model.cfg.vocab_size, (2, 16 + 3), generator=gen)
-        report, _ = heads_step(model, optimizer, window, "frozen", targets, cfg.lr, cfg)
+        report = heads_backward(model, window, "frozen", targets, cfg)
+        heads_update(optimizer, report, cfg.lr, cfg)
         assert torch.isnan(torch.tensor(report.per_head[0])) and all(x > 0 for x in report.per_head[1:])
     after = model.state_dict()
     for name, tensor in after.items():
@@ -176,7 +182,7 @@ def test_joint_mode_scales_the_pretrained_learning_rate() -> None:
     before = snapshot(model)
     optimizer = build_heads_optimizer(model, "joint", cfg, trunk_lr_scale=scale)
     window = torch.randint(0, model.cfg.vocab_size, (2, 18), generator=torch.Generator().manual_seed(1))
-    heads_step(model, optimizer, window, "joint", "corpus", lr, cfg)
+    heads_update(optimizer, heads_backward(model, window, "joint", "corpus", cfg), lr, cfg)
     # Adam's first step moves every parameter with a non-negligible gradient by exactly its LR (m/sqrt(v) =
     # sign(g)), so the largest move of a tensor reads off the LR it was given.
     moved = {k: float((v - before[k]).abs().max()) for k, v in model.state_dict().items()}
@@ -184,6 +190,63 @@ def test_joint_mode_scales_the_pretrained_learning_rate() -> None:
         assert moved[name] == pytest.approx(lr * scale, rel=1e-3), name
     for name in ("heads.1.attention.wq.weight", "heads.1.feed_forward.w2.weight"):
         assert moved[name] == pytest.approx(lr, rel=1e-3), name
+
+
+def test_a_diverged_loss_drops_the_gradients_and_says_so() -> None:
+    model = add_heads(next_token_model(), 2).train()
+    cfg = default_heads_train_config(batch_size=2, context=16)
+    optimizer = build_heads_optimizer(model, "frozen", cfg, trunk_lr_scale=0.1)
+    before = snapshot(model)
+    report = heads_backward(model, torch.randint(0, model.cfg.vocab_size, (2, 18)), "frozen", "corpus", cfg)
+    with pytest.raises(UserError, match="diverged"):
+        heads_update(optimizer, LossReport(float("nan"), report.per_head), cfg.lr, cfg)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# --------------------------------------------------------------------------------------------------
+# trunk features
+
+
+@pytest.mark.parametrize("self_targets", [False, True])
+def test_trunk_features_are_the_frozen_step_on_tiled_windows(self_targets: bool) -> None:
+    """The oracle: each batch's trunk output, targets and head gradients equal those of a frozen step run
+    from scratch on the same windows; a window drawn again is not recomputed."""
+    model = add_heads(next_token_model(), 3).train()
+    configure_trainable(model, "frozen")
+    context, n = 8, 3
+    tokens = torch.randint(0, model.cfg.vocab_size, (100,), generator=torch.Generator().manual_seed(0)).numpy()
+    features = TrunkFeatures(model, tokens, context, self_targets, chunk=5, seed=1)
+    assert len(features) == 12  # starts 0, 8, ..., 88: the last window (11 tokens) ends at 99
+    drawn = set()
+    for step in range(12):
+        index = np.random.default_rng((1, step)).integers(0, len(features), size=3)  # what the batch draws
+        new = len(set(index.tolist()) - drawn)
+        computed = features.computed
+        h, targets = features.batch(step, 3)
+        assert features.computed == computed + new  # only windows never drawn before run the trunk
+        drawn |= set(index.tolist())
+        window = torch.from_numpy(np.stack([tokens[8 * i : 8 * i + context + n] for i in index]).astype(np.int64))
+        inputs, corpus = shift_targets(window, n, context)
+        oracle_h, oracle_targets = frozen_trunk(model, inputs, None if self_targets else corpus)
+        torch.testing.assert_close(h, oracle_h, rtol=1e-5, atol=1e-6)
+        assert torch.equal(targets, oracle_targets)
+        if step in (0, 11):
+            report = draft_heads_backward(model, h, targets, chunk=5)
+            grads = take_grads(model)
+            oracle = frozen_heads_backward(model, inputs, None if self_targets else corpus, chunk=5)
+            assert report.per_head[1:] == pytest.approx(oracle.per_head[1:], rel=1e-5)
+            for name, grad in take_grads(model).items():
+                torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6)
+    assert len(features.kept) == len(drawn)
+    # No room: nothing is kept and every draw runs the trunk again.
+    uncached = TrunkFeatures(model, tokens, context, self_targets, seed=1, max_bytes=0)
+    uncached.batch(0, 3)
+    uncached.batch(0, 3)
+    assert uncached.computed == 2 * len(set(np.random.default_rng((1, 0)).integers(0, 12, size=3).tolist()))
+    assert not uncached.kept
+    with pytest.raises(UserError, match="cannot fill one window"):
+        TrunkFeatures(model, tokens[:10], context, self_targets)
 
 
 def test_heads_config_validation() -> None:
@@ -195,6 +258,8 @@ def test_heads_config_validation() -> None:
         HeadsConfig(n_future=1)
     with pytest.raises(UserError, match="frozen mode only"):
         HeadsConfig(mode="joint", draft_vocab=64)
+    with pytest.raises(UserError, match="trunk_cache_gib"):
+        HeadsConfig(trunk_cache_gib=-1)
 
 
 def test_generate_self_data_is_the_models_greedy_text() -> None:
@@ -206,6 +271,18 @@ def test_generate_self_data_is_the_models_greedy_text() -> None:
     assert len(sequences) == 3
     first = [int(x) for x in sequences[0].split()]
     assert generate(model, [first[:5]], 6).tokens[0][: len(first) - 5] == first[5:]
+
+
+def test_generate_self_data_gives_each_pool_an_equal_share() -> None:
+    model = next_token_model()
+    eos = model.cfg.vocab_size - 1
+    big, small = np.arange(0, 1000) % 20, 40 + np.arange(30) % 10  # disjoint token ranges: 0-19, 40-49
+    flat = generate_self_data(model, [big, small], n_prompts=5, prompt_tokens=4, new_tokens=3, eos_id=eos)
+    starts = [0] + [i + 1 for i, t in enumerate(flat.tolist()) if t == eos][:-1]
+    pools = ["small" if flat[s] >= 40 else "big" for s in starts]
+    assert pools == ["big", "small", "big", "small", "big"]  # prompt j from pool j mod 2
+    with pytest.raises(UserError, match="cannot give prompts"):
+        generate_self_data(model, [big, small[:3]], n_prompts=2, prompt_tokens=4, new_tokens=3, eos_id=eos)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,15 +297,20 @@ def make_run(path, model) -> None:
 
 
 @pytest.mark.parametrize(
-    ("targets", "steps", "max_ratio", "draft_vocab"),
-    [("corpus", 60, 0.7, None), ("self", 30, 0.98, None), ("generated", 30, 0.98, None), ("corpus", 60, 0.7, 16)],
-)
+    ("targets", "steps", "max_ratio", "draft_vocab", "cache_gib"),
+    [
+        ("corpus", 60, 0.7, None, 4.0), ("self", 30, 0.98, None, 4.0), ("generated", 30, 0.98, None, 4.0),
+        ("corpus", 60, 0.7, 16, 4.0), ("corpus", 60, 0.7, None, 0.0), ("self", 30, 0.98, None, 0.0),
+    ],
+)  # fmt: skip
 def test_train_heads_job_learns_and_writes_a_decodable_run(
-    tmp_path, targets: str, steps: int, max_ratio: float, draft_vocab: int | None
+    tmp_path, targets: str, steps: int, max_ratio: float, draft_vocab: int | None, cache_gib: float
 ) -> None:
     """Corpus targets on repetitive text are easy to learn; the self-distilled targets of a random model
     (the argmax of nearly uniform logits) are close to a hash of the context, so there only some progress
-    is asked for. A 16-token draft vocabulary leaves some of the text's bytes out."""
+    is asked for. A 16-token draft vocabulary leaves some of the text's bytes out. cache_gib 0: every step
+    runs the trunk on windows at random offsets; otherwise tiled windows keep their trunk output. Generated
+    targets draw their prompts from two groups of files."""
     torch.manual_seed(0)
     base = make_model(0, vocab_size=257, n_future=1, n_layers=3, max_seq_len=128)
     with torch.no_grad():
@@ -243,10 +325,18 @@ def test_train_heads_job_learns_and_writes_a_decodable_run(
         corpus.joinpath(f"{part}.py").write_text("".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(80)))
     cfg = default_heads_train_config(batch_size=8, context=32, lr=3e-3, max_steps=steps, eval_batches=1)
     heads = HeadsConfig(
-        n_future=3, targets=targets, generated_prompts=16, prompt_tokens=8, generated_tokens=40, draft_vocab=draft_vocab
+        n_future=3, targets=targets, generated_prompts=16, prompt_tokens=8, generated_tokens=40,
+        draft_vocab=draft_vocab, trunk_cache_gib=cache_gib,
     )  # fmt: skip
-    summary = train_heads(tmp_path / "base", tmp_path / "mtp", heads, cfg, [corpus], cache_dir=tmp_path / "cache")
+    prompt_data = [[corpus / "0.py"], [corpus / "1.py", corpus / "2.py"]] if targets == "generated" else []
+    summary = train_heads(tmp_path / "base", tmp_path / "mtp", heads, cfg, [corpus], tmp_path / "cache", prompt_data)
     assert summary["steps"] == steps and summary["eval"] is not None
+    if cache_gib:  # 8 windows a step for 30-60 steps: every window is drawn, and computed only once
+        assert summary["trunk_features"]["computed"] == summary["trunk_features"]["kept"] > 0
+    else:
+        assert "trunk_features" not in summary
+    config = json.loads((tmp_path / "mtp" / "config.json").read_text())
+    assert config["data"]["prompt_sources"] == [[str(p) for p in group] for group in prompt_data]
     losses = [json.loads(line) for line in (tmp_path / "mtp" / "metrics.jsonl").read_text().splitlines()]
     train_losses = [m["loss"] for m in losses if m["kind"] == "train"]
     assert sum(train_losses[-10:]) < max_ratio * sum(train_losses[:10])
@@ -264,6 +354,9 @@ def test_train_heads_job_learns_and_writes_a_decodable_run(
         assert speculative_generate(run.model, [prompt], 30, draft_vocab=vocab).tokens == plain
     with pytest.raises(UserError, match="already holds a run"):
         train_heads(tmp_path / "base", tmp_path / "mtp", heads, cfg, [corpus])
+    if targets != "generated":
+        with pytest.raises(UserError, match="prompt data only serves"):
+            train_heads(tmp_path / "base", tmp_path / "other", heads, cfg, [corpus], prompt_data=[[corpus]])
 
 
 @pytest.mark.slow

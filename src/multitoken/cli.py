@@ -584,7 +584,16 @@ def _add_heads(sub: argparse._SubParsersAction) -> None:
         help="frozen mode: heads 2..n learn only the K most frequent tokens of their text (OUT/draft_vocab.json; "
         "decode with --draft-vocab)",
     )  # fmt: skip
+    p.add_argument(
+        "--trunk-cache-gib", type=float, default=4.0,
+        help="frozen mode: keep each training window's trunk output, up to this many GiB (0: recompute every step)",
+    )
     p.add_argument("--data", nargs="+", action="extend", help="corpus (default: the standard library)")
+    p.add_argument(
+        "--prompt-data", nargs="+", action="append", metavar="SOURCE",
+        help="targets=generated: draw the prompts from these sources' training split; repeat the flag for "
+        "groups that get an equal share each (say code, then prose)",
+    )
     p.add_argument("--time-budget", type=float, default=600.0, help="seconds")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int, default=4)
@@ -602,12 +611,14 @@ def _cmd_heads(args: argparse.Namespace) -> dict[str, Any]:
         n_future=args.n_future, mode=args.mode, targets=args.targets, init=args.init,
         trunk_lr_scale=args.trunk_lr_scale, generated_prompts=args.generated_prompts,
         generated_tokens=args.generated_tokens, generation_batch=args.generation_batch, draft_vocab=args.draft_vocab,
+        trunk_cache_gib=args.trunk_cache_gib,
     )  # fmt: skip
     budget = {"max_steps": args.max_steps} if args.max_steps else {}
     train = default_heads_train_config(
         batch_size=args.batch_size, context=args.context, lr=args.lr, time_budget_s=args.time_budget, **budget
     )
-    return train_heads(args.run, args.out, heads, train, args.data or (), args.cache_dir, progress=not args.quiet)
+    data, prompts = args.data or (), args.prompt_data or ()
+    return train_heads(args.run, args.out, heads, train, data, args.cache_dir, prompts, progress=not args.quiet)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -144,7 +144,7 @@ def head1_choice(model: MultiTokenModel, h: torch.Tensor, ctx: AttentionContext,
 @torch.no_grad()
 def generate_self_data(
     model: MultiTokenModel,
-    tokens: np.ndarray,
+    tokens: np.ndarray | Sequence[np.ndarray],
     n_prompts: int,
     prompt_tokens: int,
     new_tokens: int,
@@ -157,13 +157,19 @@ def generate_self_data(
 
     Prompts are `prompt_tokens`-long slices of `tokens` at seeded random offsets; each continues for up to
     `new_tokens` greedy tokens of head 1 (plain decoding with the KV cache), stopping at `eos_id`. Each
-    sequence (prompt + continuation) is followed by `eos_id`, like documents in a token store.
+    sequence (prompt + continuation) is followed by `eos_id`, like documents in a token store. `tokens`
+    may be several token arrays (say code and prose): prompt j then comes from array j mod their count, so
+    each gets an equal share of the prompts however small it is.
     """
-    if len(tokens) <= prompt_tokens:
-        raise UserError(f"{len(tokens)} tokens cannot give prompts of {prompt_tokens} tokens")
+    pools = [tokens] if isinstance(tokens, np.ndarray) else list(tokens)
     rng = np.random.default_rng(seed)
-    starts = rng.integers(0, len(tokens) - prompt_tokens, size=n_prompts)
-    prompts = [tokens[s : s + prompt_tokens].astype(np.int64).tolist() for s in starts]
+    drawn = []  # drawn[p]: the prompts of pool p, in order
+    for p, pool in enumerate(pools):
+        if len(pool) <= prompt_tokens:
+            raise UserError(f"{len(pool)} tokens cannot give prompts of {prompt_tokens} tokens")
+        starts = rng.integers(0, len(pool) - prompt_tokens, size=len(range(p, n_prompts, len(pools))))
+        drawn.append([pool[s : s + prompt_tokens].astype(np.int64).tolist() for s in starts])
+    prompts = [drawn[j % len(pools)][j // len(pools)] for j in range(n_prompts)]
     was_training = model.training
     model.eval()
     flat: list[int] = []
@@ -230,19 +236,45 @@ def frozen_heads_backward(
     """Gradients of sum_{i>=2} mean CE(head i) into heads 2..n only; the trunk runs under no_grad.
 
     inputs (B, T). targets (B, n, T), or None for teacher-forced self-distilled targets computed here from
-    head 1 (`self_distilled_targets`). Each head runs forward and backward in turn (the sequential step of
+    head 1 (`self_distilled_targets`). Then `draft_heads_backward` on the trunk output.
+    """
+    h, targets = frozen_trunk(model, inputs, targets, chunk)
+    return draft_heads_backward(model, h, targets, chunk, vocab)
+
+
+@torch.no_grad()
+def frozen_trunk(
+    model: MultiTokenModel, inputs: torch.Tensor, targets: torch.Tensor | None, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trunk output (B, T, D) of `inputs` (B, T) without a graph, and the targets (B, n, T).
+
+    targets None: the self-distilled ones, from head 1 on that trunk output (`self_distilled_targets`).
+    """
+    if model.cfg.head_type not in ("parallel", "linear"):
+        raise UserError("frozen head training needs parallel (or linear) heads, which all read the trunk output")
+    ctx = model.attention_context(inputs.shape[1])
+    h = model.embed_and_trunk(inputs, ctx)  # (B, T, D), no graph: the trunk is frozen
+    if targets is None:
+        targets = self_distilled_targets(head1_choice(model, h, ctx, chunk), model.cfg.n_future)
+    return h, targets
+
+
+def draft_heads_backward(
+    model: MultiTokenModel,
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = 1024,
+    vocab: DraftVocab | None = None,
+) -> LossReport:
+    """Gradients of sum_{i>=2} mean CE(head i) into heads 2..n from the frozen trunk output h (B, T, D).
+
+    targets (B, n, T) token ids. Each head runs forward and backward in turn (the sequential step of
     loss.py without the trunk backward), its logits built `chunk` tokens at a time. per_head[0] is NaN:
     head 1 is not trained. With a draft vocabulary the heads' softmax runs over its tokens only, and
     targets outside it are skipped.
     """
     n = model.cfg.n_future
-    if model.cfg.head_type not in ("parallel", "linear"):
-        raise UserError("frozen head training needs parallel (or linear) heads, which all read the trunk output")
-    with torch.no_grad():
-        ctx = model.attention_context(inputs.shape[1])
-        h = model.embed_and_trunk(inputs, ctx)  # (B, T, D), no graph: the trunk is frozen
-        if targets is None:
-            targets = self_distilled_targets(head1_choice(model, h, ctx, chunk), n)
+    ctx = model.attention_context(h.shape[1])
     rows = None
     if vocab is not None:
         rows = vocab.rows(model.output.weight)  # (K, D): frozen, so no gradient is lost by gathering
@@ -264,17 +296,15 @@ def frozen_heads_backward(
     return LossReport(sum(values), per_head)
 
 
-def heads_step(
+def heads_backward(
     model: MultiTokenModel,
-    optimizer: torch.optim.Optimizer,
     window: torch.Tensor,
     mode: str,
     targets: str,
-    lr: float,
     cfg: TrainConfig,
     vocab: DraftVocab | None = None,
-) -> tuple[LossReport, float]:
-    """One optimizer step on a batch of windows (B, context + n); returns the loss report and grad norm.
+) -> LossReport:
+    """Gradients of one batch of windows (B, context + n) into what `mode` trains; returns the loss report.
 
     Joint mode trains head 1 on the corpus whatever `targets` says (its self-distilled target would be
     its own argmax, a loss that teaches nothing); the draft heads get the chosen targets.
@@ -282,17 +312,23 @@ def heads_step(
     n = model.cfg.n_future
     inputs, corpus = shift_targets(window, n, cfg.context)
     if mode == "frozen":
-        report = frozen_heads_backward(model, inputs, None if targets == "self" else corpus, cfg.loss_chunk, vocab)
+        return frozen_heads_backward(model, inputs, None if targets == "self" else corpus, cfg.loss_chunk, vocab)
+    if targets == "self":
+        with torch.no_grad():
+            ctx = model.attention_context(inputs.shape[1])
+            choice = head1_choice(model, model.embed_and_trunk(inputs, ctx), ctx, cfg.loss_chunk)
+        labels = self_distilled_targets(choice, n)
+        labels[:, 0] = corpus[:, 0]
     else:
-        if targets == "self":
-            with torch.no_grad():
-                ctx = model.attention_context(inputs.shape[1])
-                choice = head1_choice(model, model.embed_and_trunk(inputs, ctx), ctx, cfg.loss_chunk)
-            labels = self_distilled_targets(choice, n)
-            labels[:, 0] = corpus[:, 0]
-        else:
-            labels = corpus
-        report = sequential_backward(model, inputs, labels, chunk=cfg.loss_chunk)
+        labels = corpus
+    return sequential_backward(model, inputs, labels, chunk=cfg.loss_chunk)
+
+
+def heads_update(optimizer: torch.optim.Optimizer, report: LossReport, lr: float, cfg: TrainConfig) -> float:
+    """Clip the gradients `report`'s backward left, step `optimizer` at `lr` (times each group's lr_scale).
+
+    Returns the gradient norm before clipping. A non-finite loss drops the gradients and raises.
+    """
     if not math.isfinite(report.total):
         optimizer.zero_grad(set_to_none=True)
         raise UserError(f"head training diverged (loss {report.total}); lower the learning rate")
@@ -302,7 +338,67 @@ def heads_step(
         group["lr"] = lr * group["lr_scale"]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return report, grad_norm
+    return grad_norm
+
+
+# --------------------------------------------------------------------------------------------------
+# frozen trunk features, computed once per window
+
+
+class TrunkFeatures:
+    """Batches of fixed windows of the training text with the frozen trunk's output, kept once computed.
+
+    In frozen mode nothing upstream of the draft heads learns, so a window's trunk output is the same at
+    every step: each window's is computed the first time a batch draws it and kept (up to `max_bytes`),
+    which takes the trunk forward out of every later step that draws it (SmolLM2-135M: about half a frozen
+    step's time, so several passes over a small text, such as the model's own generations, run about twice
+    as many steps). The price is memory, context x dim floats per window (SmolLM2 on 60k tokens: 0.14 GB),
+    and fixed windows: they tile the text (stride `context`), where `WindowSampler` starts each at a random
+    offset. Batches are drawn with replacement, seeded by (seed, step), like `WindowSampler`'s.
+    """
+
+    def __init__(
+        self,
+        model: MultiTokenModel,
+        tokens: np.ndarray,
+        context: int,
+        self_targets: bool,
+        chunk: int = 1024,
+        seed: int = 0,
+        max_bytes: float = 4 * 2**30,
+    ) -> None:
+        """`self_targets`: head 1's self-distilled targets instead of the text's own next tokens."""
+        n = model.cfg.n_future
+        self.starts = np.arange(0, max(len(tokens) - context - n + 1, 0), context)
+        if not len(self.starts):
+            raise UserError(f"{len(tokens)} tokens cannot fill one window of {context + n}")
+        self.model, self.tokens, self.context = model, tokens, context
+        self.self_targets, self.chunk, self.seed = self_targets, chunk, seed
+        self.offsets = np.arange(context + n)
+        self.max_windows = int(max_bytes // (context * model.cfg.dim * model.tok_embeddings.weight.element_size()))
+        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # window -> (T, D) output, (n, T) targets
+        self.computed = 0  # windows the trunk ran on
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of `step`: trunk output (B, T, D) and targets (B, n, T) of `batch_size` windows."""
+        index = np.random.default_rng((self.seed, step)).integers(0, len(self), size=batch_size).tolist()
+        missing = sorted({i for i in index if i not in self.kept})
+        fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if missing:  # one trunk forward over the windows not kept yet
+            device = self.model.tok_embeddings.weight.device
+            window = torch.from_numpy(self.tokens[self.starts[missing, None] + self.offsets].astype(np.int64))
+            inputs, corpus = shift_targets(window.to(device), self.model.cfg.n_future, self.context)
+            h, targets = frozen_trunk(self.model, inputs, None if self.self_targets else corpus, self.chunk)
+            self.computed += len(missing)
+            for k, i in enumerate(missing):
+                fresh[i] = (h[k].clone(), targets[k].clone())  # copies: no view pins the whole batch
+                if len(self.kept) < self.max_windows:
+                    self.kept[i] = fresh[i]
+        pairs = [self.kept[i] if i in self.kept else fresh[i] for i in index]
+        return torch.stack([h for h, _ in pairs]), torch.stack([t for _, t in pairs])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,6 +419,7 @@ class HeadsConfig:
     generated_tokens: int = 96  # ... continued for this many tokens each ...
     generation_batch: int = 32  # ... this many at a time (SmolLM2 on 2 cores: 44 tok/s at 8, 90 at 64)
     draft_vocab: int | None = None  # frozen mode: heads 2..n learn (and later draft) the K most frequent tokens
+    trunk_cache_gib: float = 4.0  # frozen mode: keep up to this much trunk output (0: recompute at random offsets)
 
     def __post_init__(self) -> None:
         if self.n_future < 2:
@@ -335,6 +432,8 @@ class HeadsConfig:
             raise UserError(f"unknown head init {self.init!r}; choose one of {', '.join(INITS)}")
         if self.trunk_lr_scale < 0:
             raise UserError(f"trunk_lr_scale must be >= 0, got {self.trunk_lr_scale}")
+        if self.trunk_cache_gib < 0:
+            raise UserError(f"trunk_cache_gib must be >= 0, got {self.trunk_cache_gib}")
         for name in ("generated_prompts", "prompt_tokens", "generated_tokens", "generation_batch"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -363,6 +462,7 @@ def train_heads(
     train: TrainConfig | None = None,
     data: Sequence[str | Path] = (),
     cache_dir: Path | None = None,
+    prompt_data: Sequence[Sequence[str | Path]] = (),
     on_step: Callable[[int, LossReport], None] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -370,13 +470,15 @@ def train_heads(
 
     `heads` defaults to `HeadsConfig()` (4 heads, frozen, self-distilled targets). `data`: corpus sources
     (files, folders, globs, JSON lines; default the standard library), tokenised with the run's tokenizer and
-    split as in `train`. `train` (default `default_heads_train_config()`) gives the batch, context, LR
+    split as in `train`. `prompt_data` (targets="generated"): groups of sources whose training splits give
+    the generation prompts, an equal share each (`generate_self_data`); by default the corpus does, in
+    proportion to its parts' sizes. `train` (default `default_heads_train_config()`) gives the batch, context, LR
     schedule and the budget (`max_steps`, `time_budget_s`, whichever ends first; generation counts).
     `out_dir` becomes a run directory (config, tokenizer, one checkpoint, metrics.jsonl) that `load_run`,
     `multitoken generate` and `multitoken eval` read. Returns a JSON-ready summary: steps, seconds,
     tokens trained on, first/last losses, held-out per-head loss and agreement with head 1 (the acceptance
-    forecast), and the generation cost for targets="generated". `progress` shows bars for the generation
-    and the steps.
+    forecast), the generation cost for targets="generated", and in frozen mode how many windows' trunk
+    output `TrunkFeatures` computed and kept. `progress` shows bars for the generation and the steps.
     """
     from multitoken.data.corpus import default_corpus_paths
 
@@ -392,9 +494,13 @@ def train_heads(
     n = model.cfg.n_future
     if cfg.context > model.cfg.max_seq_len:
         raise UserError(f"context {cfg.context} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    if prompt_data and heads.targets != "generated":
+        raise UserError("prompt data only serves targets='generated' (prompts for the model's own continuations)")
     sources = [str(s) for s in (data or default_corpus_paths())]
     cache_dir = Path(cache_dir) if cache_dir else out_dir.parent / ".multitoken-cache"
     bundle = prepare_data(sources, tokenizer, cache_dir, cfg.val_fraction)
+    prompt_sources = [[str(s) for s in group] for group in prompt_data]
+    prompt_pools = [prepare_data(group, tokenizer, cache_dir, cfg.val_fraction).store.train for group in prompt_sources]
 
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"run_dir": str(out_dir), "source_run": str(run_dir), **asdict(heads)}
@@ -402,8 +508,8 @@ def train_heads(
     targets = heads.targets
     if targets == "generated":
         train_tokens = generate_self_data(
-            model, bundle.store.train, heads.generated_prompts, heads.prompt_tokens, heads.generated_tokens,
-            tokenizer.eos_id, cfg.seed, heads.generation_batch, progress,
+            model, prompt_pools or bundle.store.train, heads.generated_prompts, heads.prompt_tokens,
+            heads.generated_tokens, tokenizer.eos_id, cfg.seed, heads.generation_batch, progress,
         )  # fmt: skip
         summary.update(generated_tokens_total=int(len(train_tokens)), generation_s=time.perf_counter() - t0)
         targets = "corpus"  # on the model's own text, corpus targets are its own greedy choices
@@ -413,7 +519,13 @@ def train_heads(
         vocab = DraftVocab.most_frequent(train_tokens, model.cfg.vocab_size, heads.draft_vocab, then)
         summary.update(draft_vocab_coverage=vocab.coverage(train_tokens))
         vocab = vocab.to(model.tok_embeddings.weight.device)
-    sampler = WindowSampler(train_tokens, cfg.batch_size, cfg.context + n, cfg.seed)
+    features = sampler = None
+    if heads.mode == "frozen" and heads.trunk_cache_gib > 0:
+        features = TrunkFeatures(
+            model, train_tokens, cfg.context, targets == "self", cfg.loss_chunk, cfg.seed, heads.trunk_cache_gib * 2**30
+        )
+    else:
+        sampler = WindowSampler(train_tokens, cfg.batch_size, cfg.context + n, cfg.seed)
     optimizer = build_heads_optimizer(model, heads.mode, cfg, heads.trunk_lr_scale)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -429,8 +541,11 @@ def train_heads(
         if cfg.time_budget_s is not None:
             progress = max(progress, elapsed / cfg.time_budget_s)
         lr = lr_at(progress, step, cfg)
-        window = sampler.sample(step)
-        report, grad_norm = heads_step(model, optimizer, window, heads.mode, targets, lr, cfg, vocab)
+        if features is not None:
+            report = draft_heads_backward(model, *features.batch(step, cfg.batch_size), cfg.loss_chunk, vocab)
+        else:
+            report = heads_backward(model, sampler.sample(step), heads.mode, targets, cfg, vocab)
+        grad_norm = heads_update(optimizer, report, lr, cfg)
         step += 1
         losses.append(report.total)
         metrics.append(
@@ -458,10 +573,14 @@ def train_heads(
         last_loss=losses[-1] if losses else None,
         eval=final_eval,
     )
+    if features is not None:  # computed > windows: some did not fit in trunk_cache_gib and ran again
+        kept = {"windows": len(features), "kept": len(features.kept), "computed": features.computed}
+        summary.update(trunk_features=kept)
     with staged_dir(out_dir) as tmp:
         write_run_config(
             tmp, model.cfg, train=cfg.to_dict(), heads=asdict(heads),
-            data={"sources": sources, "tokenizer": tokenizer.kind}, source={"run": str(run_dir.resolve())},
+            data={"sources": sources, "prompt_sources": prompt_sources, "tokenizer": tokenizer.kind},
+            source={"run": str(run_dir.resolve())},
         )  # fmt: skip
         tokenizer.save(tmp)
         save_checkpoint(tmp, step, model, state={"heads": summary})
