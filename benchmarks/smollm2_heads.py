@@ -7,15 +7,16 @@
 
 `train` imports the GGUF model (if WORK/base is missing), adds heads 2..4 as copies of the last block and
 trains them frozen on the model's own greedy continuations of corpus prompts (targets="generated"), the
-generation counted in the time budget. `bench` decodes held-out code and text prompts (documents the head
-training never saw) with transformers' `generate`, our plain decoder, chains of 2 and 4 heads and calibrated
-trees of each `--tree-budget`, each speculative decoder also with a draft vocabulary (the `--draft-vocab` most
-frequent tokens of the training split), one prompt at a time with every decoder run back to back on it (so
-a change of machine load hits all decoders alike), and checks that every greedy output equals
-transformers'. `steps` times single decode steps (plain; chain and tree verify steps with and without the draft
-vocabulary) interleaved, which isolates per-step costs that whole-decode timings blur, and one frozen
-head-training step with and without the draft vocabulary. All write JSON to
-WORK and print it as their last line.
+generation counted in the time budget; by default half the prompts come from code and half from prose
+(`--prompt-mix balanced`), which is 4 % of the corpus.
+`bench` decodes held-out code and text prompts (documents the head training never saw) with transformers'
+`generate`, our plain decoder, chains of 2 and 4 heads and calibrated trees of each `--tree-budget`, each
+speculative decoder also with a draft vocabulary (the `--draft-vocab` most frequent tokens of the training
+split), one prompt at a time with every decoder run back to back on it (so a change of machine load hits all
+decoders alike), and checks that every greedy output equals transformers'. `steps` times single decode steps
+(plain; chain and tree verify steps with and without the draft vocabulary) interleaved, which isolates
+per-step costs that whole-decode timings blur, and one frozen head-training step with and without the draft
+vocabulary. All write JSON to WORK and print it as their last line.
 """
 
 from __future__ import annotations
@@ -74,16 +75,22 @@ def source_groups(work: Path) -> tuple[list[str], list[str]]:
     return code, [str(prose)]
 
 
-def held_out_prompts(work: Path, tok, n: int, length: int = 96) -> dict[str, list[list[int]]]:
-    """`n` code and `n` text prompts from the validation documents, which head training never sees."""
+def held_out_prompts(work: Path, tok, n: int, length: int = 96, per_doc: int = 1) -> dict[str, list[list[int]]]:
+    """`n` code and `n` text prompts from the validation documents, which head training never sees.
+
+    One prompt per document (code: from a third of the way in; text: its start), or `per_doc` from evenly
+    spaced offsets of each (the split holds only 4 long enough text documents).
+    """
     _, val = split_documents(load_corpus(sources(work)).documents, VAL_FRACTION)
     sets: dict[str, list[list[int]]] = {"code": [], "text": []}
     for doc in val:
         kind = "text" if ".jsonl" in doc.name else "code"
         ids = tok.encode(doc.text)
         if len(sets[kind]) < n and len(ids) >= 2 * length + 200:
-            start = len(ids) // 3 if kind == "code" else 0
-            sets[kind].append(ids[start : start + length])
+            starts = [len(ids) // 3 if kind == "code" else 0]
+            if per_doc > 1:
+                starts = [j * (len(ids) - length) // per_doc for j in range(per_doc)]
+            sets[kind] += [ids[start : start + length] for start in starts][: n - len(sets[kind])]
     return sets
 
 
@@ -137,7 +144,7 @@ def do_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     run = args.work / "heads"
     tok = load_tokenizer(run)
-    prompts = held_out_prompts(args.work, tok, args.n_prompts + 1)
+    prompts = held_out_prompts(args.work, tok, args.n_prompts + 1, per_doc=args.prompts_per_doc)
     # The tree's shape is calibrated on one more held-out prompt of each kind than is benchmarked.
     calibration = torch.tensor([ps.pop() for ps in prompts.values()])
     model = load_run(run).model.eval()
@@ -177,6 +184,9 @@ def do_bench(args: argparse.Namespace) -> dict[str, Any]:
         decoders[f"chain, 4 heads{suffix}"] = ours(heads_used=4, draft_vocab=v)
         for tree in trees[suffix]:
             decoders[f"tree, {tree.size} nodes{suffix}"] = ours(tree=tree, draft_vocab=v)
+    if args.only:  # the two references always run: transformers' output checks, our plain times
+        keep = ("transformers generate", "ours plain")
+        decoders = {k: f for k, f in decoders.items() if k in keep or any(o in k for o in args.only)}
     for run_one in decoders.values():
         run_one(prompts["code"][0][:16])  # warm-up
     results: dict[str, Any] = {"trees": {suffix or "full": [str(t) for t in ts] for suffix, ts in trees.items()}}
@@ -314,6 +324,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--tree-budget", type=int, nargs="+", default=[8, 16, 32], help="bench: tree sizes")
     parser.add_argument("--max-rank", type=int, default=6, help="bench: candidates per head the trees may use")
+    parser.add_argument("--prompts-per-doc", type=int, default=1, help="bench: prompts from each held-out document")
+    parser.add_argument("--only", nargs="+", help="bench: only the decoders whose names contain one of these")
     parser.add_argument(
         "--draft-vocab", type=int, default=8192,
         help="bench, steps: draft vocabulary size (unless the heads were trained with their own)",
