@@ -5,12 +5,21 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from multitoken.experiments import polynomials as poly
 from multitoken.experiments.common import git_commit, machine_info, markdown_table
-from multitoken.experiments.induction import FIRST_PARTS, SECOND_PARTS, WordTokenizer, generate_stories
+from multitoken.experiments.induction import (
+    COPY_LENGTH,
+    FIRST_PARTS,
+    SECOND_PARTS,
+    WordTokenizer,
+    copy_accuracy,
+    copy_sequences,
+    generate_stories,
+)
 
 # --------------------------------------------------------------------------------------------------
 # polynomial arithmetic in F7[X]/(X^5)
@@ -139,6 +148,29 @@ def test_names_are_two_tokens_and_later_mentions_are_marked() -> None:
         assert len(s.first_mentions) == len(names)
 
 
+class NextTokenStub(torch.nn.Module):
+    """A 'model' whose head 1 says token x[t + shift] at position t (shift 1: always right)."""
+
+    def __init__(self, vocab_size: int, shift: int) -> None:
+        super().__init__()
+        self.tok_embeddings = torch.nn.Embedding(vocab_size, 1)
+        self.vocab_size, self.shift = vocab_size, shift
+
+    def forward(self, x: torch.Tensor, heads: list[int]) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.roll(x, -self.shift, 1), self.vocab_size).float()[:, :, None]
+
+
+def test_copy_control_sequences_and_metric() -> None:
+    tok = WordTokenizer()
+    seqs = copy_sequences(0, 50, tok.vocab_size, tok.eos_id)
+    assert seqs.shape == (50, 2 * COPY_LENGTH + 1) and (seqs == copy_sequences(0, 50, tok.vocab_size, tok.eos_id)).all()
+    assert (seqs[:, 0] == tok.eos_id).all() and (seqs[:, 1:] != tok.eos_id).all()
+    assert (seqs[:, 1 : COPY_LENGTH + 1] == seqs[:, COPY_LENGTH + 1 :]).all()
+    assert len(np.unique(seqs[:, 1:])) > tok.vocab_size // 2  # drawn over the vocabulary
+    assert copy_accuracy(NextTokenStub(tok.vocab_size, 1), seqs)["copy_accuracy"] == 1.0
+    assert copy_accuracy(NextTokenStub(tok.vocab_size, 0), seqs)["copy_accuracy"] < 0.05  # repeats its input
+
+
 # --------------------------------------------------------------------------------------------------
 # shared helpers and every experiment end to end (test settings: seconds each)
 
@@ -171,3 +203,5 @@ def test_experiment_writes_report(name: str, tmp_path, one_thread) -> None:
         assert needed in report
     pngs = list(tmp_path.glob("*.png"))
     assert pngs and all(f"]({p.name})" in report for p in pngs)
+    if name == "induction":  # its test setting runs the copy control too
+        assert "## Control: repeated random strings" in report and (tmp_path / "copy_control.png").exists()

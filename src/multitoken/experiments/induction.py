@@ -8,6 +8,10 @@ n=2 far better than n=1 at <= 30M non-embedding parameters, and no gain from 100
 Here the stories come from a seeded template generator, and the tokenizer is word-level, so every name
 is exactly two tokens by construction: a first part (`Ka`) and a second part (`##bo`), drawn
 independently, so without the context the second part is a 1-in-len(SECOND_PARTS) guess.
+
+A control (`copy_steps` > 0) trains the smallest size on strings of random tokens each shown twice, where
+half the tokens can only be predicted by copying: it shows whether (and when) the model and training at hand
+form an induction mechanism at all, for n=1 and n=2, apart from the stories' weaker signal.
 """
 
 from __future__ import annotations
@@ -181,6 +185,26 @@ def induction_accuracy(model: MultiTokenModel, stories: list[Story], eos_id: int
     }
 
 
+COPY_LENGTH = 16  # control: tokens in each random string, shown twice
+
+
+def copy_sequences(seed: int, count: int, vocab_size: int, eos_id: int) -> np.ndarray:
+    """(count, 2 * COPY_LENGTH + 1): `<eos>`, a random string of non-`<eos>` tokens, the same string again."""
+    rng = np.random.default_rng(seed)
+    strings = rng.integers(0, vocab_size - 1, size=(count, COPY_LENGTH))
+    strings += strings >= eos_id  # skip <eos>
+    return np.concatenate([np.full((count, 1), eos_id), strings, strings], axis=1)
+
+
+@torch.no_grad()
+def copy_accuracy(model: MultiTokenModel, sequences: np.ndarray) -> dict[str, float]:
+    """Head 1's top-1 accuracy on the repeat's tokens after its first (which only copying predicts)."""
+    x = torch.from_numpy(sequences).to(model.tok_embeddings.weight.device)
+    pred = model(x, heads=[0])[:, :, 0].argmax(-1)  # (B, T): the next token at each position
+    start = COPY_LENGTH + 1  # the repeat's first token sits here; the model cannot know it
+    return {"copy_accuracy": float((pred[:, start:-1] == x[:, start + 1 :]).float().mean())}
+
+
 @dataclass
 class Setting:
     presets: list[str]
@@ -193,14 +217,15 @@ class Setting:
     context: int
     lr: float
     eval_every: int
+    copy_steps: int = 0  # the control's steps on repeated random strings (0: no control)
 
 
 SETTINGS = {
-    "test": Setting(["induction-1m"], [0], [1, 2], 300, 30, 6, 4, 48, 3e-3, 3),
+    "test": Setting(["induction-1m"], [0], [1, 2], 300, 30, 6, 4, 48, 3e-3, 3, copy_steps=6),
     "quick": Setting(["induction-1m", "induction-3m"], [0, 1], [1, 2], 20_000, 200, 150, 8, 96, 3e-3, 25),
     "full": Setting(
         ["induction-1m", "induction-3m", "induction-10m", "induction-30m"],
-        [0, 1], [1, 2], 200_000, 1000, 4000, 32, 128, 1e-3, 250,
+        [0, 1], [1, 2], 200_000, 1000, 4000, 32, 128, 1e-3, 250, copy_steps=4000,
     ),  # fmt: skip
 }
 
@@ -238,14 +263,60 @@ def run(
                     "final_loss": trained.losses[-1], **{k: final[k] for k in final if k not in ("step",)},
                     "curve": [(e["tokens"], e["induction_accuracy"]) for e in trained.evals],
                 })  # fmt: skip
+    controls = _copy_control(s, tok, device) if s.copy_steps else []
     seconds = time.perf_counter() - t0
     sections = _report_sections(runs, s, tok, out_dir)
-    results = {"settings": s.__dict__, "vocab_size": tok.vocab_size, "chance": 1 / len(SECOND_PARTS), "runs": runs}
+    if controls:
+        sections.append(_control_section(controls, s, tok, out_dir))
+    results = {"settings": s.__dict__, "vocab_size": tok.vocab_size, "chance": 1 / len(SECOND_PARTS), "runs": runs,
+               "copy_control": controls}  # fmt: skip
     return write_report(
         out_dir, title="Induction with two-token names (paper §4.1)", name=NAME, setting=setting,
         command=command or default_command(NAME, setting, out_dir, overrides), seeds=s.seeds, sections=sections,
         results=results, seconds=seconds, commit=commit, device=device,
     )  # fmt: skip
+
+
+def _copy_control(s: Setting, tok: WordTokenizer, device: torch.device) -> list[dict[str, Any]]:
+    """The smallest size trained `copy_steps` steps on repeated random strings, each n and seed."""
+    train = copy_sequences(30_000, max(1000, s.copy_steps * s.batch_size), tok.vocab_size, tok.eos_id).reshape(-1)
+    test = copy_sequences(40_000, 64, tok.vocab_size, tok.eos_id)
+    out = []
+    for n in s.n_values:
+        for seed in s.seeds:
+            cfg = TrainConfig(
+                batch_size=s.batch_size, context=s.context, max_steps=s.copy_steps, lr=s.lr,
+                warmup_steps=max(1, s.copy_steps // 10), seed=seed, loss_chunk=0,
+            )  # fmt: skip
+            model_cfg = preset(s.presets[0], n_future=n, vocab_size=tok.vocab_size)
+            every = max(1, s.copy_steps // 20)
+            trained = train_on_tokens(model_cfg, train, cfg, lambda m: copy_accuracy(m, test), every, device)
+            curve = [(e["step"], e["copy_accuracy"]) for e in trained.evals]
+            formed = next((step for step, acc in curve if acc >= 0.5), None)
+            out.append({"preset": s.presets[0], "n": n, "seed": seed, "final_copy_accuracy": curve[-1][1],
+                        "first_step_at_half": formed, "curve": curve})  # fmt: skip
+    return out
+
+
+def _control_section(controls: list[dict[str, Any]], s: Setting, tok: WordTokenizer, out_dir: Path) -> str:
+    rows = [
+        [c["preset"], c["n"], c["seed"], c["first_step_at_half"] or f"> {s.copy_steps}", c["final_copy_accuracy"]]
+        for c in controls
+    ]
+    curves = {f"n={c['n']} seed {c['seed']}": tuple(zip(*c["curve"], strict=True)) for c in controls}
+    line_plot(
+        out_dir / "copy_control.png", curves, "training step", "accuracy on the repeated string",
+        f"Control: {COPY_LENGTH}-token random strings shown twice ({controls[0]['preset']})",
+    )  # fmt: skip
+    table = markdown_table(["model", "n", "seed", "first step with accuracy >= 0.5", "final accuracy"], rows)
+    return (
+        "## Control: repeated random strings\n\n"
+        f"The smallest model trained {s.copy_steps} steps ({s.batch_size} windows x {s.context} tokens) on "
+        f"strings of {COPY_LENGTH} random tokens (of {tok.vocab_size - 1}) each shown twice after `<eos>`; "
+        "metric: head 1's accuracy on the repeat after its first token, which only copying can predict "
+        f"(chance {1 / (tok.vocab_size - 1):.3f}). The evaluation runs every {max(1, s.copy_steps // 20)} steps."
+        "\n\n" + table + "\n\n![copy control](copy_control.png)"
+    )
 
 
 def _report_sections(runs: list[dict[str, Any]], s: Setting, tok: WordTokenizer, out_dir: Path) -> list[str]:
