@@ -110,8 +110,10 @@ def do_train(args: argparse.Namespace) -> dict[str, Any]:
     cfg = default_heads_train_config(
         time_budget_s=args.minutes * 60, batch_size=4, context=128, lr=args.lr, warmup_steps=10, eval_batches=4
     )
-    # "balanced": half the prompts from code, half from prose (4 % of the corpus); "corpus": by size.
-    prompt_data = source_groups(args.work) if args.prompt_mix == "balanced" else ()
+    # "balanced": half the prompts from code, half from prose (4 % of the corpus); "code-heavy": two thirds
+    # from code (each group gets an equal share, so code comes twice); "corpus": by size.
+    code, prose = source_groups(args.work)
+    prompt_data = {"balanced": [code, prose], "code-heavy": [code, code, prose], "corpus": []}[args.prompt_mix]
     log("train heads", heads, cfg.lr, args.prompt_mix)
     summary = train_heads(
         base, out, heads, cfg, sources(args.work), args.work / "cache", prompt_data,
@@ -319,8 +321,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--train-draft-vocab", type=int, help="train: heads learn only the K most frequent tokens")
     parser.add_argument(
-        "--prompt-mix", choices=["balanced", "corpus"], default="balanced",
-        help="train: prompts half code, half prose; or drawn from the corpus by size (96 %% code)",
+        "--prompt-mix", choices=["balanced", "code-heavy", "corpus"], default="balanced",
+        help="train: prompts half code, half prose; two thirds code; or drawn from the corpus by size (96 %% code)",
     )
     parser.add_argument("--trunk-cache-gib", type=float, default=4.0, help="train: 0 recomputes the trunk every step")
     parser.add_argument("--n-prompts", type=int, default=4, help="bench: held-out prompts per kind")
