@@ -6,9 +6,10 @@
     python benchmarks/smollm2_heads.py steps --work /tmp/smollm2
 
 `train` imports the GGUF model (if WORK/base is missing), adds heads 2..4 as copies of the last block and
-trains them frozen on the model's own greedy continuations of corpus prompts (targets="generated"), the
-generation counted in the time budget; by default half the prompts come from code and half from prose
-(`--prompt-mix balanced`), which is 4 % of the corpus.
+trains them frozen on the model's own greedy continuations of 768 corpus prompts (targets="generated"), the
+generation counted in the time budget, over the 8192 most frequent tokens (`--train-draft-vocab`); by default
+two thirds of the prompts come from code and one third from prose (`--prompt-mix code-heavy`), which is 4 % of
+the corpus. These defaults are the fifth heads of docs/results/smollm2_heads.md, the best measured.
 `bench` decodes held-out code and text prompts (documents the head training never saw) with transformers'
 `generate`, our plain decoder, chains of 2 and 4 heads and calibrated trees of each `--tree-budget`, each
 speculative decoder also with a draft vocabulary (the `--draft-vocab` most frequent tokens of the training
@@ -104,7 +105,7 @@ def do_train(args: argparse.Namespace) -> dict[str, Any]:
         import_to_run(find_smollm2_gguf(), base, max_seq_len=1024)
     heads = HeadsConfig(
         n_future=4, mode="frozen", targets="generated", generated_prompts=args.prompts, prompt_tokens=32,
-        generated_tokens=args.new_tokens, generation_batch=64, draft_vocab=args.train_draft_vocab,
+        generated_tokens=args.new_tokens, generation_batch=64, draft_vocab=args.train_draft_vocab or None,
         trunk_cache_gib=args.trunk_cache_gib,
     )  # fmt: skip
     cfg = default_heads_train_config(
@@ -316,12 +317,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/smollm2"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--minutes", type=float, default=30.0, help="train: the whole budget, generation included")
-    parser.add_argument("--prompts", type=int, default=512, help="train: corpus prompts to continue")
+    parser.add_argument("--prompts", type=int, default=768, help="train: corpus prompts to continue")
     parser.add_argument("--new-tokens", type=int, default=128, help="train: greedy tokens per continuation")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--train-draft-vocab", type=int, help="train: heads learn only the K most frequent tokens")
     parser.add_argument(
-        "--prompt-mix", choices=["balanced", "code-heavy", "corpus"], default="balanced",
+        "--train-draft-vocab", type=int, default=8192, help="train: heads learn only the K most frequent tokens; 0: all"
+    )
+    parser.add_argument(
+        "--prompt-mix", choices=["balanced", "code-heavy", "corpus"], default="code-heavy",
         help="train: prompts half code, half prose; two thirds code; or drawn from the corpus by size (96 %% code)",
     )
     parser.add_argument("--trunk-cache-gib", type=float, default=4.0, help="train: 0 recomputes the trunk every step")
