@@ -34,8 +34,7 @@ import numpy as np
 import torch
 
 from multitoken.checkpoint import load_run
-from multitoken.data.corpus import default_corpus_paths, load_corpus
-from multitoken.data.dataset import split_documents
+from multitoken.data.heldout import code_and_prose, held_out_prompts
 from multitoken.data.tokenizers import load_tokenizer
 from multitoken.generate.autoregressive import generate
 from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
@@ -62,37 +61,8 @@ def log(*parts: Any) -> None:
 
 def sources(work: Path) -> list[str]:
     """The standard library's .py files without pydoc_data/topics.py, plus that file's prose as JSON lines."""
-    code, prose = source_groups(work)
+    code, prose = code_and_prose(work)
     return code + prose
-
-
-def source_groups(work: Path) -> tuple[list[str], list[str]]:
-    """(code, prose): the corpus's two kinds, the prose 4 % of its bytes."""
-    from pydoc_data.topics import topics
-
-    prose = work / "pydoc_topics.jsonl"
-    prose.write_text("".join(json.dumps({"text": t}) + "\n" for t in topics.values()))
-    code = [str(p) for p in default_corpus_paths() if not str(p).endswith("pydoc_data/topics.py")]
-    return code, [str(prose)]
-
-
-def held_out_prompts(work: Path, tok, n: int, length: int = 96, per_doc: int = 1) -> dict[str, list[list[int]]]:
-    """`n` code and `n` text prompts from the validation documents, which head training never sees.
-
-    One prompt per document (code: from a third of the way in; text: its start), or `per_doc` from evenly
-    spaced offsets of each (the split holds only 4 long enough text documents).
-    """
-    _, val = split_documents(load_corpus(sources(work)).documents, VAL_FRACTION)
-    sets: dict[str, list[list[int]]] = {"code": [], "text": []}
-    for doc in val:
-        kind = "text" if ".jsonl" in doc.name else "code"
-        ids = tok.encode(doc.text)
-        if len(sets[kind]) < n and len(ids) >= 2 * length + 200:
-            starts = [len(ids) // 3 if kind == "code" else 0]
-            if per_doc > 1:
-                starts = [j * (len(ids) - length) // per_doc for j in range(per_doc)]
-            sets[kind] += [ids[start : start + length] for start in starts][: n - len(sets[kind])]
-    return sets
 
 
 def do_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -113,7 +83,7 @@ def do_train(args: argparse.Namespace) -> dict[str, Any]:
     )
     # "balanced": half the prompts from code, half from prose (4 % of the corpus); "code-heavy": two thirds
     # from code (each group gets an equal share, so code comes twice); "corpus": by size.
-    code, prose = source_groups(args.work)
+    code, prose = code_and_prose(args.work)
     prompt_data = {"balanced": [code, prose], "code-heavy": [code, code, prose], "corpus": []}[args.prompt_mix]
     log("train heads", heads, cfg.lr, args.prompt_mix)
     summary = train_heads(
@@ -147,7 +117,7 @@ def do_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     run = args.work / "heads"
     tok = load_tokenizer(run)
-    prompts = held_out_prompts(args.work, tok, args.n_prompts + 1, per_doc=args.prompts_per_doc)
+    prompts = held_out_prompts(sources(args.work), tok, args.n_prompts + 1, VAL_FRACTION, per_doc=args.prompts_per_doc)
     # The tree's shape is calibrated on one more held-out prompt of each kind than is benchmarked.
     calibration = torch.tensor([ps.pop() for ps in prompts.values()])
     model = load_run(run).model.eval()

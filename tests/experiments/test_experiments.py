@@ -192,7 +192,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("name", ["induction", "polynomials", "selfspec", "head_variants"])
+@pytest.mark.parametrize("name", ["induction", "polynomials", "selfspec", "heads_used", "head_variants"])
 def test_experiment_writes_report(name: str, tmp_path, one_thread) -> None:
     from multitoken.experiments import run_experiment
 
@@ -203,5 +203,9 @@ def test_experiment_writes_report(name: str, tmp_path, one_thread) -> None:
         assert needed in report
     pngs = list(tmp_path.glob("*.png"))
     assert pngs and all(f"]({p.name})" in report for p in pngs)
+    if name == "heads_used":  # rows k = 1..4 for both kinds of prompt, every output exact in fp32
+        rows = doc["decoding"]["seed=0"]
+        assert set(rows) == {"code", "text"} and all(list(r) == ["1", "2", "3", "4"] for r in rows.values())
+        assert all(x["exact"] == 1.0 for r in rows.values() for x in r.values())
     if name == "induction":  # its test setting runs the copy control too
         assert "## Control: repeated random strings" in report and (tmp_path / "copy_control.png").exists()

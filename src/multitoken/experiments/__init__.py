@@ -17,6 +17,7 @@ EXPERIMENTS = {
     "induction": "Induction with two-token names (paper §4.1)",
     "polynomials": "Polynomial arithmetic in F7[X]/(X^5) (paper §4.2)",
     "selfspec": "Byte-level self-speculative decoding (paper Table S3 layout)",
+    "heads_used": "Heads used vs speedup, token-level n=4, code and text (paper Table S2 layout)",
     "head_variants": "Head variants: parallel, causal, anticausal, linear (paper Table S4 layout)",
 }
 

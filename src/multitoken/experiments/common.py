@@ -23,6 +23,7 @@ import torch
 
 from multitoken.config import ModelConfig, TrainConfig
 from multitoken.data.dataset import WindowSampler
+from multitoken.data.tokenizers import Tokenizer
 from multitoken.errors import UserError
 from multitoken.model import MultiTokenModel
 from multitoken.train import build_optimizer, lr_at, train_step
@@ -98,40 +99,49 @@ def train_on_tokens(
 
 
 @dataclass
-class ByteRun:
-    """A byte-level model trained on a text corpus by `train_byte_model`, and held-out windows of that corpus."""
+class CorpusRun:
+    """A model trained on a text corpus by `train_corpus_model`, its tokenizer and the held-out tokens."""
 
     model: MultiTokenModel
+    tokenizer: Tokenizer
     final_eval: dict[str, Any]
     seconds: float
     tokens_seen: int
     val_tokens: np.ndarray
 
 
-def train_byte_model(
+def train_corpus_model(
     model_cfg: ModelConfig,
     cfg: TrainConfig,
     work_dir: Path,
     sources: Sequence[str | Path] = (),
     device: torch.device | None = None,
-) -> ByteRun:
-    """Train a byte-level model with the project's `train` (default corpus: the Python standard library).
+    tokenizer: str = "bytes",
+    bpe_vocab_size: int = 8192,
+) -> CorpusRun:
+    """Train a model with the project's `train` (default corpus: the Python standard library; bytes, or a
+    BPE of `bpe_vocab_size` tokens trained on the corpus's training split with `tokenizer="bpe"`).
 
     The run folder (checkpoints) goes under `work_dir`, which the caller owns (a temporary directory: the
     reports keep the numbers, not the weights). The token store is cached in `work_dir/../cache` if the
-    caller shares one. Returns the trained model in eval mode and the validation split's tokens.
+    caller shares one. Returns the trained model in eval mode, its tokenizer and the validation split's tokens.
     """
     from multitoken.checkpoint import load_run
     from multitoken.data.corpus import default_corpus_paths
+    from multitoken.data.tokenizers import load_tokenizer
     from multitoken.train import prepare_data, train
 
     sources = list(sources) or [str(p) for p in default_corpus_paths()]
     cache_dir = Path(work_dir).parent / "cache"
     run_dir = Path(work_dir) / "run"
-    result = train(run_dir, model_cfg, cfg, sources, "bytes", cache_dir=cache_dir, device=device, progress=False)
+    result = train(
+        run_dir, model_cfg, cfg, sources, tokenizer, bpe_vocab_size, cache_dir=cache_dir, device=device,
+        progress=False,
+    )  # fmt: skip
     loaded = load_run(run_dir, device or "cpu")
-    val = prepare_data(sources, "bytes", cache_dir, cfg.val_fraction).store.val
-    return ByteRun(loaded.model, result.final_eval or {}, result.seconds, result.tokens_seen, np.asarray(val))
+    tok = load_tokenizer(run_dir)
+    val = prepare_data(sources, tok, cache_dir, cfg.val_fraction).store.val
+    return CorpusRun(loaded.model, tok, result.final_eval or {}, result.seconds, result.tokens_seen, np.asarray(val))
 
 
 # --------------------------------------------------------------------------------------------------

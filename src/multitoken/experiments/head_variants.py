@@ -23,7 +23,7 @@ from multitoken.experiments.common import (
     line_plot,
     markdown_table,
     start_run,
-    train_byte_model,
+    train_corpus_model,
     write_report,
 )
 from multitoken.experiments.selfspec import evenly_spaced_prompts
@@ -78,7 +78,7 @@ def run(
                     batch_size=s.batch_size, context=s.context, max_steps=s.steps, lr=s.lr,
                     warmup_steps=max(1, s.steps // 10), seed=seed, eval_every=s.steps, checkpoint_every=s.steps,
                 )  # fmt: skip
-                run_ = train_byte_model(model_cfg, cfg, Path(tmp) / f"{head_type}-s{seed}", sources, device)
+                run_ = train_corpus_model(model_cfg, cfg, Path(tmp) / f"{head_type}-s{seed}", sources, device)
                 half = len(run_.val_tokens) // 2
                 prompts = evenly_spaced_prompts(run_.val_tokens[half:], s.n_prompts, s.prompt_len)
                 bench = bench_generate(run_.model, prompts, s.new_tokens, heads_used=s.n_future)["decoders"]

@@ -27,7 +27,7 @@ from multitoken.experiments.common import (
     line_plot,
     markdown_table,
     start_run,
-    train_byte_model,
+    train_corpus_model,
     write_report,
 )
 from multitoken.generate.bench import bench_generate
@@ -89,7 +89,7 @@ def run(
                     batch_size=s.batch_size, context=s.context, max_steps=s.steps, lr=s.lr,
                     warmup_steps=max(1, s.steps // 10), seed=seed, eval_every=s.steps, checkpoint_every=s.steps,
                 )  # fmt: skip
-                run_ = train_byte_model(model_cfg, cfg, Path(tmp) / f"n{n}-s{seed}", sources, device)
+                run_ = train_corpus_model(model_cfg, cfg, Path(tmp) / f"n{n}-s{seed}", sources, device)
                 key = f"n={n} seed={seed}"
                 models[key] = {
                     "n": n, "seed": seed, "non_embedding_params": param_count(model_cfg, embeddings=False),

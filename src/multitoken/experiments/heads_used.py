@@ -1,0 +1,153 @@
+"""Heads used vs speedup (paper Table S2 layout): one token-level n=4 model, decoded with 1 to 4 heads.
+
+A BPE model with 4 heads is trained on the standard library's code and the reference manual's English prose
+(`data.heldout.code_and_prose`). Held-out code and held-out text prompts are then decoded greedily with
+heads 1..k drafting a chain, k = 1 (plain decoding) to 4: tokens per forward, tokens per second, speedup over
+plain decoding of the same model in the same call, efficiency (speedup per token per forward) and whether
+each output equals plain greedy decoding. The paper (7B, n=4, 1T code tokens, batch 42) reports on code
+3.50 tokens per forward and a 3.05x speedup with all 4 heads.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from multitoken.config import ModelConfig, TrainConfig, param_count
+from multitoken.data.heldout import code_and_prose, held_out_prompts
+from multitoken.experiments.common import (
+    default_command,
+    line_plot,
+    markdown_table,
+    start_run,
+    train_corpus_model,
+    write_report,
+)
+from multitoken.generate.bench import bench_generate
+
+NAME = "heads_used"
+N_FUTURE = 4
+
+
+@dataclass
+class Setting:
+    dim: int
+    n_layers: int  # all blocks: n_layers - 4 trunk blocks and 4 head blocks
+    n_heads: int
+    bpe_vocab: int
+    seeds: list[int]
+    steps: int
+    batch_size: int
+    context: int
+    lr: float
+    n_prompts: int  # per kind, decoded as one batch
+    prompt_len: int
+    new_tokens: int
+    n_code_files: int | None  # None: every stdlib file
+
+
+SETTINGS = {
+    "test": Setting(32, 5, 2, 300, [0], 3, 2, 32, 3e-3, 2, 16, 8, 40),
+    "quick": Setting(128, 8, 4, 4096, [0], 600, 8, 128, 3e-3, 8, 64, 64, None),
+    "full": Setting(512, 16, 8, 16384, [0, 1], 20_000, 32, 512, 1e-3, 32, 128, 256, None),
+}
+
+
+def run(
+    setting: str = "quick",
+    out_dir: Path | None = None,
+    command: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train the n=4 BPE model for each seed, decode held-out code and text with 1-4 heads, write the report."""
+    s, out_dir, device, t0, commit = start_run(NAME, SETTINGS, setting, out_dir, overrides)
+    models: dict[str, Any] = {}
+    decoding: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="multitoken-heads-used-") as tmp:
+        code, prose = code_and_prose(Path(tmp))
+        sources = code[: s.n_code_files] + prose
+        for seed in s.seeds:
+            model_cfg = ModelConfig(
+                vocab_size=s.bpe_vocab, dim=s.dim, n_layers=s.n_layers, n_heads=s.n_heads, n_future=N_FUTURE,
+                max_seq_len=max(512, s.context, s.prompt_len + s.new_tokens + N_FUTURE),
+            )  # fmt: skip
+            cfg = TrainConfig(
+                batch_size=s.batch_size, context=s.context, max_steps=s.steps, lr=s.lr,
+                warmup_steps=max(1, s.steps // 10), seed=seed, eval_every=s.steps, checkpoint_every=s.steps,
+            )  # fmt: skip
+            run_ = train_corpus_model(
+                model_cfg, cfg, Path(tmp) / f"s{seed}", sources, device, tokenizer="bpe", bpe_vocab_size=s.bpe_vocab
+            )
+            key = f"seed={seed}"
+            models[key] = {
+                "non_embedding_params": param_count(model_cfg, embeddings=False),
+                "train_seconds": round(run_.seconds, 1), "tokens_seen": run_.tokens_seen,
+                "loss": run_.final_eval.get("loss"),
+                "agreement_with_head1": run_.final_eval.get("agreement_with_head1"),
+            }  # fmt: skip
+            prompts = held_out_prompts(sources, run_.tokenizer, s.n_prompts, cfg.val_fraction, s.prompt_len, per_doc=4)
+            decoding[key] = {kind: _decode(run_.model, p, s) for kind, p in prompts.items()}
+    seconds = time.perf_counter() - t0
+    results = {"settings": s.__dict__, "models": models, "decoding": decoding}
+    return write_report(
+        out_dir, title="Heads used vs speedup (paper Table S2 layout)", name=NAME, setting=setting,
+        command=command or default_command(NAME, setting, out_dir, overrides), seeds=s.seeds,
+        sections=_report_sections(models, decoding, s, out_dir), results=results, seconds=seconds, commit=commit,
+        device=device,
+    )  # fmt: skip
+
+
+def _decode(model, prompts: list[list[int]], s: Setting) -> dict[str, Any]:
+    """Rows k = 1..4: plain decoding (k=1, from the first call) and a chain drafted by heads 2..k."""
+    rows: dict[str, Any] = {}
+    for k in range(2, N_FUTURE + 1):
+        bench = bench_generate(model, prompts, s.new_tokens, heads_used=k)["decoders"]
+        rows.setdefault("1", {**bench["plain"], "prompts": len(prompts)})
+        rows[str(k)] = {**bench["chain"], "prompts": len(prompts)}
+    return rows
+
+
+def _report_sections(models: dict[str, Any], decoding: dict[str, Any], s: Setting, out_dir: Path) -> list[str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_rows = []
+    for key, m in models.items():
+        agree = m["agreement_with_head1"] or []
+        model_rows.append([key, f"{m['non_embedding_params'] / 1e6:.2f}M", m["tokens_seen"], m["train_seconds"],
+                           " / ".join(f"{x:.2f}" for x in m["loss"] or []),
+                           " / ".join(f"{x:.3f}" for x in agree[1:])])  # fmt: skip
+    rows, curves = [], {}
+    for key, kinds in decoding.items():
+        for kind, by_k in kinds.items():
+            ks = [int(k) for k in by_k]
+            for k, r in by_k.items():
+                rows.append([key, kind, r["prompts"], k, r["tokens_per_forward"], r["tokens_per_second"],
+                             r["speedup"], r["efficiency"], r["exact"]])  # fmt: skip
+            curves[f"{kind}, tokens per forward ({key})"] = (ks, [r["tokens_per_forward"] for r in by_k.values()])
+            curves[f"{kind}, speedup ({key})"] = (ks, [r["speedup"] for r in by_k.values()])
+    line_plot(out_dir / "heads_used.png", curves, "heads used (k)", "tokens per forward / speedup (x)",
+              f"Greedy self-speculative decoding, n={N_FUTURE} BPE model")  # fmt: skip
+    return [
+        "## Setup\n\n"
+        f"One token-level model with n={N_FUTURE} heads per seed: BPE of {s.bpe_vocab} tokens trained on the "
+        f"corpus's training split, dim {s.dim}, {s.n_layers} blocks in all ({s.n_layers - N_FUTURE} trunk + "
+        f"{N_FUTURE} head blocks), {s.steps} steps of {s.batch_size} x {s.context} tokens, AdamW lr {s.lr}. "
+        "Corpus: the Python standard library's code plus the reference manual's English topics "
+        "(`pydoc_data/topics.py`, as JSON lines; 4 % of the bytes). Decoding: up to "
+        f"{s.n_prompts} held-out prompts of each kind, {s.prompt_len} tokens each (up to 4 from each validation "
+        f"document), decoded as one batch, {s.new_tokens} new tokens, greedy, fp32; k heads used means heads "
+        "2..k draft a chain that head 1 verifies (k = 1: plain decoding). Speedup is over plain decoding of the "
+        "same model in the same call (fastest of one timed run after a warm-up); `exact` = fraction of "
+        "outputs equal to plain greedy decoding.",
+        "## The model\n\n"
+        + markdown_table(["model", "non-emb. params", "train tokens", "train s",
+                          "held-out loss, heads 1-4 (nats)", "agreement with head 1, heads 2-4"],
+                         model_rows)  # fmt: skip
+        + "\n\n## Heads used\n\n"
+        + markdown_table(["model", "prompts", "batch", "heads used", "tokens/forward", "tokens/s", "speedup",
+                          "efficiency", "exact"], rows, digits=2)  # fmt: skip
+        + "\n\nPaper (Table S2, 7B, n=4, code, batch 42): 3.50 tokens per forward and 3.05x with 4 heads."
+        + "\n\n![tokens per forward and speedup by heads used](heads_used.png)",
+    ]
