@@ -295,13 +295,16 @@ def line_plot(
     title: str,
     logx: bool = False,
     markers: bool = True,
+    xticks: Sequence[float] | None = None,
 ) -> Path:
-    """Lines `label -> (x, y)` on one axes."""
+    """Lines `label -> (x, y)` on one axes; `xticks` fixes the x ticks (e.g. integers only)."""
     fig, ax = new_figure()
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o" if markers else None, markersize=3, label=label)
     if logx:
         ax.set_xscale("log")
+    if xticks is not None:
+        ax.set_xticks(list(xticks))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
