@@ -22,7 +22,11 @@ PROSE_FILE = "pydoc_topics.jsonl"
 
 def code_and_prose(work_dir: Path) -> tuple[list[str], list[str]]:
     """(code, prose) sources: the stdlib's `.py` files without `pydoc_data/topics.py`, and that file's topics
-    written to `work_dir/pydoc_topics.jsonl`, one JSON line each (about 4 % of the corpus's bytes)."""
+    written to `work_dir/pydoc_topics.jsonl`, one JSON line each (about 4 % of the corpus's bytes).
+
+    The train/validation split hashes document names, which hold the file's path: keep `work_dir` fixed
+    across runs that must share a split.
+    """
     from pydoc_data.topics import topics
 
     work_dir.mkdir(parents=True, exist_ok=True)
