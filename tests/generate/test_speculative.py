@@ -10,7 +10,7 @@ import torch
 
 from multitoken.errors import UserError
 from multitoken.generate.autoregressive import generate
-from multitoken.generate.bench import bench_generate, time_blocks
+from multitoken.generate.bench import bench_generate, bench_one_at_a_time, time_blocks
 from multitoken.generate.speculative import speculative_generate
 from multitoken.generate.stats import result_json
 from multitoken.generate.tree import Tree
@@ -271,6 +271,21 @@ def test_bench_generate_compares_decoders():
     assert "chain" in report["table"] and "tok/fwd" in report["table"]
     costs = time_blocks(model, [1, 4], context=10, repeats=2)
     assert set(costs) == {1, 4} and all(c > 0 for c in costs.values())
+
+
+def test_bench_one_at_a_time_pools_tokens_and_forwards():
+    model, prompts = trained_model(), held_out_prompts(3)
+    report = bench_one_at_a_time(model, prompts, 20)
+    alone = [speculative_generate(model, [p], 20) for p in prompts]
+    assert report["outputs"]["chain"] == [r.tokens[0] for r in alone]
+    assert report["outputs"]["plain"] == [generate(model, [p], 20).tokens[0] for p in prompts]
+    chain = report["decoders"]["chain"]
+    # Pooled: all tokens over all forwards, not a mean of per-prompt ratios.
+    tokens = sum(len(r.tokens[0]) for r in alone)
+    forwards = sum(len(r.tokens[0]) / r.stats["tokens_per_forward"] for r in alone)
+    assert chain["tokens_per_forward"] == pytest.approx(tokens / forwards)
+    assert chain["exact"] == 1.0 and chain["forwards"] == sum(r.n_forwards for r in alone)
+    assert chain["efficiency"] == pytest.approx(chain["speedup"] / chain["tokens_per_forward"])
 
 
 def test_bench_judges_compiled_decoders_against_compiled_plain(monkeypatch):

@@ -44,11 +44,11 @@ def bench_generate(
     tree-v): the same decoders with the drafts restricted to its tokens.
 
     Returns {"decoders": {name: {tokens_per_forward, tokens_per_second, speedup, efficiency, forwards,
-    exact}}, "table": str}. `speedup` is against eager plain decoding; `efficiency` is the speedup against
-    the plain decoder of the same kind (plain-c for the compiled rows) per token per forward, i.e. how much
-    of the tokens per forward survives as speed once both sides have the same step machinery. `exact` is
-    the fraction of prompts whose output equals plain decoding's (1.0 in fp32 on the CPU; in bf16 near-ties
-    of head 1's top two logits can flip).
+    exact}}, "table": str, "outputs": {name: generated tokens per prompt}}. `speedup` is against eager
+    plain decoding; `efficiency` is the speedup against the plain decoder of the same kind (plain-c for
+    the compiled rows) per token per forward, i.e. how much of the tokens per forward survives as speed
+    once both sides have the same step machinery. `exact` is the fraction of prompts whose output equals
+    plain decoding's (1.0 in fp32 on the CPU; in bf16 near-ties of head 1's top two logits can flip).
     """
     decoders: dict[str, Callable[[int], GenerationResult]] = {
         "plain": lambda n: generate(model, prompts, n),
@@ -86,7 +86,39 @@ def bench_generate(
         if name.startswith("tree"):
             rows[name]["tree_size"] = tree.size
     add_ratios(rows)
-    return {"decoders": rows, "table": format_table(rows)}
+    outputs = {name: r.tokens for name, r in results.items()}
+    return {"decoders": rows, "table": format_table(rows), "outputs": outputs}
+
+
+def bench_one_at_a_time(
+    model: MultiTokenModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs: Any
+) -> dict[str, Any]:
+    """`bench_generate` on each prompt alone (batch 1), pooled: tokens, forwards and seconds summed over the
+    prompts, then the ratios. Pooling weighs each token equally, so one prompt that loops (and drafts
+    perfectly) cannot dominate as it would in a mean of per-prompt ratios.
+
+    kwargs go to `bench_generate`. Returns {"decoders": rows, "table": str, "outputs": {name: [tokens of
+    each prompt]}}.
+    """
+    per_prompt = [bench_generate(model, [p], max_new_tokens, **kwargs) for p in prompts]
+    rows: dict[str, dict[str, Any]] = {}
+    for name in per_prompt[0]["decoders"]:
+        rs = [g["decoders"][name] for g in per_prompt]
+        tokens = [r["tokens_per_second"] * r["seconds"] for r in rs]
+        seconds = sum(r["seconds"] for r in rs)
+        row_forwards = sum(t / r["tokens_per_forward"] for t, r in zip(tokens, rs, strict=True))
+        rows[name] = {
+            "tokens_per_forward": sum(tokens) / row_forwards,
+            "tokens_per_second": sum(tokens) / seconds,
+            "seconds": seconds,
+            "forwards": sum(r["forwards"] for r in rs),
+            "exact": sum(r["exact"] for r in rs) / len(rs),
+        }
+        if "tree_size" in rs[0]:
+            rows[name]["tree_size"] = rs[0]["tree_size"]
+    add_ratios(rows)
+    outputs = {name: [g["outputs"][name][0] for g in per_prompt] for name in rows}
+    return {"decoders": rows, "table": format_table(rows), "outputs": outputs}
 
 
 def add_ratios(rows: dict[str, dict[str, Any]]) -> None:
