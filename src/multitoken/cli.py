@@ -628,6 +628,10 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--full", action="store_true", help="the full setting (a GPU or a long CPU run)")
     p.add_argument("--out", type=Path, help="report folder (default docs/results/NAME)")
     p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+        help="change one field of the setting, e.g. --set steps=2000 (repeatable; the report records it)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, help="CPU threads (on a shared machine 1 avoids OpenMP stalls)")
     p.set_defaults(func=_cmd_experiment)
 
@@ -636,10 +640,12 @@ def _cmd_experiment(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from multitoken.experiments import run_experiment
+    from multitoken.experiments.common import parse_overrides
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return run_experiment(args.name, "full" if args.full else "quick", args.out, args.seeds)
+    overrides = parse_overrides(args.overrides)
+    return run_experiment(args.name, "full" if args.full else "quick", args.out, args.seeds, overrides)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from multitoken.errors import UserError
 from multitoken.experiments import polynomials as poly
 from multitoken.experiments.common import git_commit, machine_info, markdown_table
 from multitoken.experiments.induction import (
@@ -180,6 +182,23 @@ def test_markdown_table_and_provenance() -> None:
     info = machine_info()
     assert info["torch"] and info["cpu"]
     assert git_commit() is None or len(git_commit().split("+")[0]) == 40
+
+
+def test_overrides_round_trip_through_the_recorded_command() -> None:
+    import shlex
+
+    from multitoken.experiments.common import default_command, parse_overrides, resolve_setting
+    from multitoken.experiments.selfspec import SETTINGS
+
+    overrides = {"steps": 2000, "seeds": [0, 1], "lr": 0.001, "n_source_files": None}
+    command = default_command("selfspec", "quick", Path("docs/results/x"), overrides)
+    assert command.startswith("multitoken experiment selfspec --out docs/results/x --set steps=2000")
+    argv = shlex.split(command)
+    assert parse_overrides([argv[i + 1] for i, a in enumerate(argv) if a == "--set"]) == overrides
+    s = resolve_setting(SETTINGS, "quick", {"lr": 1})  # an int where a float goes is fine
+    assert s.lr == 1 and s.steps == SETTINGS["quick"].steps
+    with pytest.raises(UserError, match="seeds must be like"):
+        resolve_setting(SETTINGS, "quick", {"seeds": 3})
 
 
 @pytest.fixture

@@ -7,10 +7,12 @@ report is typed in by hand: every number comes from the run that wrote it.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
 import platform
+import shlex
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -192,13 +194,37 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
 
 
 def resolve_setting(settings: dict[str, Any], setting: str, overrides: dict[str, Any] | None) -> Any:
-    """The named setting (a dataclass) with some fields replaced; unknown fields are a UserError."""
+    """The named setting (a dataclass) with some fields replaced; an unknown field or a value of the wrong
+    type is a UserError."""
     check_setting(setting)
     base = settings[setting]
-    unknown = sorted(set(overrides or {}) - {f.name for f in dataclasses.fields(base)})
+    fields = {f.name for f in dataclasses.fields(base)}
+    unknown = sorted(set(overrides or {}) - fields)
     if unknown:
-        raise UserError(f"unknown setting field(s): {', '.join(unknown)}")
+        raise UserError(f"unknown setting field(s): {', '.join(unknown)}; the fields are {', '.join(sorted(fields))}")
+    for key, value in (overrides or {}).items():
+        old = getattr(base, key)
+        allowed = (int, float) if isinstance(old, float) else type(old)
+        if old is not None and value is not None and (not isinstance(value, allowed) or isinstance(value, bool)):
+            raise UserError(f"setting field {key} must be like {old!r} ({type(old).__name__}), got {value!r}")
     return dataclasses.replace(base, **(overrides or {}))
+
+
+def parse_overrides(assignments: Sequence[str]) -> dict[str, Any]:
+    """["steps=2000", "seeds=[0,1]", "lr=1e-3"] -> {"steps": 2000, "seeds": [0, 1], "lr": 0.001}.
+
+    Values are Python literals (numbers, lists, None); anything else is kept as a string.
+    """
+    overrides: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set takes FIELD=VALUE, got {item!r}")
+        try:
+            overrides[key.strip()] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[key.strip()] = text
+    return overrides
 
 
 def start_run(
@@ -212,14 +238,21 @@ def start_run(
 
 
 def default_command(name: str, setting: str, out_dir: Path, overrides: dict[str, Any] | None = None) -> str:
-    """The line that reruns an experiment: the CLI's, or the Python call when fields were overridden."""
-    if overrides or setting == "test":
+    """The command line that reruns an experiment (fields overridden with --set), or the Python call for the
+    test setting, which the CLI does not offer."""
+    if setting == "test":
         return (
             'python -c "from multitoken.experiments import run_experiment; '
             f'run_experiment({name!r}, {setting!r}, {str(out_dir)!r}, overrides={overrides!r})"'
         )
     flag = " --full" if setting == "full" else ""
-    return f"multitoken experiment {name}{flag} --out {out_dir}"
+    sets = "".join(f" --set {shlex.quote(f'{k}={_literal(v)}')}" for k, v in (overrides or {}).items())
+    return f"multitoken experiment {name}{flag} --out {out_dir}{sets}"
+
+
+def _literal(value: Any) -> str:
+    """A --set value as `parse_overrides` reads it back: lists without spaces."""
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, list) else str(value)
 
 
 # --------------------------------------------------------------------------------------------------
