@@ -11,7 +11,8 @@ generation counted in the time budget, over the 8192 most frequent tokens (`--tr
 two thirds of the prompts come from code and one third from prose (`--prompt-mix code-heavy`), which is 4 % of
 the corpus. These defaults are the fifth heads of docs/results/smollm2_heads.md, the best measured.
 `bench` decodes held-out code and text prompts (documents the head training never saw) with transformers'
-`generate`, our plain decoder, chains of 2 and 4 heads and calibrated trees of each `--tree-budget`, each
+`generate`, our plain decoder, chains of 2 and 4 heads and trees of each `--tree-budget` (calibrated on the
+model's greedy continuations of one more prompt of each kind, `--calibrate-on generated`), each
 speculative decoder also with a draft vocabulary (the `--draft-vocab` most frequent tokens of the training
 split), one prompt at a time with every decoder run back to back on it (so a change of machine load hits all
 decoders alike), and checks that every greedy output equals transformers'. `steps` times single decode steps
@@ -39,7 +40,7 @@ from multitoken.data.tokenizers import load_tokenizer
 from multitoken.generate.autoregressive import generate
 from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
 from multitoken.generate.speculative import speculative_generate
-from multitoken.generate.tree import build_tree, calibrate
+from multitoken.generate.tree import build_tree, calibrate, greedy_windows
 from multitoken.heads import (
     HeadsConfig,
     configure_trainable,
@@ -118,9 +119,13 @@ def do_bench(args: argparse.Namespace) -> dict[str, Any]:
     run = args.work / "heads"
     tok = load_tokenizer(run)
     prompts = held_out_prompts(sources(args.work), tok, args.n_prompts + 1, VAL_FRACTION, per_doc=args.prompts_per_doc)
-    # The tree's shape is calibrated on one more held-out prompt of each kind than is benchmarked.
+    # The tree's shape is calibrated on one more held-out prompt of each kind than is benchmarked: on the
+    # model's greedy continuation of it (what decoding reads), or on the prompt's own text.
     calibration = torch.tensor([ps.pop() for ps in prompts.values()])
     model = load_run(run).model.eval()
+    skip = 0
+    if args.calibrate_on == "generated":
+        calibration, skip = greedy_windows(model, calibration, args.max_new_tokens), calibration.shape[1]
     hf, _ = load_gguf(find_smollm2_gguf())
     hf.generation_config.eos_token_id = None  # fixed-length greedy, as ours
     hf.generation_config.pad_token_id = 0
@@ -129,10 +134,10 @@ def do_bench(args: argparse.Namespace) -> dict[str, Any]:
     log(f"draft vocabulary: {vocab.size} tokens, covering {coverage} of the held-out prompts")
     # Trees calibrated without and with the draft vocabulary (with it, candidates rank among its tokens).
     variants = {"": None, f" + {vocab.size}-token draft vocabulary": vocab}  # row-name suffix -> vocabulary
-    trees = {
-        suffix: [build_tree(calibrate(model, calibration, args.max_rank, vocab=v), b) for b in args.tree_budget]
-        for suffix, v in variants.items()
+    acceptance = {
+        suffix: calibrate(model, calibration, args.max_rank, vocab=v, skip=skip) for suffix, v in variants.items()
     }
+    trees = {suffix: [build_tree(acc, b) for b in args.tree_budget] for suffix, acc in acceptance.items()}
     for suffix, ts in trees.items():
         log("trees" + suffix, *ts)
     max_new = args.max_new_tokens
@@ -164,6 +169,7 @@ def do_bench(args: argparse.Namespace) -> dict[str, Any]:
         run_one(prompts["code"][0][:16])  # warm-up
     results: dict[str, Any] = {"trees": {suffix or "full": [str(t) for t in ts] for suffix, ts in trees.items()}}
     results.update(max_new_tokens=max_new, machine=machine(), draft_vocab=vocab.size, coverage=coverage)
+    results.update(calibrate_on=args.calibrate_on, acceptance={k or "full": a.tolist() for k, a in acceptance.items()})
     results["sets"] = {}
     for kind, ps in prompts.items():
         acc = {name: {"tokens": 0, "forwards": 0.0, "seconds": 0.0, "tpf": [], "same": 0} for name in decoders}
@@ -302,6 +308,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--tree-budget", type=int, nargs="+", default=[8, 16, 32], help="bench: tree sizes")
     parser.add_argument("--max-rank", type=int, default=6, help="bench: candidates per head the trees may use")
+    parser.add_argument(
+        "--calibrate-on", choices=["generated", "data"], default="generated",
+        help="bench: calibrate the trees on the model's greedy continuation of the calibration prompts, or on them",
+    )  # fmt: skip
     parser.add_argument("--prompts-per-doc", type=int, default=1, help="bench: prompts from each held-out document")
     parser.add_argument("--only", nargs="+", help="bench: only the decoders whose names contain one of these")
     parser.add_argument(

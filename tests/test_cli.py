@@ -188,14 +188,18 @@ def test_speculative_generate_equals_plain_and_tree(run_dir, tmp_path, capsys):
     assert chain["decoder"] == "chain" and chain["generated_token_ids"] == plain["generated_token_ids"]
     assert "accept_histogram" in chain and chain["tokens_per_forward"] >= 1
     assert "calibrate" in error_of([*argv, "--tree"], capsys)  # no tree.json yet
-    assert main(["calibrate", str(run_dir), "--windows", "4", "--budget", "3", "--max-rank", "2"]) == 0
-    assert last_json(capsys.readouterr().out)["size"] <= 3
+    calibrate = ["calibrate", str(run_dir), "--windows", "4", "--budget", "3", "--max-rank", "2"]
+    assert main([*calibrate, "--on", "data"]) == 0
+    on_data = last_json(capsys.readouterr().out)
+    assert main(calibrate) == 0  # default: on the model's greedy continuations
+    on_text = last_json(capsys.readouterr().out)
+    assert on_data["on"] == "data" and on_text["on"] == "generated" and on_text["size"] <= 3
+    assert "--prompt-tokens must be between" in error_of([*calibrate, "--prompt-tokens", "47"], capsys)
     assert main([*argv, "--tree"]) == 0
     tree = last_json(capsys.readouterr().out)
     assert tree["decoder"] == "tree" and tree["generated_token_ids"] == plain["generated_token_ids"]
     assert "heads_used must be between 1" in error_of([*argv, "--heads-used", "5"], capsys)
     assert "calibrate RUN --draft-vocab" in error_of([*argv, "--draft-vocab"], capsys)  # none made yet
-    calibrate = ["calibrate", str(run_dir), "--windows", "4", "--budget", "3", "--max-rank", "2"]
     assert main([*calibrate, "--draft-vocab", "32"]) == 0
     report = last_json(capsys.readouterr().out)
     assert report["draft_vocab_size"] == 32 and 0 < report["draft_vocab_coverage"] <= 1

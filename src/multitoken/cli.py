@@ -430,6 +430,12 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-rank", type=int, default=4, help="candidates considered per head")
     p.add_argument("--windows", type=int, default=32, help="held-out windows to measure on")
     p.add_argument(
+        "--on", choices=["generated", "data"], default="generated",
+        help="generated (default): the model's greedy continuations of held-out prompts, the text greedy "
+        "decoding reads; data: the held-out text itself",
+    )  # fmt: skip
+    p.add_argument("--prompt-tokens", type=int, default=32, help="--on generated: prompt length of each window")
+    p.add_argument(
         "--draft-vocab", type=int, metavar="K",
         help="also restrict drafts to the K tokens most frequent in the training split (RUN/draft_vocab.json); "
         "the tree is then calibrated with it",
@@ -443,7 +449,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.checkpoint import load_run
     from multitoken.eval.heldout import load_heldout, windows_tensor
     from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
-    from multitoken.generate.tree import Tree, build_tree, calibrate, save_tree
+    from multitoken.generate.tree import Tree, build_tree, calibrate, greedy_windows, save_tree
 
     run = load_run(args.run)
     held = load_heldout(args.run, run.config, args.data, args.cache_dir)
@@ -455,8 +461,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         vocab.save(Path(args.run) / DRAFT_VOCAB_FILE, coverage)
         report = {"draft_vocab": str(Path(args.run) / DRAFT_VOCAB_FILE), "draft_vocab_size": vocab.size,
                   "draft_vocab_coverage": coverage}  # fmt: skip
-    windows = windows_tensor(held.tokens, args.windows, length)
-    acceptance = calibrate(run.model, windows, args.max_rank, vocab=vocab)
+    if args.on == "data":
+        windows, skip = windows_tensor(held.tokens, args.windows, length), 0
+    else:
+        if not 1 <= args.prompt_tokens < length - run.model.cfg.n_future:
+            raise UserError(f"--prompt-tokens must be between 1 and {length - run.model.cfg.n_future - 1}")
+        prompts = windows_tensor(held.tokens, args.windows, args.prompt_tokens)
+        windows, skip = greedy_windows(run.model, prompts, length - args.prompt_tokens), args.prompt_tokens
+    acceptance = calibrate(run.model, windows, args.max_rank, vocab=vocab, skip=skip)
     tree = build_tree(acceptance, args.budget)
     save_tree(tree, Path(args.run) / TREE_FILE, acceptance)
     print(f"head acceptance (rows: heads 2..n, columns: candidate rank 1..{args.max_rank}):", file=sys.stderr)
@@ -464,6 +476,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  head {i + 2}: " + " ".join(f"{x:.3f}" for x in row), file=sys.stderr)
     return {
         "tree": str(Path(args.run) / TREE_FILE),
+        "on": args.on,
         "size": tree.size,
         "expected_tokens_per_forward": tree.expected_length(acceptance),
         "chain_expected_tokens_per_forward": Tree.chain(acceptance.shape[0] + 1).expected_length(acceptance),

@@ -8,7 +8,7 @@ import torch
 from multitoken.errors import UserError
 from multitoken.generate.autoregressive import generate
 from multitoken.generate.speculative import speculative_generate
-from multitoken.generate.tree import Tree, TreeIndex, build_tree, calibrate, tree_mask
+from multitoken.generate.tree import Tree, TreeIndex, build_tree, calibrate, greedy_windows, tree_mask
 from multitoken.kv_cache import causal_mask
 from tests.conftest import make_model
 from tests.generate.test_speculative import (
@@ -97,6 +97,32 @@ def test_calibrate_on_stub_and_trained_model():
     acc = calibrate(trained_model(), word_stream(640, seed=9).view(10, 64), max_rank=4)
     assert acc.shape == (2, 4) and (acc.sum(1) <= 1 + 1e-6).all()
     assert (acc[:, 0] > 0.5).all() and (acc[:, 0] > acc[:, 1]).all()
+
+
+def test_calibrate_on_greedy_windows_against_a_per_position_loop():
+    model = trained_model()
+    P, stream = 8, word_stream(400, seed=7)
+    prompts = stream[: 3 * P].view(3, P)
+    windows = greedy_windows(model, prompts, 24)
+    assert windows[:, :P].equal(prompts)
+    assert windows[:, P:].tolist() == generate(model, prompts.tolist(), 24).tokens
+    # The slow twin: every head's logits from one full forward, ranks counted position by position.
+    logits = model(windows)  # (B, T, n, V)
+    n, R = model.cfg.n_future, 3
+    hits, counts = torch.zeros(n - 1, R), torch.zeros(n - 1)
+    for b in range(windows.shape[0]):
+        for t in range(P - 1, windows.shape[1]):
+            for d in range(1, n):
+                if t + d >= windows.shape[1]:
+                    continue
+                right = logits[b, t + d, 0].argmax()  # head 1's choice for token t+d+1
+                rank = int((logits[b, t, d] > logits[b, t, d, right]).sum())
+                hits[d - 1, rank] += rank < R
+                counts[d - 1] += 1
+    torch.testing.assert_close(calibrate(model, windows, R, skip=P), hits / counts[:, None])
+    # The model's own text is easier to draft than the data it continues, as in decoding.
+    data = stream[: 3 * (P + 24)].view(3, P + 24)
+    assert calibrate(model, windows, R, skip=P)[:, 0].mean() > calibrate(model, data, R, skip=P)[:, 0].mean()
 
 
 # ------------------------------------------------------------------------------------------------

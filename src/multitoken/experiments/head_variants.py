@@ -17,6 +17,7 @@ from typing import Any
 
 from multitoken.config import HEAD_TYPES, ModelConfig, TrainConfig, param_count
 from multitoken.data.corpus import default_corpus_paths
+from multitoken.eval.heldout import prompt_windows
 from multitoken.experiments.common import (
     default_command,
     grouped_bars,
@@ -26,7 +27,6 @@ from multitoken.experiments.common import (
     train_corpus_model,
     write_report,
 )
-from multitoken.experiments.selfspec import evenly_spaced_prompts
 from multitoken.generate.bench import bench_generate
 
 NAME = "head_variants"
@@ -80,7 +80,7 @@ def run(
                 )  # fmt: skip
                 run_ = train_corpus_model(model_cfg, cfg, Path(tmp) / f"{head_type}-s{seed}", sources, device)
                 half = len(run_.val_tokens) // 2
-                prompts = evenly_spaced_prompts(run_.val_tokens[half:], s.n_prompts, s.prompt_len)
+                prompts = prompt_windows(run_.val_tokens[half:], s.n_prompts, s.prompt_len)
                 bench = bench_generate(run_.model, prompts, s.new_tokens, heads_used=s.n_future)["decoders"]
                 runs.append({
                     "head_type": head_type, "seed": seed,

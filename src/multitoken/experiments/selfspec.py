@@ -21,6 +21,7 @@ import torch
 
 from multitoken.config import ModelConfig, TrainConfig, param_count
 from multitoken.data.corpus import default_corpus_paths
+from multitoken.eval.heldout import prompt_windows
 from multitoken.experiments.common import (
     default_command,
     grouped_bars,
@@ -31,7 +32,7 @@ from multitoken.experiments.common import (
     write_report,
 )
 from multitoken.generate.bench import bench_generate
-from multitoken.generate.tree import build_tree, calibrate
+from multitoken.generate.tree import build_tree, calibrate, greedy_windows
 
 NAME = "selfspec"
 
@@ -60,12 +61,6 @@ SETTINGS = {
     "quick": Setting(128, 10, 4, [1, 8], [2, 4, 8], [0], 200, 8, 128, 3e-3, 4, 64, 96, 16, None),
     "full": Setting(512, 16, 8, [1, 8], [2, 4, 8], [0], 20_000, 32, 512, 1e-3, 16, 128, 256, 32, None),
 }
-
-
-def evenly_spaced_prompts(tokens: np.ndarray, count: int, length: int) -> list[list[int]]:
-    """`count` prompts of `length` tokens taken at evenly spaced offsets of a held-out split."""
-    span = len(tokens) - length
-    return [tokens[i * span // max(1, count - 1) :][:length].tolist() for i in range(count)]
 
 
 def run(
@@ -99,9 +94,9 @@ def run(
                 }  # fmt: skip
                 if n != max(s.n_values):
                     continue
-                # Prompts from the second half of the held-out bytes, tree calibration on the first half.
+                # Prompts from the second half of the held-out bytes, the tree's calibration prompts from the first.
                 half = len(run_.val_tokens) // 2
-                prompts = evenly_spaced_prompts(run_.val_tokens[half:], s.n_prompts, s.prompt_len)
+                prompts = prompt_windows(run_.val_tokens[half:], s.n_prompts, s.prompt_len)
                 decoding[key] = _decode(run_.model, run_.val_tokens, prompts, s)
     seconds = time.perf_counter() - t0
     results = {"settings": s.__dict__, "models": models, "decoding": decoding}
@@ -119,8 +114,11 @@ def _decode(model, val_tokens: np.ndarray, prompts: list[list[int]], s: Setting)
     for k in s.heads_used:
         tree = None
         if k == model.cfg.n_future and s.tree_budget:
-            windows = torch.from_numpy(val_tokens[: 16 * s.context].astype(np.int64)).view(16, s.context)
-            tree = build_tree(calibrate(model, windows, max_rank=4), s.tree_budget)
+            # Calibrated on what greedy decoding reads: the model's continuations of 16 other prompts.
+            prompt_len = s.context // 4
+            calib = torch.from_numpy(val_tokens[: 16 * prompt_len].astype(np.int64)).view(16, prompt_len)
+            windows = greedy_windows(model, calib, s.context - prompt_len)
+            tree = build_tree(calibrate(model, windows, max_rank=4, skip=prompt_len), s.tree_budget)
         bench = bench_generate(model, prompts, s.new_tokens, heads_used=k, tree=tree)["decoders"]
         rows[f"chain k={k}"] = bench["chain"]
         rows["plain"] = rows["plain"] or bench["plain"]
@@ -159,7 +157,9 @@ def _report_sections(models: dict[str, Any], decoding: dict[str, Any], s: Settin
         f"standard library; AdamW lr {s.lr}. Decoding: {s.n_prompts} held-out prompts of {s.prompt_len} bytes "
         f"decoded as one batch, {s.new_tokens} new bytes each, greedy, fp32; speedup is over plain decoding of "
         "the same model in the same call (fastest of one timed run after a warm-up). `exact` = fraction of "
-        "outputs equal to plain greedy decoding.",
+        f"outputs equal to plain greedy decoding. The tree ({s.tree_budget} nodes, up to 4 candidates per head) "
+        f"is calibrated on the model's greedy continuations of 16 other held-out prompts of {s.context // 4} "
+        "bytes (the first half of the held-out bytes; the prompts above come from the second).",
         "## Bits per byte by head\n\n"
         + markdown_table(["model", "non-emb. params", "train bytes", "head 1 bpb", "heads 2.. bpb", "train s"],
                          bpb_rows)  # fmt: skip

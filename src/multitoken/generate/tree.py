@@ -13,7 +13,10 @@ true slots and its mask is the causal one, so one decoder serves both.
 The shape comes from data, not from constants: `calibrate` measures P(head d's rank-r candidate is the
 token head 1 then chooses) on held-out windows, and `build_tree` adds nodes greedily by the probability
 that their whole path is accepted, which maximises the expected accepted length for a node budget if the
-heads' hits are independent.
+heads' hits are independent. Greedy decoding reads the model's own text, which is usually easier to draft
+than held-out data (small models repeat themselves), so `greedy_windows` continues held-out prompts with
+the model itself and `calibrate(..., skip=prompt length)` measures on the continuations only: the
+acceptance that decoding will meet, and deeper trees when it is high.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 
 from multitoken.errors import UserError
+from multitoken.generate.autoregressive import generate
 from multitoken.generate.draft_vocab import DraftVocab
 from multitoken.model import MultiTokenModel
 
@@ -169,29 +173,34 @@ def calibrate(
     max_rank: int,
     batch_size: int = 8,
     vocab: DraftVocab | None = None,
+    skip: int = 0,
 ) -> torch.Tensor:
     """Measure acceptance (n-1, max_rank): P(head d+2's rank-r candidate equals head 1's choice).
 
-    windows (B, L): held-out token windows. Head d+1 (0-based d) at position t drafts token t+d+1; in
-    decoding, head 1 judges that token from position t+d, so its argmax there is the right answer. This
-    takes the data as the context, not the model's own text, which is the usual offline estimate. With a
-    draft vocabulary the candidates are ranked among its tokens only, as the decoder ranks them, and a
-    right answer outside it is a miss at every rank.
+    windows (B, L): token windows, held-out data or `greedy_windows`. Head d+1 (0-based d) at position t
+    drafts token t+d+1; in decoding, head 1 judges that token from position t+d, so its argmax there is the
+    right answer. Only drafts made at positions t >= skip - 1 count (skip = the prompt length of greedy
+    windows: the drafts that decoding makes once it has read the prompt). With a draft vocabulary the
+    candidates are ranked among its tokens only, as the decoder ranks them, and a right answer outside it is
+    a miss at every rank.
     """
     n = model.cfg.n_future
     if n < 2:
         raise UserError("calibrating a tree needs a model with at least 2 heads")
-    if windows.dim() != 2 or windows.shape[1] < n + 1:
-        raise UserError(f"calibration needs (batch, length >= {n + 1}) token windows, got {tuple(windows.shape)}")
+    if windows.dim() != 2 or windows.shape[1] < skip + n + 1:
+        raise UserError(
+            f"calibration needs (batch, length >= {skip + n + 1}) token windows, got {tuple(windows.shape)}"
+        )
     hits = torch.zeros(n - 1, max_rank)
     counts = torch.zeros(n - 1)
     for chunk in windows.split(batch_size):
         ctx = model.attention_context(chunk.shape[1])
         outputs = model.run_heads(model.embed_and_trunk(chunk, ctx), ctx)
         choice = model.unembed(outputs[0]).argmax(-1)  # (b, T): head 1's token for position t+1
+        first = max(skip - 1, 0)  # the first position whose drafts count
         for d in range(1, n):
-            logits = model.unembed(outputs[d][:, :-d]).float()  # (b, T-d, V): drafts for t+d+1
-            right = choice[:, d:]  # (b, T-d): head 1's token for t+d+1, from position t+d
+            logits = model.unembed(outputs[d][:, first:-d]).float()  # (b, T-d-first, V): drafts for t+d+1
+            right = choice[:, first + d :]  # head 1's token for t+d+1, from position t+d
             if vocab is not None:  # rank among the draft tokens; outside them, never drafted
                 index = vocab.index(right)
                 logits, right = vocab.restrict(logits), index.clamp_min(0)
@@ -201,6 +210,17 @@ def calibrate(
             hits[d - 1] += torch.bincount(rank.flatten(), minlength=max_rank)[:max_rank].float()
             counts[d - 1] += rank.numel()
     return hits / counts[:, None]
+
+
+def greedy_windows(model: MultiTokenModel, prompts: torch.Tensor, length: int) -> torch.Tensor:
+    """Prompts (B, P) followed by the model's greedy continuation of `length` tokens: (B, P + length).
+
+    What greedy decoding will read; calibrate on it with skip=P.
+    """
+    if prompts.shape[1] + length > model.cfg.max_seq_len:
+        raise UserError(f"prompts of {prompts.shape[1]} + {length} tokens exceed the context {model.cfg.max_seq_len}")
+    continuations = generate(model, prompts.tolist(), length).tokens  # every row runs `length`: no eos
+    return torch.cat([prompts, torch.tensor(continuations, dtype=prompts.dtype)], dim=1)
 
 
 def build_tree(acceptance: torch.Tensor, budget: int) -> Tree:
