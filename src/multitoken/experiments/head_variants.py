@@ -113,7 +113,8 @@ def _report_sections(runs: list[dict[str, Any]], s: Setting, out_dir: Path) -> l
         tpf["bytes per forward"].append(chain["tokens_per_forward"])
         tpf["speedup (x)"].append(chain["speedup"])
     line_plot(out_dir / "bits_per_byte_by_head.png", curves, "head i (predicts byte t+i)",
-              "bits per byte (held-out stdlib bytes)", f"Per-head bits per byte, n={s.n_future}")  # fmt: skip
+              "bits per byte (held-out stdlib bytes)", f"Per-head bits per byte, n={s.n_future}",
+              xticks=range(1, s.n_future + 1))  # fmt: skip
     grouped_bars(out_dir / "decoding.png", [r["head_type"] for r in runs], tpf, "bytes per forward / speedup",
                  f"Greedy self-speculative decoding with all {s.n_future} heads", xlabel="head type")  # fmt: skip
     head_cols = [f"head {i + 1} bpb" for i in range(s.n_future)]

@@ -138,7 +138,8 @@ def _report_sections(models: dict[str, Any], decoding: dict[str, Any], s: Settin
                          " / ".join(f"{x:.2f}" for x in bpb[1:]) or "–", m["train_seconds"]])  # fmt: skip
         curves[key] = (list(range(1, len(bpb) + 1)), bpb)
     line_plot(out_dir / "bits_per_byte_by_head.png", curves, "head i (predicts byte t+i)",
-              "bits per byte (held-out stdlib bytes)", "Per-head bits per byte")  # fmt: skip
+              "bits per byte (held-out stdlib bytes)", "Per-head bits per byte",
+              xticks=range(1, max(s.n_values) + 1))  # fmt: skip
     dec_rows, labels, bpf, speed = [], [], [], []
     for key, rows in decoding.items():
         for name, r in rows.items():
