@@ -137,7 +137,7 @@ def do_bench(args: argparse.Namespace) -> dict[str, Any]:
     acceptance = {
         suffix: calibrate(model, calibration, args.max_rank, vocab=v, skip=skip) for suffix, v in variants.items()
     }
-    trees = {suffix: [build_tree(acc, b) for b in args.tree_budget] for suffix, acc in acceptance.items()}
+    trees = {suffix: [build_tree(c, b) for b in args.tree_budget] for suffix, c in acceptance.items()}
     for suffix, ts in trees.items():
         log("trees" + suffix, *ts)
     max_new = args.max_new_tokens
@@ -169,7 +169,8 @@ def do_bench(args: argparse.Namespace) -> dict[str, Any]:
         run_one(prompts["code"][0][:16])  # warm-up
     results: dict[str, Any] = {"trees": {suffix or "full": [str(t) for t in ts] for suffix, ts in trees.items()}}
     results.update(max_new_tokens=max_new, machine=machine(), draft_vocab=vocab.size, coverage=coverage)
-    results.update(calibrate_on=args.calibrate_on, acceptance={k or "full": a.tolist() for k, a in acceptance.items()})
+    results.update(calibrate_on=args.calibrate_on)
+    results["acceptance"] = {suffix or "full": c.acceptance.tolist() for suffix, c in acceptance.items()}
     results["sets"] = {}
     for kind, ps in prompts.items():
         acc = {name: {"tokens": 0, "forwards": 0.0, "seconds": 0.0, "tpf": [], "same": 0} for name in decoders}

@@ -468,9 +468,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError(f"--prompt-tokens must be between 1 and {length - run.model.cfg.n_future - 1}")
         prompts = windows_tensor(held.tokens, args.windows, args.prompt_tokens)
         windows, skip = greedy_windows(run.model, prompts, length - args.prompt_tokens), args.prompt_tokens
-    acceptance = calibrate(run.model, windows, args.max_rank, vocab=vocab, skip=skip)
-    tree = build_tree(acceptance, args.budget)
-    save_tree(tree, Path(args.run) / TREE_FILE, acceptance)
+    calibration = calibrate(run.model, windows, args.max_rank, vocab=vocab, skip=skip)
+    tree = build_tree(calibration, args.budget)
+    save_tree(tree, Path(args.run) / TREE_FILE, calibration)
+    acceptance = calibration.acceptance
     print(f"head acceptance (rows: heads 2..n, columns: candidate rank 1..{args.max_rank}):", file=sys.stderr)
     for i, row in enumerate(acceptance.tolist()):
         print(f"  head {i + 2}: " + " ".join(f"{x:.3f}" for x in row), file=sys.stderr)
@@ -478,8 +479,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         "tree": str(Path(args.run) / TREE_FILE),
         "on": args.on,
         "size": tree.size,
-        "expected_tokens_per_forward": tree.expected_length(acceptance),
-        "chain_expected_tokens_per_forward": Tree.chain(acceptance.shape[0] + 1).expected_length(acceptance),
+        "expected_tokens_per_forward": tree.expected_length(calibration),
+        "chain_expected_tokens_per_forward": Tree.chain(acceptance.shape[0] + 1).expected_length(calibration),
         "acceptance": acceptance.tolist(),
         **report,
     }

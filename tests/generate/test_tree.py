@@ -8,7 +8,15 @@ import torch
 from multitoken.errors import UserError
 from multitoken.generate.autoregressive import generate
 from multitoken.generate.speculative import speculative_generate
-from multitoken.generate.tree import Tree, TreeIndex, build_tree, calibrate, greedy_windows, tree_mask
+from multitoken.generate.tree import (
+    Calibration,
+    Tree,
+    TreeIndex,
+    build_tree,
+    calibrate,
+    greedy_windows,
+    tree_mask,
+)
 from multitoken.kv_cache import causal_mask
 from tests.conftest import make_model
 from tests.generate.test_speculative import (
@@ -87,14 +95,28 @@ def test_build_tree_maximises_expected_length():
         assert set(tree.prefix(size).paths) == set(build_tree(acc, size).paths)
 
 
+def test_joint_calibration_sees_drafts_that_are_right_together():
+    # 60 % of positions: heads 2-4 all right at rank 0 (a loop); 40 %: head 2's second guess, then misses.
+    miss = 2
+    ranks = torch.tensor([[0, 0, 0]] * 6 + [[1, miss, miss]] * 4)
+    calibration = Calibration(ranks, max_rank=2)
+    torch.testing.assert_close(calibration.acceptance, torch.tensor([[0.6, 0.4], [0.6, 0.0], [0.6, 0.0]]))
+    assert calibration.path_probability((0, 0, 0)) == pytest.approx(0.6)  # independence would say 0.216
+    assert calibration.path_probability((1, 0)) == 0.0
+    joint, independent = build_tree(calibration, 4), build_tree(calibration.acceptance, 4)
+    assert joint.paths == ((0,), (0, 0), (0, 0, 0)) and independent.paths == ((0,), (1,), (0, 0))
+    assert joint.expected_length(calibration) == pytest.approx(2.8)
+    assert independent.expected_length(calibration) == pytest.approx(2.6)  # what the product's pick is worth
+
+
 def test_calibrate_on_stub_and_trained_model():
     # Head 2's second guess is head 1's choice two steps on, head 3's first guess is right.
     stub = StubModel(shift_table(11, [[1], [3, 2], [3, 4]]))
     windows = (torch.arange(12) + torch.tensor([[0], [5]])) % 11  # text that follows head 1
-    acc = calibrate(stub, windows, max_rank=3)
+    acc = calibrate(stub, windows, max_rank=3).acceptance
     assert acc.tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
 
-    acc = calibrate(trained_model(), word_stream(640, seed=9).view(10, 64), max_rank=4)
+    acc = calibrate(trained_model(), word_stream(640, seed=9).view(10, 64), max_rank=4).acceptance
     assert acc.shape == (2, 4) and (acc.sum(1) <= 1 + 1e-6).all()
     assert (acc[:, 0] > 0.5).all() and (acc[:, 0] > acc[:, 1]).all()
 
@@ -110,19 +132,26 @@ def test_calibrate_on_greedy_windows_against_a_per_position_loop():
     logits = model(windows)  # (B, T, n, V)
     n, R = model.cfg.n_future, 3
     hits, counts = torch.zeros(n - 1, R), torch.zeros(n - 1)
+    paths: list[tuple[int, ...]] = []  # each position's accepted rank path: ranks until the first miss
     for b in range(windows.shape[0]):
-        for t in range(P - 1, windows.shape[1]):
+        for t in range(P - 1, windows.shape[1] - n + 1):  # positions where every head's answer is known
+            path: list[int] = []
             for d in range(1, n):
-                if t + d >= windows.shape[1]:
-                    continue
                 right = logits[b, t + d, 0].argmax()  # head 1's choice for token t+d+1
                 rank = int((logits[b, t, d] > logits[b, t, d, right]).sum())
                 hits[d - 1, rank] += rank < R
                 counts[d - 1] += 1
-    torch.testing.assert_close(calibrate(model, windows, R, skip=P), hits / counts[:, None])
+                path = path + [rank] if len(path) == d - 1 and rank < R else path
+            paths.append(tuple(path))
+    calibration = calibrate(model, windows, R, skip=P)
+    torch.testing.assert_close(calibration.acceptance, hits / counts[:, None])
+    for node in [(0,), (0, 0), (1,), (0, 1), (1, 0)]:  # joint: the share of positions whose path starts so
+        share = sum(p[: len(node)] == node for p in paths) / len(paths)
+        assert calibration.path_probability(node) == pytest.approx(share)
     # The model's own text is easier to draft than the data it continues, as in decoding.
     data = stream[: 3 * (P + 24)].view(3, P + 24)
-    assert calibrate(model, windows, R, skip=P)[:, 0].mean() > calibrate(model, data, R, skip=P)[:, 0].mean()
+    on_data = calibrate(model, data, R, skip=P)
+    assert calibration.acceptance[:, 0].mean() > on_data.acceptance[:, 0].mean()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,13 +10,14 @@ it see the cached prefix (slots < p), its ancestors and itself. Head 1 at node i
 A chain (blockwise parallel decoding) is the tree whose every node has rank 0: its scratch slots are its
 true slots and its mask is the causal one, so one decoder serves both.
 
-The shape comes from data, not from constants: `calibrate` measures P(head d's rank-r candidate is the
-token head 1 then chooses) on held-out windows, and `build_tree` adds nodes greedily by the probability
-that their whole path is accepted, which maximises the expected accepted length for a node budget if the
-heads' hits are independent. Greedy decoding reads the model's own text, which is usually easier to draft
-than held-out data (small models repeat themselves), so `greedy_windows` continues held-out prompts with
-the model itself and `calibrate(..., skip=prompt length)` measures on the continuations only: the
-acceptance that decoding will meet, and deeper trees when it is high.
+The shape comes from data, not from constants: `calibrate` records, at every position of some windows, the
+rank of the token head 1 then chooses among each draft head's candidates (a `Calibration`), and
+`build_tree` adds nodes greedily by the probability that their whole path is accepted, which maximises the
+expected accepted length for a node budget. That probability is measured jointly, not as a product of
+per-head rates: small models' drafts are right or wrong together (a loop is drafted to its end, a fresh
+line not at all), which independence misjudges. Greedy decoding reads the model's own text, usually easier
+to draft than held-out data, so `greedy_windows` continues held-out prompts with the model itself and
+`calibrate(..., skip=prompt length)` measures on the continuations only: the acceptance decoding will meet.
 """
 
 from __future__ import annotations
@@ -83,19 +84,43 @@ class Tree:
         """The tree made of the first `size` nodes (root included)."""
         return Tree(self.paths[: size - 1])
 
-    def expected_length(self, acceptance: torch.Tensor) -> float:
-        """Expected tokens per forward, 1 + sum over nodes of P(whole path accepted), assuming the heads'
-        hits independent. `acceptance` (heads - 1, R): P(head d+2's rank-r candidate is right)."""
-        return 1.0 + sum(_path_value(p, acceptance) for p in self.paths)
+    def expected_length(self, estimate: Calibration | torch.Tensor) -> float:
+        """Expected tokens per forward, 1 + sum over nodes of P(whole path accepted) (`path_value`)."""
+        return 1.0 + sum(path_value(p, estimate) for p in self.paths)
 
     def __str__(self) -> str:
         return f"Tree(size={self.size}, depth={self.depth}, paths={list(self.paths)})"
 
 
-def _path_value(path: tuple[int, ...], acceptance: torch.Tensor) -> float:
+@dataclass(frozen=True)
+class Calibration:
+    """What `calibrate` measured: at each counted draft position, the rank of the right token (head 1's
+    choice) among each draft head's candidates."""
+
+    ranks: torch.Tensor  # (positions, heads - 1) int64; max_rank stands for "not among the candidates"
+    max_rank: int
+
+    @property
+    def acceptance(self) -> torch.Tensor:
+        """(heads - 1, max_rank): P(head d+2's rank-r candidate is right), each head on its own."""
+        one_hot = torch.nn.functional.one_hot(self.ranks, self.max_rank + 1)[..., : self.max_rank]
+        return one_hot.float().mean(0)
+
+    def path_probability(self, path: tuple[int, ...]) -> float:
+        """P(the right tokens of heads 2..len(path)+1 sit at exactly these ranks), i.e. that the node is
+        accepted, measured jointly over the positions."""
+        target = torch.tensor(path, dtype=self.ranks.dtype)
+        return float((self.ranks[:, : len(path)] == target).all(1).float().mean())
+
+
+def path_value(path: tuple[int, ...], estimate: Calibration | torch.Tensor) -> float:
+    """P(the whole path is accepted): measured jointly from a `Calibration`, or, from per-head acceptance
+    (heads - 1, R) alone, the product of its nodes' rates (the heads' hits taken as independent)."""
+    if isinstance(estimate, Calibration):
+        return estimate.path_probability(path)
     value = 1.0
     for d, r in enumerate(path):
-        value *= float(acceptance[d, r]) if r < acceptance.shape[1] else 0.0
+        value *= float(estimate[d, r]) if r < estimate.shape[1] else 0.0
     return value
 
 
@@ -174,15 +199,15 @@ def calibrate(
     batch_size: int = 8,
     vocab: DraftVocab | None = None,
     skip: int = 0,
-) -> torch.Tensor:
-    """Measure acceptance (n-1, max_rank): P(head d+2's rank-r candidate equals head 1's choice).
+) -> Calibration:
+    """Measure, at every position of `windows`, the rank of head 1's choice among each draft head's candidates.
 
     windows (B, L): token windows, held-out data or `greedy_windows`. Head d+1 (0-based d) at position t
     drafts token t+d+1; in decoding, head 1 judges that token from position t+d, so its argmax there is the
-    right answer. Only drafts made at positions t >= skip - 1 count (skip = the prompt length of greedy
-    windows: the drafts that decoding makes once it has read the prompt). With a draft vocabulary the
-    candidates are ranked among its tokens only, as the decoder ranks them, and a right answer outside it is
-    a miss at every rank.
+    right answer. Positions t count from skip - 1 (skip = the prompt length of greedy windows: the drafts
+    that decoding makes once it has read the prompt) to the last one where every head's answer is in the
+    window. With a draft vocabulary the candidates are ranked among its tokens only, as the decoder ranks
+    them, and a right answer outside it is a miss.
     """
     n = model.cfg.n_future
     if n < 2:
@@ -191,25 +216,26 @@ def calibrate(
         raise UserError(
             f"calibration needs (batch, length >= {skip + n + 1}) token windows, got {tuple(windows.shape)}"
         )
-    hits = torch.zeros(n - 1, max_rank)
-    counts = torch.zeros(n - 1)
+    first, T = max(skip - 1, 0), windows.shape[1]
+    last = T - n  # the last position whose every draft (of tokens up to t+n-1) has its answer in the window
+    ranks = []
     for chunk in windows.split(batch_size):
         ctx = model.attention_context(chunk.shape[1])
         outputs = model.run_heads(model.embed_and_trunk(chunk, ctx), ctx)
         choice = model.unembed(outputs[0]).argmax(-1)  # (b, T): head 1's token for position t+1
-        first = max(skip - 1, 0)  # the first position whose drafts count
+        per_head = []
         for d in range(1, n):
-            logits = model.unembed(outputs[d][:, first:-d]).float()  # (b, T-d-first, V): drafts for t+d+1
-            right = choice[:, first + d :]  # head 1's token for t+d+1, from position t+d
+            logits = model.unembed(outputs[d][:, first : last + 1]).float()  # (b, P, V): drafts for t+d+1
+            right = choice[:, first + d : last + d + 1]  # (b, P): head 1's token for t+d+1, from position t+d
             if vocab is not None:  # rank among the draft tokens; outside them, never drafted
                 index = vocab.index(right)
                 logits, right = vocab.restrict(logits), index.clamp_min(0)
-            rank = (logits > logits.gather(-1, right[..., None])).sum(-1)  # (b, T-d)
+            rank = (logits > logits.gather(-1, right[..., None])).sum(-1).clamp_max(max_rank)  # (b, P)
             if vocab is not None:
-                rank = torch.where(index >= 0, rank, max_rank)  # past the counted ranks
-            hits[d - 1] += torch.bincount(rank.flatten(), minlength=max_rank)[:max_rank].float()
-            counts[d - 1] += rank.numel()
-    return hits / counts[:, None]
+                rank = torch.where(index >= 0, rank, max_rank)
+            per_head.append(rank.flatten())
+        ranks.append(torch.stack(per_head, dim=1))  # (b * P, n - 1)
+    return Calibration(torch.cat(ranks), max_rank)
 
 
 def greedy_windows(model: MultiTokenModel, prompts: torch.Tensor, length: int) -> torch.Tensor:
@@ -223,45 +249,47 @@ def greedy_windows(model: MultiTokenModel, prompts: torch.Tensor, length: int) -
     return torch.cat([prompts, torch.tensor(continuations, dtype=prompts.dtype)], dim=1)
 
 
-def build_tree(acceptance: torch.Tensor, budget: int) -> Tree:
+def build_tree(estimate: Calibration | torch.Tensor, budget: int) -> Tree:
     """The tree of at most `budget` nodes (root included) with the largest expected accepted length.
 
-    acceptance (heads - 1, R) from `calibrate`. A path's value is the product of its nodes' hit rates,
-    which never exceeds its parent's, so adding the most valuable node whose parent is in the tree, one at
-    a time, picks the `budget - 1` most valuable paths. Nodes that can never be accepted are left out.
+    estimate: a `Calibration` (paths valued jointly) or per-head acceptance (heads - 1, R) (paths valued
+    as products). Either way a path's value never exceeds its parent's, so adding the most valuable node
+    whose parent is in the tree, one at a time, picks the `budget - 1` most valuable paths. Nodes that can
+    never be accepted are left out.
     """
     if budget < 1:
         raise UserError(f"tree budget must be >= 1 node, got {budget}")
+    acceptance = estimate.acceptance if isinstance(estimate, Calibration) else estimate
     n_draft, R = acceptance.shape
-    rates = acceptance.tolist()
     heap: list[tuple[float, int, tuple[int, ...]]] = []
     counter = 0  # breaks ties by insertion order, so the result is deterministic
 
-    def push_children(path: tuple[int, ...], value: float) -> None:
+    def push_children(path: tuple[int, ...]) -> None:
         nonlocal counter
         if len(path) == n_draft:
             return
         for r in range(R):
-            child = value * rates[len(path)][r]
-            if child > 0:
-                heapq.heappush(heap, (-child, counter, (*path, r)))
+            child = (*path, r)
+            value = path_value(child, estimate)
+            if value > 0:
+                heapq.heappush(heap, (-value, counter, child))
                 counter += 1
 
     paths: list[tuple[int, ...]] = []
-    push_children((), 1.0)
+    push_children(())
     while heap and len(paths) < budget - 1:
-        neg_value, _, path = heapq.heappop(heap)
+        _, _, path = heapq.heappop(heap)
         paths.append(path)
-        push_children(path, -neg_value)
+        push_children(path)
     return Tree(tuple(paths))
 
 
-def save_tree(tree: Tree, path: Path, acceptance: torch.Tensor | None = None) -> None:
-    """Write a tree (and the calibrated acceptance it came from) as JSON."""
+def save_tree(tree: Tree, path: Path, calibration: Calibration | None = None) -> None:
+    """Write a tree (and the per-head acceptance and expected length of the calibration it came from) as JSON."""
     data = {"paths": [list(p) for p in tree.paths], "size": tree.size, "depth": tree.depth}
-    if acceptance is not None:
-        data["acceptance"] = acceptance.tolist()
-        data["expected_tokens_per_forward"] = tree.expected_length(acceptance)
+    if calibration is not None:
+        data["acceptance"] = calibration.acceptance.tolist()
+        data["expected_tokens_per_forward"] = tree.expected_length(calibration)
     Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
 
