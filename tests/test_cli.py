@@ -187,7 +187,8 @@ def test_speculative_generate_equals_plain_and_tree(run_dir, tmp_path, capsys):
     chain = last_json(capsys.readouterr().out)
     assert chain["decoder"] == "chain" and chain["generated_token_ids"] == plain["generated_token_ids"]
     assert "accept_histogram" in chain and chain["tokens_per_forward"] >= 1
-    assert "calibrate" in error_of([*argv, "--tree"], capsys)  # no tree.json yet
+    (run_dir / "tree.json").unlink(missing_ok=True)  # train's final sample calibrated one
+    assert "calibrate" in error_of([*argv, "--tree"], capsys)  # no tree.json
     calibrate = ["calibrate", str(run_dir), "--windows", "4", "--budget", "3", "--max-rank", "2"]
     assert main([*calibrate, "--on", "data"]) == 0
     on_data = last_json(capsys.readouterr().out)
@@ -234,11 +235,14 @@ def test_bench_generate_json(run_dir, capsys):
 
 def test_train_sample_continues_held_out_prompts(run_dir, capsys):
     from multitoken.cli import _final_sample
+    from multitoken.generate.tree import load_tree
 
     sample = _final_sample(run_dir, 12, n_prompts=2, prompt_tokens=16)
     out = capsys.readouterr().out
     assert sample["identical_to_plain"] and sample["prompts"] == 2 and sample["max_new_tokens"] == 12
-    assert sample["tokens_per_forward"] >= 1.0 and sample["speedup"] > 0
+    for decoder in ("chain", "tree"):  # the tree was calibrated and written for `generate --tree`
+        assert sample[decoder]["tokens_per_forward"] >= 1.0 and sample[decoder]["speedup"] > 0
+    assert load_tree(run_dir / "tree.json").size <= 12
     assert sample["prompt"] in out and sample["text"] in out and "tokens per forward" in out
 
 

@@ -152,42 +152,58 @@ def _final_sample(run_dir: Path, n_tokens: int, n_prompts: int = 4, prompt_token
 
     Speed is pooled over `n_prompts` held-out prompts decoded one at a time: a single prompt makes a noisy
     number (a greedy loop drafts perfectly, a fresh line drafts poorly), and held-out text is what a user
-    brings, unlike a fixed prompt the model has seen thousands of times.
+    brings, unlike a fixed prompt the model has seen thousands of times. With two heads or more a draft tree
+    is calibrated too (on prompts from the other half of the held-out text, so the timed prompts stay
+    unseen), written to RUN/tree.json for `generate --tree`, and timed beside the chain.
     """
+    import torch
+
     from multitoken.checkpoint import load_run
     from multitoken.eval.heldout import load_heldout, prompt_windows
     from multitoken.generate.bench import bench_one_at_a_time
+    from multitoken.generate.tree import build_tree, calibrate_greedy, save_tree
 
     _set_decode_threads(None)
     run = load_run(run_dir)
+    model, L = run.model, run.model.cfg.max_seq_len
     held = load_heldout(run_dir, run.config)
-    tokens = held.tokens if len(held.tokens) > prompt_tokens else held.train_tokens  # tiny corpora: no val split
-    prompt_tokens = min(prompt_tokens, len(tokens) - 1, run.model.cfg.max_seq_len // 2)
-    prompts = prompt_windows(tokens, n_prompts, prompt_tokens)
-    max_new = min(n_tokens, run.model.cfg.max_seq_len - prompt_tokens - 1)
-    result = bench_one_at_a_time(run.model, prompts, max_new)
-    plain, chain = result["decoders"]["plain"], result["decoders"]["chain"]
-    if chain["exact"] < 1:  # fp32 on the CPU must agree; on GPU bf16 a near-tie may flip
+    tokens = held.tokens if len(held.tokens) > 2 * prompt_tokens else held.train_tokens  # tiny corpora: no val
+    half = len(tokens) // 2
+    prompt_tokens = min(prompt_tokens, half - 1, L // 2)
+    prompts = prompt_windows(tokens[half:], n_prompts, prompt_tokens)
+    max_new = min(n_tokens, L - prompt_tokens - 1)
+    tree = None
+    if model.cfg.n_future > 1:
+        length = min(run.config.get("train", {}).get("context", L), L)  # windows as long as training's
+        calib = torch.tensor(prompt_windows(tokens[:half], 16, prompt_tokens // 2))
+        calibration = calibrate_greedy(model, calib, length, max_rank=4)
+        tree = build_tree(calibration, budget=12)
+        save_tree(tree, Path(run_dir) / TREE_FILE, calibration)
+    result = bench_one_at_a_time(model, prompts, max_new, tree=tree)
+    rows = result["decoders"]
+    if any(r["exact"] < 1 for r in rows.values()):  # fp32 on the CPU must agree; bf16 near-ties may flip
         print("note: speculative output differs from plain greedy decoding (reduced precision?)", file=sys.stderr)
     prompt, text = held.tokenizer.decode(prompts[0]), held.tokenizer.decode(result["outputs"]["chain"][0])
     print(f"\nsample: a held-out prompt ({prompt_tokens} tokens), then its greedy continuation:\n" + "-" * 60)
     print(prompt + "\n" + "-" * 25 + " generated " + "-" * 24 + "\n" + text + "\n" + "-" * 60)
-    print(
-        f"self-speculative decoding with {run.model.cfg.n_future} heads on {n_prompts} held-out prompts x {max_new} "
-        f"tokens: {chain['tokens_per_forward']:.2f} tokens per forward; {chain['speedup']:.2f}x the speed of "
-        f"plain decoding ({plain['tokens_per_second']:.0f} -> {chain['tokens_per_second']:.0f} tokens/s); "
-        f"identical to plain: {'yes' if chain['exact'] == 1 else 'no'}"
-    )
-    return {
-        "prompt": prompt,
-        "text": text,
-        "prompts": n_prompts,
-        "max_new_tokens": max_new,
-        "tokens_per_forward": chain["tokens_per_forward"],
-        "speedup": chain["speedup"],
-        "efficiency": chain["efficiency"],
-        "identical_to_plain": chain["exact"] == 1,
-    }
+    exact = all(r["exact"] == 1 for r in rows.values())
+    plain_speed = rows["plain"]["tokens_per_second"]
+    print(f"self-speculative decoding on {n_prompts} held-out prompts x {max_new} tokens (plain: {plain_speed:.0f} "
+          f"tokens/s; identical to plain: {'yes' if exact else 'no'}):")  # fmt: skip
+    names = {"chain": f"chain of {model.cfg.n_future} heads", "tree": f"tree of {tree.size if tree else 0} nodes"}
+    for key, name in names.items():
+        if key in rows:
+            r = rows[key]
+            print(f"  {name:<18} {r['tokens_per_forward']:.2f} tokens per forward, {r['speedup']:.2f}x plain "
+                  f"decoding ({r['tokens_per_second']:.0f} tokens/s)")  # fmt: skip
+    if tree is not None:
+        print(f"  (the tree was calibrated on the model's own continuations: {Path(run_dir) / TREE_FILE})")
+    summary = {"prompt": prompt, "text": text, "prompts": n_prompts, "max_new_tokens": max_new,
+               "identical_to_plain": exact}  # fmt: skip
+    for key in ("chain", "tree"):
+        if key in rows:
+            summary[key] = {k: rows[key][k] for k in ("tokens_per_forward", "speedup", "efficiency")}
+    return summary
 
 
 def _set_decode_threads(threads: int | None) -> None:
@@ -449,7 +465,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.checkpoint import load_run
     from multitoken.eval.heldout import load_heldout, windows_tensor
     from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
-    from multitoken.generate.tree import Tree, build_tree, calibrate, greedy_windows, save_tree
+    from multitoken.generate.tree import Tree, build_tree, calibrate, calibrate_greedy, save_tree
 
     run = load_run(args.run)
     held = load_heldout(args.run, run.config, args.data, args.cache_dir)
@@ -462,13 +478,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         report = {"draft_vocab": str(Path(args.run) / DRAFT_VOCAB_FILE), "draft_vocab_size": vocab.size,
                   "draft_vocab_coverage": coverage}  # fmt: skip
     if args.on == "data":
-        windows, skip = windows_tensor(held.tokens, args.windows, length), 0
+        windows = windows_tensor(held.tokens, args.windows, length)
+        calibration = calibrate(run.model, windows, args.max_rank, vocab=vocab)
     else:
         if not 1 <= args.prompt_tokens < length - run.model.cfg.n_future:
             raise UserError(f"--prompt-tokens must be between 1 and {length - run.model.cfg.n_future - 1}")
         prompts = windows_tensor(held.tokens, args.windows, args.prompt_tokens)
-        windows, skip = greedy_windows(run.model, prompts, length - args.prompt_tokens), args.prompt_tokens
-    calibration = calibrate(run.model, windows, args.max_rank, vocab=vocab, skip=skip)
+        calibration = calibrate_greedy(run.model, prompts, length, args.max_rank, vocab)
     tree = build_tree(calibration, args.budget)
     save_tree(tree, Path(args.run) / TREE_FILE, calibration)
     acceptance = calibration.acceptance

@@ -249,6 +249,15 @@ def greedy_windows(model: MultiTokenModel, prompts: torch.Tensor, length: int) -
     return torch.cat([prompts, torch.tensor(continuations, dtype=prompts.dtype)], dim=1)
 
 
+def calibrate_greedy(
+    model: MultiTokenModel, prompts: torch.Tensor, length: int, max_rank: int, vocab: DraftVocab | None = None
+) -> Calibration:
+    """`calibrate` on the model's greedy continuations of prompts (B, P), windows of `length` tokens in all:
+    the acceptance that greedy decoding of such prompts meets."""
+    P = prompts.shape[1]
+    return calibrate(model, greedy_windows(model, prompts, length - P), max_rank, vocab=vocab, skip=P)
+
+
 def build_tree(estimate: Calibration | torch.Tensor, budget: int) -> Tree:
     """The tree of at most `budget` nodes (root included) with the largest expected accepted length.
 
