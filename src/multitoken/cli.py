@@ -190,19 +190,16 @@ def _final_sample(run_dir: Path, n_tokens: int, n_prompts: int = 4, prompt_token
     plain_speed = rows["plain"]["tokens_per_second"]
     print(f"self-speculative decoding on {n_prompts} held-out prompts x {max_new} tokens (plain: {plain_speed:.0f} "
           f"tokens/s; identical to plain: {'yes' if exact else 'no'}):")  # fmt: skip
-    names = {"chain": f"chain of {model.cfg.n_future} heads", "tree": f"tree of {tree.size if tree else 0} nodes"}
-    for key, name in names.items():
-        if key in rows:
-            r = rows[key]
-            print(f"  {name:<18} {r['tokens_per_forward']:.2f} tokens per forward, {r['speedup']:.2f}x plain "
-                  f"decoding ({r['tokens_per_second']:.0f} tokens/s)")  # fmt: skip
-    if tree is not None:
-        print(f"  (the tree was calibrated on the model's own continuations: {Path(run_dir) / TREE_FILE})")
     summary = {"prompt": prompt, "text": text, "prompts": n_prompts, "max_new_tokens": max_new,
                "identical_to_plain": exact}  # fmt: skip
-    for key in ("chain", "tree"):
-        if key in rows:
-            summary[key] = {k: rows[key][k] for k in ("tokens_per_forward", "speedup", "efficiency")}
+    names = {"chain": f"chain of {model.cfg.n_future} heads"} | ({"tree": f"tree of {tree.size} nodes"} if tree else {})
+    for key, name in names.items():
+        r = rows[key]
+        print(f"  {name:<18} {r['tokens_per_forward']:.2f} tokens per forward, {r['speedup']:.2f}x plain "
+              f"decoding ({r['tokens_per_second']:.0f} tokens/s)")  # fmt: skip
+        summary[key] = {k: r[k] for k in ("tokens_per_forward", "speedup", "efficiency")}
+    if tree is not None:
+        print(f"  (the tree was calibrated on the model's own continuations: {Path(run_dir) / TREE_FILE})")
     return summary
 
 
