@@ -159,7 +159,7 @@ def _final_sample(run_dir: Path, n_tokens: int, n_prompts: int = 4, prompt_token
     import torch
 
     from multitoken.checkpoint import load_run
-    from multitoken.eval.heldout import load_heldout, prompt_windows
+    from multitoken.eval.heldout import load_heldout, prompt_windows, split_heldout
     from multitoken.generate.bench import bench_one_at_a_time
     from multitoken.generate.tree import build_tree, calibrate_greedy, save_tree
 
@@ -168,14 +168,14 @@ def _final_sample(run_dir: Path, n_tokens: int, n_prompts: int = 4, prompt_token
     model, L = run.model, run.model.cfg.max_seq_len
     held = load_heldout(run_dir, run.config)
     tokens = held.tokens if len(held.tokens) > 2 * prompt_tokens else held.train_tokens  # tiny corpora: no val
-    half = len(tokens) // 2
-    prompt_tokens = min(prompt_tokens, half - 1, L // 2)
-    prompts = prompt_windows(tokens[half:], n_prompts, prompt_tokens)
+    calibration_tokens, evaluation_tokens = split_heldout(tokens)
+    prompt_tokens = min(prompt_tokens, len(calibration_tokens) - 1, L // 2)
+    prompts = prompt_windows(evaluation_tokens, n_prompts, prompt_tokens)
     max_new = min(n_tokens, L - prompt_tokens - 1)
     tree = None
     if model.cfg.n_future > 1:
         length = min(run.config.get("train", {}).get("context", L), L)  # windows as long as training's
-        calib = torch.tensor(prompt_windows(tokens[:half], 16, prompt_tokens // 2))
+        calib = torch.tensor(prompt_windows(calibration_tokens, 16, prompt_tokens // 2))
         calibration = calibrate_greedy(model, calib, length, max_rank=4)
         tree = build_tree(calibration, budget=12)
         save_tree(tree, Path(run_dir) / TREE_FILE, calibration)
@@ -441,7 +441,11 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", type=Path)
     p.add_argument("--budget", type=int, default=16, help="tree nodes per forward, the root included")
     p.add_argument("--max-rank", type=int, default=4, help="candidates considered per head")
-    p.add_argument("--windows", type=int, default=32, help="held-out windows to measure on")
+    p.add_argument(
+        "--windows", type=int, default=32,
+        help="windows to measure on, from the first half of the held-out text (`bench generate` takes its "
+        "prompts from the second)",
+    )  # fmt: skip
     p.add_argument(
         "--on", choices=["generated", "data"], default="generated",
         help="generated (default): the model's greedy continuations of held-out prompts, the text greedy "
@@ -460,7 +464,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.checkpoint import load_run
-    from multitoken.eval.heldout import load_heldout, windows_tensor
+    from multitoken.eval.heldout import load_heldout, split_heldout, windows_tensor
     from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
     from multitoken.generate.tree import Tree, build_tree, calibrate, calibrate_greedy, save_tree
 
@@ -474,13 +478,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         vocab.save(Path(args.run) / DRAFT_VOCAB_FILE, coverage)
         report = {"draft_vocab": str(Path(args.run) / DRAFT_VOCAB_FILE), "draft_vocab_size": vocab.size,
                   "draft_vocab_coverage": coverage}  # fmt: skip
+    tokens = split_heldout(held.tokens)[0]  # the second half is for `bench generate`'s prompts
     if args.on == "data":
-        windows = windows_tensor(held.tokens, args.windows, length)
+        windows = windows_tensor(tokens, args.windows, length)
         calibration = calibrate(run.model, windows, args.max_rank, vocab=vocab)
     else:
         if not 1 <= args.prompt_tokens < length - run.model.cfg.n_future:
             raise UserError(f"--prompt-tokens must be between 1 and {length - run.model.cfg.n_future - 1}")
-        prompts = windows_tensor(held.tokens, args.windows, args.prompt_tokens)
+        prompts = windows_tensor(tokens, args.windows, args.prompt_tokens)
         calibration = calibrate_greedy(run.model, prompts, length, args.max_rank, vocab)
     tree = build_tree(calibration, args.budget)
     save_tree(tree, Path(args.run) / TREE_FILE, calibration)
@@ -508,7 +513,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     g = bench.add_parser("generate", help="plain vs chain vs tree decoding on held-out prompts of a run")
     g.add_argument("run", type=Path)
-    g.add_argument("--prompts", type=int, default=8, help="held-out prompts")
+    g.add_argument(
+        "--prompts", type=int, default=8,
+        help="prompts from the second half of the held-out text (`calibrate` reads the first)",
+    )  # fmt: skip
     g.add_argument("--prompt-tokens", type=int, default=64)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--heads-used", type=int)
@@ -542,7 +550,7 @@ def _cmd_bench_generate(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from multitoken.checkpoint import load_run
-    from multitoken.eval.heldout import load_heldout, prompt_windows
+    from multitoken.eval.heldout import load_heldout, prompt_windows, split_heldout
     from multitoken.generate.bench import bench_generate, bench_one_at_a_time
 
     _set_decode_threads(args.threads)
@@ -550,7 +558,7 @@ def _cmd_bench_generate(args: argparse.Namespace) -> dict[str, Any]:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     run = load_run(args.run, device, dtype)
     held = load_heldout(args.run, run.config, args.data, args.cache_dir)
-    prompts = prompt_windows(held.tokens, args.prompts, args.prompt_tokens)
+    prompts = prompt_windows(split_heldout(held.tokens)[1], args.prompts, args.prompt_tokens)
     tree = _resolve_tree(args.run, args.tree)
     vocab = _resolve_draft_vocab(args.run, args.draft_vocab)
     bench = bench_generate if args.batch else bench_one_at_a_time

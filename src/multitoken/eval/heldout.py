@@ -39,6 +39,16 @@ def load_heldout(
     return HeldOut(tok, tokens, bpt, bundle.store.train)
 
 
+def split_heldout(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out tokens in two halves: (calibration, evaluation).
+
+    What tunes decoding (a draft tree's calibration) reads the first half and what measures it (benchmark
+    and sample prompts) the second, so no benchmark runs on the prompts its tree was fitted to.
+    """
+    half = len(tokens) // 2
+    return tokens[:half], tokens[half:]
+
+
 def prompt_windows(tokens: np.ndarray, n: int, length: int) -> list[list[int]]:
     """`n` prompts of `length` tokens, evenly spaced over the held-out tokens (deterministic)."""
     if len(tokens) < length + 1:

@@ -17,7 +17,7 @@ from typing import Any
 
 from multitoken.config import HEAD_TYPES, ModelConfig, TrainConfig, param_count
 from multitoken.data.corpus import default_corpus_paths
-from multitoken.eval.heldout import prompt_windows
+from multitoken.eval.heldout import prompt_windows, split_heldout
 from multitoken.experiments.common import (
     default_command,
     grouped_bars,
@@ -79,8 +79,7 @@ def run(
                     warmup_steps=max(1, s.steps // 10), seed=seed, eval_every=s.steps, checkpoint_every=s.steps,
                 )  # fmt: skip
                 run_ = train_corpus_model(model_cfg, cfg, Path(tmp) / f"{head_type}-s{seed}", sources, device)
-                half = len(run_.val_tokens) // 2
-                prompts = prompt_windows(run_.val_tokens[half:], s.n_prompts, s.prompt_len)
+                prompts = prompt_windows(split_heldout(run_.val_tokens)[1], s.n_prompts, s.prompt_len)
                 bench = bench_generate(run_.model, prompts, s.new_tokens, heads_used=s.n_future)["decoders"]
                 runs.append({
                     "head_type": head_type, "seed": seed,

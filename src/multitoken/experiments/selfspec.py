@@ -21,7 +21,7 @@ import torch
 
 from multitoken.config import ModelConfig, TrainConfig, param_count
 from multitoken.data.corpus import default_corpus_paths
-from multitoken.eval.heldout import prompt_windows
+from multitoken.eval.heldout import prompt_windows, split_heldout
 from multitoken.experiments.common import (
     default_command,
     grouped_bars,
@@ -94,10 +94,9 @@ def run(
                 }  # fmt: skip
                 if n != max(s.n_values):
                     continue
-                # Prompts from the second half of the held-out bytes, the tree's calibration prompts from the first.
-                half = len(run_.val_tokens) // 2
-                prompts = prompt_windows(run_.val_tokens[half:], s.n_prompts, s.prompt_len)
-                decoding[key] = _decode(run_.model, run_.val_tokens, prompts, s)
+                calibration, evaluation = split_heldout(run_.val_tokens)
+                prompts = prompt_windows(evaluation, s.n_prompts, s.prompt_len)
+                decoding[key] = _decode(run_.model, calibration, prompts, s)
     seconds = time.perf_counter() - t0
     results = {"settings": s.__dict__, "models": models, "decoding": decoding}
     sections = _report_sections(models, decoding, s, out_dir)
@@ -108,7 +107,7 @@ def run(
     )  # fmt: skip
 
 
-def _decode(model, val_tokens: np.ndarray, prompts: list[list[int]], s: Setting) -> dict[str, Any]:
+def _decode(model, calibration: np.ndarray, prompts: list[list[int]], s: Setting) -> dict[str, Any]:
     """Plain vs chain decoding for each number of heads used, and a calibrated tree with all heads."""
     rows: dict[str, Any] = {"plain": None}  # first in the table; filled from the first call's baseline
     for k in s.heads_used:
@@ -116,7 +115,7 @@ def _decode(model, val_tokens: np.ndarray, prompts: list[list[int]], s: Setting)
         if k == model.cfg.n_future and s.tree_budget:
             # Calibrated on what greedy decoding reads: the model's continuations of 16 other prompts.
             prompt_len = s.context // 4
-            calib = torch.from_numpy(val_tokens[: 16 * prompt_len].astype(np.int64)).view(16, prompt_len)
+            calib = torch.from_numpy(calibration[: 16 * prompt_len].astype(np.int64)).view(16, prompt_len)
             tree = build_tree(calibrate_greedy(model, calib, s.context, max_rank=4), s.tree_budget)
         bench = bench_generate(model, prompts, s.new_tokens, heads_used=k, tree=tree)["decoders"]
         rows[f"chain k={k}"] = bench["chain"]
