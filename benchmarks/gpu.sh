@@ -13,14 +13,15 @@
 #   train           multitoken train: byte model (preset base, n=4, ~85M) on the stdlib, bf16 autocast,
 #                   a fixed step count capped by a time budget
 #   calibrate       multitoken calibrate: head acceptance and the draft tree (RUN/tree.json)
-#   gen-bf16-b1     multitoken bench generate: plain vs chain vs tree, bf16, batch 1
-#   gen-bf16-compile   the same with the step under torch.compile (rows plain-c, chain-c, tree-c)
+#   gen-bf16-b1     multitoken bench generate: plain vs chain vs tree, bf16, batch 1, eager and with the step
+#                   replayed from CUDA graphs (rows plain-g, chain-g, tree-g)
+#   gen-bf16-compile   the same with the step compiled, and compiled + replayed (rows -c and -cg)
 #   numerics        benchmarks/gpu_generate.py: divergence report (fp32, bf16) and verify cost curve
 #   memory-compare  bench memory at d=1024, 8 layers, V=32k, batch 4x2048, bf16 (DESIGN.md anchor)
 #   train-speed     bench train at ~134M parameters (d=768, 12 layers, V=32k), n = 1, 2, 4, 8
-#   gen-bf16-graphs    torch.compile with Inductor's CUDA graphs (mode reduce-overhead)
-#   gen-bf16-batch, gen-fp32-b1, gen-fp32-batch   the decoding table in the other settings
-# (The CPU smoke run skips gen-bf16-compile unless SMOKE_COMPILE=1, and the graphs, bf16-batch and fp32-b1.)
+#   gen-bf16-batch, gen-fp32-b1, gen-fp32-batch   the decoding table in the other settings (with graphs)
+# (The CPU smoke run has no CUDA graphs; it skips gen-bf16-compile unless SMOKE_COMPILE=1, and bf16-batch
+# and fp32-b1.)
 #
 # $OUT gets few files (the device tool returns at most 8): gpu.txt, log.txt (everything printed),
 # summary.txt (part, status, seconds) and results.json ({part: the JSON document it printed last}),
@@ -110,22 +111,22 @@ if (( smoke )); then
           --repeats 1 --chunk 32 --threads 1)
     memory_args=("${tiny[@]}" --n 2)
     speed_args=("${tiny[@]}" --n-list 1,2)
-    b=(20 30 30 15 150 60 45 45 0 0 0 20)
+    b=(20 30 30 15 150 60 45 45 0 0 20)
 else
     # ~85M parameters (d=768, 12 blocks: 8 trunk + 4 heads, byte vocabulary). --time-budget caps the step
     # count on a slow or busy card; the log says how many steps ran.
     train_args=(--preset base --n-future 4 --batch-size 32 --context 256 --max-steps 1500 --time-budget 60
                 --warmup 50 --lr 1e-3)
     cal_args=(--budget 16 --max-rank 4 --windows 32)
-    gen_args=(--device cuda --prompts 4 --prompt-tokens 64 --max-new-tokens 128)
-    compile_args=(--device cuda --prompts 2 --prompt-tokens 64 --max-new-tokens 128)
+    gen_args=(--device cuda --prompts 4 --prompt-tokens 64 --max-new-tokens 128 --cuda-graphs)
+    compile_args=(--device cuda --prompts 2 --prompt-tokens 64 --max-new-tokens 128 --cuda-graphs)
     numerics_args=(--device cuda --prompts 32 --prompt-tokens 64 --max-new-tokens 128)
     memory_args=(--vocab 32000 --repeats 1)
     speed_args=(--repeats 1)
-    b=(40 110 30 45 150 60 75 100 120 40 40 40)
+    b=(50 110 30 60 180 60 75 100 40 40 40)
 fi
 
-part pytest-gpu "${b[0]}" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/generate/test_numerics.py
+part pytest-gpu "${b[0]}" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/generate/test_numerics.py tests/generate/test_graphs.py
 part train "${b[1]}" "$PY" -m multitoken train --out "$run_dir" "${train_args[@]}" --eval-every 100000 \
     --checkpoint-every 100000 --cache-dir "$work/cache" --quiet --sample-tokens 0
 part calibrate "${b[2]}" "$PY" -m multitoken calibrate "$run_dir" "${cal_args[@]}" --cache-dir "$work/cache"
@@ -134,10 +135,9 @@ tree=()
 # gen NAME BUDGET FLAGS...: `multitoken bench generate` on the run's held-out prompts (with its tree)
 gen() {
     local name="$1" budget="$2"; shift 2
-    part "$name" "$budget" env "${gen_env[@]}" "$PY" -m multitoken bench generate "$run_dir" "${tree[@]}" \
+    part "$name" "$budget" "$PY" -m multitoken bench generate "$run_dir" "${tree[@]}" \
         --cache-dir "$work/cache" "$@"
 }
-gen_env=(PYTHONUNBUFFERED=1)
 gen gen-bf16-b1 "${b[3]}" "${gen_args[@]}" --dtype bf16
 if (( ! smoke || ${SMOKE_COMPILE:-0} )); then  # on 2 busy CPU cores the three compilations take ~110 s
     gen gen-bf16-compile "${b[4]}" "${compile_args[@]}" --dtype bf16 --compile
@@ -146,14 +146,10 @@ part numerics "${b[5]}" "$PY" benchmarks/gpu_generate.py "$run_dir" "${numerics_
 part memory-compare "${b[6]}" env OUT="$work/memory" bash benchmarks/gpu_train.sh compare "${memory_args[@]}"
 part train-speed "${b[7]}" env OUT="$work/speed" bash benchmarks/gpu_train.sh train "${speed_args[@]}"
 if (( ! smoke )); then
-    # Inductor's CUDA graphs; TORCH_LOGS=perf_hints prints why it skips them (e.g. mutated inputs: the cache).
-    gen_env=(TORCH_LOGS=perf_hints PYTHONUNBUFFERED=1)
-    gen gen-bf16-graphs "${b[8]}" "${compile_args[@]}" --dtype bf16 --compile reduce-overhead
-    gen_env=(PYTHONUNBUFFERED=1)
-    gen gen-bf16-batch "${b[9]}" "${gen_args[@]}" --dtype bf16 --batch
-    gen gen-fp32-b1 "${b[10]}" "${gen_args[@]}" --dtype fp32
+    gen gen-bf16-batch "${b[8]}" "${gen_args[@]}" --dtype bf16 --batch
+    gen gen-fp32-b1 "${b[9]}" "${gen_args[@]}" --dtype fp32
 fi
-gen gen-fp32-batch "${b[11]}" "${gen_args[@]}" --dtype fp32 --batch
+gen gen-fp32-batch "${b[10]}" "${gen_args[@]}" --dtype fp32 --batch
 
 echo
 echo "== summary (part, status, seconds; total $(( SECONDS ))s of ${budget_total}s)"
@@ -164,7 +160,8 @@ import json, sys
 results = json.load(open(sys.argv[1]))
 for name, doc in results.items():
     if isinstance(doc, dict) and "decoders" in doc:
-        cells = "  ".join(f"{k} {v['tokens_per_second']:.0f}t/s {v['speedup']:.2f}x tpf {v['tokens_per_forward']:.2f}"
+        cells = "  ".join(f"{k} failed" if "error" in v else
+                          f"{k} {v['tokens_per_second']:.0f}t/s {v['speedup']:.2f}x tpf {v['tokens_per_forward']:.2f}"
                           f" exact {v['exact']:.2f}" for k, v in doc["decoders"].items())
         print(f"{name:<18} {cells}")
     elif isinstance(doc, dict) and "dtypes" in doc:

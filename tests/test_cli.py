@@ -224,6 +224,18 @@ def test_generate_compile_flag_decodes_the_same(run_dir, capsys, monkeypatch):
         assert last_json(capsys.readouterr().out)["generated_token_ids"] == plain
 
 
+def test_device_errors(run_dir, capsys):
+    import torch
+
+    gen = ["generate", str(run_dir), "--prompt", "a", "--max-new-tokens", "2"]
+    assert "CUDA device; it is on cpu" in error_of([*gen, "--device", "cpu", "--cuda-graphs"], capsys)
+    assert "greedy decoding only" in error_of([*gen, "--cuda-graphs", "--temperature", "1"], capsys)
+    bench = ["bench", "generate", str(run_dir), "--prompts", "1", "--device", "cpu", "--cuda-graphs"]
+    assert "CUDA device; it is on cpu" in error_of(bench, capsys)
+    if not torch.cuda.is_available():
+        assert "no CUDA device is available" in error_of([*gen, "--device", "cuda"], capsys)
+
+
 def test_bench_generate_json(run_dir, capsys):
     argv = ["bench", "generate", str(run_dir), "--prompts", "2", "--prompt-tokens", "8", "--max-new-tokens", "8"]
     assert main([*argv, "--threads", "1"]) == 0

@@ -203,6 +203,21 @@ def _final_sample(run_dir: Path, n_tokens: int, n_prompts: int = 4, prompt_token
     return summary
 
 
+def _add_decode_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and KV cache dtype")
+
+
+def _decode_device(args: argparse.Namespace) -> tuple[str, Any]:
+    """The device and dtype that `--device` and `--dtype` ask for."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available")
+    return device, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+
+
 def _set_decode_threads(threads: int | None) -> None:
     """CPU threads for decoding: as asked, else one.
 
@@ -347,6 +362,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--compile", action="store_true",
         help="run the decode step under torch.compile (the first steps pay for compiling; pays off on long outputs)",
     )  # fmt: skip
+    p.add_argument(
+        "--cuda-graphs", action="store_true",
+        help="replay the decode step from CUDA graphs (CUDA, greedy): one launch per step instead of one per kernel",
+    )  # fmt: skip
+    _add_decode_device(p)
     p.add_argument("--stats", action="store_true", help="print a JSON line with decoding statistics")
     p.set_defaults(func=_cmd_generate)
 
@@ -400,18 +420,20 @@ def _cmd_generate(args: argparse.Namespace) -> dict[str, Any] | None:
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     speculative = args.speculative or args.tree is not None or args.heads_used is not None
     speculative = speculative or args.draft_vocab is not None
-    run = load_run(args.run)
+    device, dtype = _decode_device(args)
+    run = load_run(args.run, device, dtype)
     tok = load_tokenizer(args.run)
     tree = _resolve_tree(args.run, args.tree)
     vocab = _resolve_draft_vocab(args.run, args.draft_vocab)
     ids = [tok.encode(p) for p in prompts]
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator(device).manual_seed(args.seed)
     eos = tok.eos_id if args.stop_at_eos else None
-    if speculative or args.compile:  # compiled plain decoding is the one-head chain through the same step
+    if speculative or args.compile or args.cuda_graphs:  # plain decoding then is the one-head chain
         heads_used = args.heads_used if speculative else 1
         result = speculative_generate(
-            run.model, ids, args.max_new_tokens, heads_used, sampling, gen, eos, tree, args.compile, vocab
-        )
+            run.model, ids, args.max_new_tokens, heads_used, sampling, gen, eos, tree, args.compile, vocab,
+            args.cuda_graphs,
+        )  # fmt: skip
     else:
         result = generate(run.model, ids, args.max_new_tokens, sampling, gen, eos)
     for prompt, new in zip(prompts, result.tokens, strict=True):
@@ -530,12 +552,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--threads", type=int, help="CPU threads (default 1: decode steps are too small to split)")
     g.add_argument("--data", nargs="+", action="extend", help="take prompts from these files instead")
     g.add_argument("--cache-dir", type=Path)
-    g.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    g.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and KV cache dtype")
+    _add_decode_device(g)
     g.add_argument(
-        "--compile", nargs="?", const="default", choices=["default", "reduce-overhead"],
-        help="also time the decoders with a torch.compile'd step (rows plain-c, chain-c, tree-c); "
-        "reduce-overhead: with CUDA graphs",
+        "--compile", action="store_true",
+        help="also time the decoders with the step under torch.compile (rows plain-c, chain-c, tree-c)",
+    )  # fmt: skip
+    g.add_argument(
+        "--cuda-graphs", action="store_true",
+        help="also time the decoders with the step replayed from CUDA graphs (rows plain-g, chain-g, tree-g; "
+        "with --compile also the compiled step replayed: rows -cg)",
     )  # fmt: skip
     g.set_defaults(func=_cmd_bench_generate)
     for name, module in BENCHES.items():
@@ -552,19 +577,23 @@ def _cmd_bench_generate(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.checkpoint import load_run
     from multitoken.eval.heldout import load_heldout, prompt_windows, split_heldout
     from multitoken.generate.bench import bench_generate, bench_one_at_a_time
+    from multitoken.generate.sampling import SamplingConfig
+    from multitoken.generate.speculative import check_cuda_graphs
 
     _set_decode_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    device, dtype = _decode_device(args)
     run = load_run(args.run, device, dtype)
     held = load_heldout(args.run, run.config, args.data, args.cache_dir)
     prompts = prompt_windows(split_heldout(held.tokens)[1], args.prompts, args.prompt_tokens)
     tree = _resolve_tree(args.run, args.tree)
     vocab = _resolve_draft_vocab(args.run, args.draft_vocab)
+    step_modes = ["c"] * args.compile + ["g"] * args.cuda_graphs + ["cg"] * (args.compile and args.cuda_graphs)
+    if args.cuda_graphs:
+        check_cuda_graphs(run.model, SamplingConfig())
     bench = bench_generate if args.batch else bench_one_at_a_time
     result = bench(
         run.model, prompts, args.max_new_tokens, heads_used=args.heads_used, tree=tree, repeats=args.repeats,
-        compile_mode=args.compile, draft_vocab=vocab,
+        step_modes=step_modes, draft_vocab=vocab,
     )  # fmt: skip
     print(result["table"])
     return {
@@ -576,6 +605,7 @@ def _cmd_bench_generate(args: argparse.Namespace) -> dict[str, Any]:
         "device": device,
         "dtype": args.dtype,
         "compile": args.compile,
+        "cuda_graphs": args.cuda_graphs,
         "decoders": result["decoders"],
     }
 

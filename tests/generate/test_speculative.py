@@ -292,7 +292,7 @@ def test_bench_judges_compiled_decoders_against_compiled_plain(monkeypatch):
     # torch.compile as the identity: the "-c" rows then run the same step eagerly with a full-length cache
     # read, which is enough to check that they decode exactly and which baseline their efficiency uses.
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
-    report = bench_generate(trained_model(), held_out_prompts(2), 16, compile_mode="default")
+    report = bench_generate(trained_model(), held_out_prompts(2), 16, step_modes=["c"])
     rows = report["decoders"]
     assert list(rows) == ["plain", "chain", "plain-c", "chain-c"]
     assert all(r["exact"] == 1.0 for r in rows.values())
@@ -302,3 +302,19 @@ def test_bench_judges_compiled_decoders_against_compiled_plain(monkeypatch):
     relative = rows["plain-c"]["seconds"] / chain_c["seconds"]
     assert chain_c["efficiency"] == pytest.approx(relative / chain_c["tokens_per_forward"])
     assert chain_c["speedup"] == pytest.approx(rows["plain"]["seconds"] / chain_c["seconds"])
+
+
+def test_bench_records_a_failing_step_mode_and_keeps_the_other_rows(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        raise RuntimeError("no compiler here\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    for bench in (bench_generate, bench_one_at_a_time):
+        report = bench(trained_model(), held_out_prompts(2), 8, step_modes=["c"])
+        rows = report["decoders"]
+        assert list(rows) == ["plain", "chain", "plain-c", "chain-c"]
+        assert rows["chain-c"] == {"error": "RuntimeError: no compiler here"}
+        assert rows["chain"]["exact"] == 1.0 and "chain-c" not in report["outputs"]
+        assert "chain-c  failed: RuntimeError: no compiler here" in report["table"]
+    with pytest.raises(ValueError, match="step mode must be one of"):
+        bench_generate(trained_model(), held_out_prompts(1), 8, step_modes=["x"])

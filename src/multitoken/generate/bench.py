@@ -8,7 +8,6 @@ measures the block cost curve itself.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,6 +21,13 @@ from multitoken.generate.speculative import speculative_generate
 from multitoken.generate.tree import Tree
 from multitoken.model import MultiTokenModel
 
+# How a decoder's step runs besides eagerly: the suffix of its rows -> speculative_generate's flags.
+STEP_MODES: dict[str, dict[str, bool]] = {
+    "c": {"compile_step": True},
+    "g": {"cuda_graphs": True},
+    "cg": {"compile_step": True, "cuda_graphs": True},
+}
+
 
 def bench_generate(
     model: MultiTokenModel,
@@ -30,23 +36,24 @@ def bench_generate(
     heads_used: int | None = None,
     tree: Tree | None = None,
     repeats: int = 1,
-    compile_mode: str | None = None,
+    step_modes: Sequence[str] = (),
     draft_vocab: DraftVocab | None = None,
 ) -> dict[str, Any]:
     """Greedy plain vs chain (vs tree, if given) decoding: each warmed up once, then timed `repeats` times
     (the fastest run counts).
 
-    compile_mode "default" or "reduce-overhead" adds rows plain-c, chain-c (and tree-c): the same decoders
-    with the step under `torch.compile` and a static full-length cache read (`compile_step`); plain-c is
-    the one-head chain, i.e. plain decoding through the same compiled step. "reduce-overhead" also turns
-    on Inductor's CUDA graphs (what that mode of torch.compile sets) while they run. Speedups stay
-    relative to eager plain; the warm-up run pays for compilation. A `draft_vocab` adds rows chain-v (and
-    tree-v): the same decoders with the drafts restricted to its tokens.
+    Each of `step_modes` (keys of STEP_MODES) adds rows plain-M, chain-M (and tree-M): the same decoders
+    with the step compiled ("c"), replayed from CUDA graphs ("g") or both ("cg"), over a static full-length
+    cache read; plain-M is the one-head chain, i.e. plain decoding through the same step. Speedups stay
+    relative to eager plain; the warm-up run pays for compilation and capture. A `draft_vocab` adds rows
+    chain-v (and tree-v): the same decoders with the drafts restricted to its tokens.
 
     Returns {"decoders": {name: {tokens_per_forward, tokens_per_second, speedup, efficiency, forwards,
-    exact}}, "table": str, "outputs": {name: generated tokens per prompt}}. `speedup` is against eager
-    plain decoding; `efficiency` is the speedup against the plain decoder of the same kind (plain-c for
-    the compiled rows) per token per forward, i.e. how much of the tokens per forward survives as speed
+    exact}}, "table": str, "outputs": {name: generated tokens per prompt}}. A step mode that fails on this
+    platform (a compiler error, a graph that cannot be captured) leaves {"error": message} as its rows
+    and the other rows stand; eager decoders never fail silently. `speedup` is against eager
+    plain decoding; `efficiency` is the speedup against the plain decoder of the same kind (plain-M for
+    the rows of step mode M) per token per forward, i.e. how much of the tokens per forward survives as speed
     once both sides have the same step machinery. `exact` is the fraction of prompts whose output equals
     plain decoding's (1.0 in fp32 on the CPU; in bf16 near-ties of head 1's top two logits can flip).
     """
@@ -60,21 +67,25 @@ def bench_generate(
         decoders["chain-v"] = lambda n: speculative_generate(model, prompts, n, heads_used, draft_vocab=draft_vocab)
         if tree is not None:
             decoders["tree-v"] = lambda n: speculative_generate(model, prompts, n, tree=tree, draft_vocab=draft_vocab)
-    if compile_mode is not None:
-        if compile_mode not in ("default", "reduce-overhead"):
-            raise ValueError(f"compile_mode must be 'default' or 'reduce-overhead', got {compile_mode!r}")
-        decoders["plain-c"] = lambda n: speculative_generate(model, prompts, n, heads_used=1, compile_step=True)
-        decoders["chain-c"] = lambda n: speculative_generate(model, prompts, n, heads_used, compile_step=True)
+    for mode in step_modes:
+        if mode not in STEP_MODES:
+            raise ValueError(f"step mode must be one of {', '.join(STEP_MODES)}, got {mode!r}")
+        step = STEP_MODES[mode]
+        decoders[f"plain-{mode}"] = lambda n, step=step: speculative_generate(model, prompts, n, 1, **step)
+        decoders[f"chain-{mode}"] = lambda n, step=step: speculative_generate(model, prompts, n, heads_used, **step)
         if tree is not None:
-            decoders["tree-c"] = lambda n: speculative_generate(model, prompts, n, tree=tree, compile_step=True)
+            decoders[f"tree-{mode}"] = lambda n, step=step: speculative_generate(model, prompts, n, tree=tree, **step)
     results: dict[str, GenerationResult] = {}
+    rows: dict[str, dict[str, Any]] = {}
     for name, run in decoders.items():
-        graphs = compile_mode == "reduce-overhead" and name.endswith("-c")
-        with _cuda_graphs() if graphs else contextlib.nullcontext():
+        try:
             run(min(max_new_tokens, 8))  # warm-up: allocator, kernels, lazy initialisation, compilation
             results[name] = min((run(max_new_tokens) for _ in range(repeats)), key=lambda r: r.seconds)
+        except Exception as e:  # a compiler or a graph capture that fails on this platform
+            if step_mode(name) is None:
+                raise
+            rows[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
     plain = results["plain"]
-    rows: dict[str, dict[str, Any]] = {}
     for name, r in results.items():
         rows[name] = {
             "tokens_per_forward": r.stats.get("tokens_per_forward", 1.0),  # plain: one token per forward
@@ -85,6 +96,7 @@ def bench_generate(
         }
         if name.startswith("tree"):
             rows[name]["tree_size"] = tree.size
+    rows = {name: rows[name] for name in decoders}  # in the decoders' order, failed rows included
     add_ratios(rows)
     outputs = {name: r.tokens for name, r in results.items()}
     return {"decoders": rows, "table": format_table(rows), "outputs": outputs}
@@ -104,6 +116,10 @@ def bench_one_at_a_time(
     rows: dict[str, dict[str, Any]] = {}
     for name in per_prompt[0]["decoders"]:
         rs = [g["decoders"][name] for g in per_prompt]
+        errors = [r["error"] for r in rs if "error" in r]
+        if errors:
+            rows[name] = {"error": errors[0]}
+            continue
         tokens = [r["tokens_per_second"] * r["seconds"] for r in rs]
         seconds = sum(r["seconds"] for r in rs)
         row_forwards = sum(t / r["tokens_per_forward"] for t, r in zip(tokens, rs, strict=True))
@@ -117,27 +133,29 @@ def bench_one_at_a_time(
         if "tree_size" in rs[0]:
             rows[name]["tree_size"] = rs[0]["tree_size"]
     add_ratios(rows)
-    outputs = {name: [g["outputs"][name][0] for g in per_prompt] for name in rows}
+    outputs = {name: [g["outputs"][name][0] for g in per_prompt] for name in rows if "error" not in rows[name]}
     return {"decoders": rows, "table": format_table(rows), "outputs": outputs}
 
 
 def add_ratios(rows: dict[str, dict[str, Any]]) -> None:
     """Set each row's `speedup` (against eager plain) and `efficiency` from its seconds and tokens per forward.
 
-    A compiled decoder's efficiency is judged against compiled plain decoding (plain-c: the same step with
-    one head), the others' against eager plain decoding.
+    A decoder of step mode M (compiled, CUDA graphs) is judged against plain decoding through the same step
+    (plain-M: the step with one head), the others against eager plain decoding.
     """
     for name, r in rows.items():
-        baseline = rows["plain-c" if name.endswith("-c") else "plain"]
+        if "error" in r:
+            continue
+        mode = step_mode(name)
+        baseline = rows[f"plain-{mode}" if mode else "plain"]
         r["speedup"] = rows["plain"]["seconds"] / r["seconds"]
-        r["efficiency"] = baseline["seconds"] / r["seconds"] / r["tokens_per_forward"]
+        r["efficiency"] = None if "error" in baseline else baseline["seconds"] / r["seconds"] / r["tokens_per_forward"]
 
 
-def _cuda_graphs():
-    """Inductor's CUDA graphs on, as torch.compile(mode="reduce-overhead") would set them."""
-    import torch._inductor.config as inductor_config
-
-    return inductor_config.patch({"triton.cudagraphs": True})
+def step_mode(name: str) -> str | None:
+    """The step mode of a decoder row ("chain-cg" -> "cg"), or None for an eager decoder."""
+    mode = name.rpartition("-")[2]
+    return mode if "-" in name and mode in STEP_MODES else None
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
@@ -145,9 +163,13 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
     header = f"{'decoder':<8} {'tok/fwd':>8} {'tok/s':>9} {'speedup':>8} {'effic.':>7} {'fwds':>6} {'exact':>6}"
     lines = [header, "-" * len(header)]
     for name, r in rows.items():
+        if "error" in r:
+            lines.append(f"{name:<8} failed: {r['error']}")
+            continue
+        efficiency = "-" if r["efficiency"] is None else f"{r['efficiency']:.2f}"
         lines.append(
             f"{name:<8} {r['tokens_per_forward']:>8.2f} {r['tokens_per_second']:>9.1f} {r['speedup']:>7.2f}x "
-            f"{r['efficiency']:>7.2f} {r['forwards']:>6d} {r['exact']:>6.2f}"
+            f"{efficiency:>7} {r['forwards']:>6d} {r['exact']:>6.2f}"
         )
     return "\n".join(lines)
 

@@ -127,8 +127,10 @@ def divergence_report(
     heads_used: int | None = None,
     tree: Tree | None = None,
     rtol: float | None = None,
+    cuda_graphs: bool = False,
 ) -> dict[str, Any]:
-    """Greedy plain vs greedy self-speculative decoding on `prompts`, in whatever dtype the model is in.
+    """Greedy plain vs greedy self-speculative decoding on `prompts`, in whatever dtype the model is in
+    (`cuda_graphs`: the speculative step replayed from CUDA graphs).
 
     Returns {prompts, exact, diverged, diverged_at_near_tie, diverged_within_dtype_error, dtype, eps,
     rtol, records}: one record per diverging prompt (its index, the first differing position and what
@@ -136,7 +138,7 @@ def divergence_report(
     """
     dtype = model_dtype(model)
     plain = generate(model, prompts, max_new_tokens)
-    spec = speculative_generate(model, prompts, max_new_tokens, heads_used=heads_used, tree=tree)
+    spec = speculative_generate(model, prompts, max_new_tokens, heads_used, tree=tree, cuda_graphs=cuda_graphs)
     ref: MultiTokenModel | None = None
     records = []
     for b, (prompt, a, s) in enumerate(zip(prompts, plain.tokens, spec.tokens, strict=True)):

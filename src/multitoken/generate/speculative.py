@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 
 from multitoken.errors import UserError
 from multitoken.generate.common import GenerationResult, check_prompts, prefill
 from multitoken.generate.draft_vocab import DraftVocab
+from multitoken.generate.graphs import CudaGraphStep
 from multitoken.generate.sampling import SamplingConfig, probabilities, sample, sample_from
 from multitoken.generate.stats import AcceptanceHistogram, decode_stats
 from multitoken.generate.tree import Tree, TreeIndex, tree_mask
@@ -210,6 +212,7 @@ def speculative_generate(
     tree: Tree | None = None,
     compile_step: bool = False,
     draft_vocab: DraftVocab | None = None,
+    cuda_graphs: bool = False,
 ) -> GenerationResult:
     """Decode up to `max_new_tokens` per prompt, drafting with heads 2..k and verifying with head 1.
 
@@ -217,10 +220,14 @@ def speculative_generate(
     for the chain of k heads. A sequence stops at `eos_id` (kept), after `max_new_tokens`, or when it
     fills the context ("context"). compile_step: run the step under `torch.compile` with a full-length,
     static-shaped cache read (the first steps pay for compilation). draft_vocab: heads 2..k propose only its
-    tokens (see draft_vocab.py); the output is unchanged, only which drafts can be accepted.
+    tokens (see draft_vocab.py); the output is unchanged, only which drafts can be accepted. cuda_graphs:
+    replay the step (eager or compiled) from a CUDA graph captured after its first run (graphs.py); CUDA
+    and greedy only.
     """
     check_prompts(model, prompts, max_new_tokens)
     tree = resolve_tree(model, heads_used, tree, sampling, draft_vocab)
+    if cuda_graphs:
+        check_cuda_graphs(model, sampling)
     start = time.perf_counter()
     L, B, k = model.cfg.max_seq_len, len(prompts), tree.depth + 1
     heads = list(range(k))
@@ -231,6 +238,9 @@ def speculative_generate(
     draft_rows = vocab.rows(model.output.weight) if vocab is not None else None  # (K, D), gathered once
     indices = {tree.size: TreeIndex.build(tree, device)}  # prefixes are added near the context limit
     step = torch.compile(decode_step) if compile_step else decode_step
+    constants = dict(sampling=sampling, generator=generator, heads=heads, max_rank=max_rank, vocab=vocab,
+                     draft_rows=draft_rows)  # fmt: skip
+    graphs: dict[int, CudaGraphStep] = {}  # by tree size
     logits, pos = prefill(model, cache, prompts, heads)  # (B, k, V), (B,)
     root = sample(logits[:, 0], sampling, generator)
     drafts = logits[:, 1:] if vocab is None else vocab.restrict(logits[:, 1:])
@@ -270,18 +280,30 @@ def speculative_generate(
         size = min(tree.size, L - last)
         if size not in indices:
             indices[size] = TreeIndex.build(tree.prefix(size), device)
-        kv_len = L if compile_step else last + size
         # Finished rows keep running (static batch) below the active ones, so their slots stay readable.
-        new, n_new, pos, candidates, q = step(
-            model, cache, indices[size], root_of(new, n_new), pos.clamp(max=last), candidates, q,
-            kv_len, sampling, generator, heads, max_rank, vocab, draft_rows,
-        )  # fmt: skip
+        inputs = (root_of(new, n_new), pos.clamp(max=last), candidates, q)
+        if cuda_graphs:
+            if size not in graphs:
+                graphs[size] = CudaGraphStep(partial(step, model, cache, indices[size], kv_len=L, **constants))
+            new, n_new, pos, candidates, q = graphs[size](*inputs)
+        else:
+            kv_len = L if compile_step else last + size  # static shapes for the compiler
+            new, n_new, pos, candidates, q = step(model, cache, indices[size], *inputs, kv_len=kv_len, **constants)
         for b in range(B):
             row_forwards[b] += active[b]
     seconds = time.perf_counter() - start
     stats = decode_stats(out, row_forwards, seconds, histogram)
     stats.update(heads_used=k, tree_size=tree.size, draft_vocab_size=vocab.size if vocab is not None else None)
     return GenerationResult(out, max(row_forwards), reasons, seconds, stats)
+
+
+def check_cuda_graphs(model: MultiTokenModel, sampling: SamplingConfig) -> None:
+    """Raise UserError unless the step can be captured: a model on a CUDA device, greedy decoding."""
+    if not sampling.greedy:
+        raise UserError("CUDA graphs replay greedy decoding only; sample without them")
+    device = model.tok_embeddings.weight.device
+    if device.type != "cuda":
+        raise UserError(f"CUDA graphs need the model on a CUDA device; it is on {device.type}")
 
 
 def root_of(new: torch.Tensor, n_new: torch.Tensor) -> torch.Tensor:

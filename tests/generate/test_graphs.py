@@ -1,0 +1,62 @@
+"""The decode step replayed from CUDA graphs: bad input on any machine, decoding itself on a CUDA device."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from multitoken.errors import UserError
+from multitoken.generate.autoregressive import generate
+from multitoken.generate.numerics import divergence_report, format_report
+from multitoken.generate.sampling import SamplingConfig
+from multitoken.generate.speculative import speculative_generate
+from multitoken.generate.tree import Tree
+from tests.conftest import make_model
+from tests.generate.test_speculative import held_out_prompts, random_prompts, trained_model
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_cuda_graphs_need_a_cuda_device():
+    with pytest.raises(UserError, match="CUDA device; it is on cpu"):
+        speculative_generate(make_model(), [[1, 2, 3]], 4, cuda_graphs=True)
+
+
+def test_cuda_graphs_are_greedy_only():
+    with pytest.raises(UserError, match="greedy decoding only"):
+        speculative_generate(make_model(), [[1, 2, 3]], 4, sampling=SamplingConfig(temperature=1.0), cuda_graphs=True)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("tree", [None, Tree(((0,), (1,), (0, 0), (1, 0)))], ids=["chain", "tree"])
+def test_cuda_graphs_decode_exactly_on_a_trained_model(tree):
+    # The trained word model's choices have wide margins: in fp32 nothing can flip, so graph replay must
+    # give plain decoding's tokens exactly, one prompt at a time and as a batch of different lengths.
+    model = copy.deepcopy(trained_model()).to("cuda")
+    prompts = held_out_prompts(4)
+    plain = generate(model, prompts, 40).tokens
+    for batch in (prompts, *([p] for p in prompts)):
+        graphed = speculative_generate(model, batch, 40, tree=tree, cuda_graphs=True)
+        assert graphed.tokens == [plain[prompts.index(p)] for p in batch]
+    graphed = speculative_generate(model, prompts, 40, tree=tree, cuda_graphs=True)
+    eager = speculative_generate(model, prompts, 40, tree=tree)
+    assert graphed.n_forwards == eager.n_forwards and graphed.stats["tokens_per_forward"] > 1.5
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_diverge_only_at_near_ties(dtype):
+    # A random model up to its context limit: the tree shrinks to prefixes there, each captured as its own
+    # graph, and rows stop at different steps while the batch keeps replaying.
+    model = make_model(seed=0, dim=128, vocab_size=256, n_heads=4, n_kv_heads=4, max_seq_len=64).to("cuda", dtype)
+    prompts = random_prompts(8, 256, seed=3, max_len=30)
+    for tree in (None, Tree(((0,), (1,), (0, 0)))):
+        report = divergence_report(model, prompts, 60, tree=tree, cuda_graphs=True)
+        print(format_report(report))
+        assert report["diverged_at_near_tie"] == report["diverged"]
+    result = speculative_generate(model, prompts, 60, cuda_graphs=True)
+    assert "context" in result.stop_reasons
