@@ -245,6 +245,18 @@ def test_bench_generate_json(run_dir, capsys):
         assert {"speedup", "tokens_per_forward", "efficiency"} <= set(row) and row["exact"] == 1.0
 
 
+def test_bench_generate_samples_with_a_tree(run_dir, capsys):
+    assert main(["calibrate", str(run_dir), "--budget", "4", "--windows", "2"]) == 0
+    capsys.readouterr()
+    argv = ["bench", "generate", str(run_dir), "--prompts", "2", "--prompt-tokens", "8", "--max-new-tokens", "8",
+            "--tree", "--temperature", "0.8", "--top-k", "20", "--seed", "3"]  # fmt: skip
+    assert main(argv) == 0
+    result = last_json(capsys.readouterr().out)
+    assert set(result["decoders"]) == {"plain", "chain", "tree"} and result["sampling"]["temperature"] == 0.8
+    for row in result["decoders"].values():
+        assert row["exact"] is None and row["tokens_per_forward"] >= 1.0
+
+
 def test_train_sample_continues_held_out_prompts(run_dir, capsys):
     from multitoken.cli import _final_sample
     from multitoken.generate.tree import load_tree

@@ -203,6 +203,13 @@ def _final_sample(run_dir: Path, n_tokens: int, n_prompts: int = 4, prompt_token
     return summary
 
 
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; above 0, lossless speculative sampling")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _add_decode_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and KV cache dtype")
@@ -342,10 +349,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", help="prompt text")
     p.add_argument("--batch", type=Path, help="a file of prompts, one per line (JSON strings allowed)")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    _add_sampling(p)
     p.add_argument("--stop-at-eos", action="store_true")
     p.add_argument("--speculative", action="store_true", help="self-speculative decoding (a chain of heads by default)")
     p.add_argument("--heads-used", type=int, help="heads k used by speculative decoding (1..n; default all)")
@@ -548,6 +552,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="also decode with drafts restricted to a draft vocabulary (default: RUN/draft_vocab.json)",
     )  # fmt: skip
     g.add_argument("--batch", action="store_true", help="decode the prompts as one batch (default: one at a time)")
+    _add_sampling(g)
     g.add_argument("--repeats", type=int, default=1)
     g.add_argument("--threads", type=int, help="CPU threads (default 1: decode steps are too small to split)")
     g.add_argument("--data", nargs="+", action="extend", help="take prompts from these files instead")
@@ -587,13 +592,14 @@ def _cmd_bench_generate(args: argparse.Namespace) -> dict[str, Any]:
     prompts = prompt_windows(split_heldout(held.tokens)[1], args.prompts, args.prompt_tokens)
     tree = _resolve_tree(args.run, args.tree)
     vocab = _resolve_draft_vocab(args.run, args.draft_vocab)
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     step_modes = ["c"] * args.compile + ["g"] * args.cuda_graphs + ["cg"] * (args.compile and args.cuda_graphs)
     if args.cuda_graphs:
-        check_cuda_graphs(run.model, SamplingConfig())
+        check_cuda_graphs(run.model, sampling)
     bench = bench_generate if args.batch else bench_one_at_a_time
     result = bench(
         run.model, prompts, args.max_new_tokens, heads_used=args.heads_used, tree=tree, repeats=args.repeats,
-        step_modes=step_modes, draft_vocab=vocab,
+        step_modes=step_modes, draft_vocab=vocab, sampling=sampling, seed=args.seed,
     )  # fmt: skip
     print(result["table"])
     return {
@@ -606,6 +612,7 @@ def _cmd_bench_generate(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
         "compile": args.compile,
         "cuda_graphs": args.cuda_graphs,
+        "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed},
         "decoders": result["decoders"],
     }
 

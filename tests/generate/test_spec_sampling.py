@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import multitoken.generate.speculative as speculative
-from multitoken.errors import UserError
 from multitoken.generate.draft_vocab import DraftVocab
 from multitoken.generate.sampling import SamplingConfig, probabilities
 from multitoken.generate.speculative import residual_distribution, speculative_generate
@@ -44,12 +43,17 @@ def exact_law(model: StubModel, first: int, cfg: SamplingConfig) -> dict[tuple[i
 
 
 def chi_square(
-    model: StubModel, cfg: SamplingConfig, seed: int = 0, k: int = 3, vocab: DraftVocab | None = None
+    model: StubModel,
+    cfg: SamplingConfig,
+    seed: int = 0,
+    k: int | None = 3,
+    vocab: DraftVocab | None = None,
+    tree: Tree | None = None,
 ) -> tuple[float, int, int]:
     """Chi-square statistic, its degrees of freedom, and samples that fell where the law puts no mass."""
     gen = torch.Generator().manual_seed(seed)
     result = speculative_generate(
-        model, [[0]] * ROWS, N_TOKENS, heads_used=k, sampling=cfg, generator=gen, draft_vocab=vocab
+        model, [[0]] * ROWS, N_TOKENS, heads_used=k, sampling=cfg, generator=gen, draft_vocab=vocab, tree=tree
     )
     counts: dict[tuple[int, ...], int] = {}
     for t in result.tokens:
@@ -140,6 +144,36 @@ def test_seeded_sampling_is_reproducible_on_a_real_model():
     assert runs[0].tokens == runs[1].tokens and all(len(t) == 15 for t in runs[0].tokens)
 
 
-def test_tree_sampling_is_refused():
-    with pytest.raises(UserError, match="greedy only"):
-        speculative_generate(make_model(), [[1]], 4, sampling=CONFIGS[0], tree=Tree(((0,), (1,))))
+# Three candidates for the first draft, two after the first of them, one after the second: every node kind
+# (several children, one child, a leaf) on the walk.
+TREE = Tree(((0,), (1,), (2,), (0, 0), (0, 1), (1, 0)))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["t1", "topk", "topp"])
+def test_tree_sampling_matches_plain_law(cfg):
+    stat, df, impossible = chi_square(bigram_stub(), cfg, seed=5, k=None, tree=TREE)
+    assert impossible == 0 and stat < chi_square_quantile(df), (stat, df)
+
+
+def test_tree_sampling_with_a_draft_vocabulary_keeps_the_law():
+    vocab = DraftVocab(torch.tensor([2, 0]), V)
+    stat, df, impossible = chi_square(bigram_stub(), CONFIGS[0], seed=6, k=None, vocab=vocab, tree=TREE)
+    assert impossible == 0 and stat < chi_square_quantile(df), (stat, df)
+
+
+def test_the_check_catches_a_tree_walk_without_residuals(monkeypatch):
+    """Trying the next sibling against the same distribution, as if the rejected one had not been drawn,
+    over-samples the candidates' tokens."""
+    monkeypatch.setattr(speculative, "residual_distribution", lambda p, q: p)
+    stat, df, _ = chi_square(bigram_stub(), CONFIGS[0], seed=5, k=None, tree=TREE)
+    assert stat > 3 * chi_square_quantile(df), (stat, df)
+
+
+def test_tree_sampling_accepts_later_siblings():
+    """The law test only means something if the walk went past a rejected first child: a chain over the
+    same heads accepts fewer tokens per forward."""
+    gen = torch.Generator().manual_seed(2)
+    tree = speculative_generate(bigram_stub(), [[0]] * 400, 8, sampling=CONFIGS[0], generator=gen, tree=TREE)
+    gen = torch.Generator().manual_seed(2)
+    chain = speculative_generate(bigram_stub(), [[0]] * 400, 8, sampling=CONFIGS[0], generator=gen)
+    assert tree.stats["tokens_per_forward"] > chain.stats["tokens_per_forward"] + 0.1

@@ -17,6 +17,7 @@ import torch
 from multitoken.generate.autoregressive import generate
 from multitoken.generate.common import GenerationResult
 from multitoken.generate.draft_vocab import DraftVocab
+from multitoken.generate.sampling import SamplingConfig
 from multitoken.generate.speculative import speculative_generate
 from multitoken.generate.tree import Tree
 from multitoken.model import MultiTokenModel
@@ -38,9 +39,11 @@ def bench_generate(
     repeats: int = 1,
     step_modes: Sequence[str] = (),
     draft_vocab: DraftVocab | None = None,
+    sampling: SamplingConfig = SamplingConfig(),
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Greedy plain vs chain (vs tree, if given) decoding: each warmed up once, then timed `repeats` times
-    (the fastest run counts).
+    """Plain vs chain (vs tree, if given) decoding, greedy or `sampling` (each run from generator seed
+    `seed`): each decoder warmed up once, then timed `repeats` times (the fastest run counts).
 
     Each of `step_modes` (keys of STEP_MODES) adds rows plain-M, chain-M (and tree-M): the same decoders
     with the step compiled ("c"), replayed from CUDA graphs ("g") or both ("cg"), over a static full-length
@@ -55,26 +58,34 @@ def bench_generate(
     plain decoding; `efficiency` is the speedup against the plain decoder of the same kind (plain-M for
     the rows of step mode M) per token per forward, i.e. how much of the tokens per forward survives as speed
     once both sides have the same step machinery. `exact` is the fraction of prompts whose output equals
-    plain decoding's (1.0 in fp32 on the CPU; in bf16 near-ties of head 1's top two logits can flip).
+    plain decoding's (1.0 in fp32 on the CPU; in bf16 near-ties of head 1's top two logits can flip;
+    None when sampling, whose decoders draw differently from the same seed).
     """
+    device = model.tok_embeddings.weight.device
+
+    def rng() -> torch.Generator:  # every run of every decoder draws from the same seed
+        return torch.Generator(device).manual_seed(seed)
+
+    def spec(**kwargs: Any) -> Callable[[int], GenerationResult]:
+        return lambda n: speculative_generate(model, prompts, n, sampling=sampling, generator=rng(), **kwargs)
+
     decoders: dict[str, Callable[[int], GenerationResult]] = {
-        "plain": lambda n: generate(model, prompts, n),
-        "chain": lambda n: speculative_generate(model, prompts, n, heads_used=heads_used),
+        "plain": lambda n: generate(model, prompts, n, sampling, rng()),
+        "chain": spec(heads_used=heads_used),
     }
     if tree is not None:
-        decoders["tree"] = lambda n: speculative_generate(model, prompts, n, tree=tree)
+        decoders["tree"] = spec(tree=tree)
     if draft_vocab is not None:
-        decoders["chain-v"] = lambda n: speculative_generate(model, prompts, n, heads_used, draft_vocab=draft_vocab)
+        decoders["chain-v"] = spec(heads_used=heads_used, draft_vocab=draft_vocab)
         if tree is not None:
-            decoders["tree-v"] = lambda n: speculative_generate(model, prompts, n, tree=tree, draft_vocab=draft_vocab)
+            decoders["tree-v"] = spec(tree=tree, draft_vocab=draft_vocab)
     for mode in step_modes:
         if mode not in STEP_MODES:
             raise ValueError(f"step mode must be one of {', '.join(STEP_MODES)}, got {mode!r}")
-        step = STEP_MODES[mode]
-        decoders[f"plain-{mode}"] = lambda n, step=step: speculative_generate(model, prompts, n, 1, **step)
-        decoders[f"chain-{mode}"] = lambda n, step=step: speculative_generate(model, prompts, n, heads_used, **step)
+        decoders[f"plain-{mode}"] = spec(heads_used=1, **STEP_MODES[mode])
+        decoders[f"chain-{mode}"] = spec(heads_used=heads_used, **STEP_MODES[mode])
         if tree is not None:
-            decoders[f"tree-{mode}"] = lambda n, step=step: speculative_generate(model, prompts, n, tree=tree, **step)
+            decoders[f"tree-{mode}"] = spec(tree=tree, **STEP_MODES[mode])
     results: dict[str, GenerationResult] = {}
     rows: dict[str, dict[str, Any]] = {}
     for name, run in decoders.items():
@@ -92,7 +103,9 @@ def bench_generate(
             "tokens_per_second": r.n_generated / r.seconds,
             "seconds": r.seconds,
             "forwards": r.n_forwards,
-            "exact": sum(a == b for a, b in zip(r.tokens, plain.tokens, strict=True)) / len(prompts),
+            "exact": sum(a == b for a, b in zip(r.tokens, plain.tokens, strict=True)) / len(prompts)
+            if sampling.greedy
+            else None,
         }
         if name.startswith("tree"):
             rows[name]["tree_size"] = tree.size
@@ -128,7 +141,7 @@ def bench_one_at_a_time(
             "tokens_per_second": sum(tokens) / seconds,
             "seconds": seconds,
             "forwards": sum(r["forwards"] for r in rs),
-            "exact": sum(r["exact"] for r in rs) / len(rs),
+            "exact": None if rs[0]["exact"] is None else sum(r["exact"] for r in rs) / len(rs),
         }
         if "tree_size" in rs[0]:
             rows[name]["tree_size"] = rs[0]["tree_size"]
@@ -167,9 +180,10 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
             lines.append(f"{name:<8} failed: {r['error']}")
             continue
         efficiency = "-" if r["efficiency"] is None else f"{r['efficiency']:.2f}"
+        exact = "-" if r["exact"] is None else f"{r['exact']:.2f}"
         lines.append(
             f"{name:<8} {r['tokens_per_forward']:>8.2f} {r['tokens_per_second']:>9.1f} {r['speedup']:>7.2f}x "
-            f"{efficiency:>7} {r['forwards']:>6d} {r['exact']:>6.2f}"
+            f"{efficiency:>7} {r['forwards']:>6d} {exact:>6}"
         )
     return "\n".join(lines)
 

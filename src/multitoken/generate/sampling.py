@@ -55,10 +55,12 @@ def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return probs
 
 
-def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per row of probs (..., V) -> token ids (...)."""
+def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None, n: int | None = None) -> torch.Tensor:
+    """One draw per row of probs (..., V) -> token ids (...); or `n` independent draws (with replacement)
+    per row -> (..., n)."""
     flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    draws = torch.multinomial(flat, n or 1, replacement=True, generator=generator)
+    return draws.view(*probs.shape[:-1], n) if n is not None else draws.view(probs.shape[:-1])
 
 
 def sample(

@@ -8,12 +8,13 @@ head runs on every fed position, so no head's KV cache has holes; rejected draft
 past the accepted prefix, which the next step overwrites before any query can see them.
 
 - Greedy: a draft is accepted when it equals head 1's argmax; the output equals plain greedy decoding.
-- Sampling (chain only): draft j is drawn from head j+1's processed distribution q_j; it is accepted with
-  probability min(1, p_j(d_j) / q_j(d_j)) where p_j is head 1's processed distribution at that node; the
-  first rejection draws from normalize(max(0, p_j - q_j)), and if all are accepted a bonus token comes
-  from head 1's last distribution (Leviathan et al. 2023; Chen et al. 2023). Output is distributed exactly
-  as plain sampling from head 1.
-- Trees (tree.py): several candidates per head verified at once under a tree mask; greedy only.
+- Sampling: draft j is drawn from head j+1's processed distribution q_j; it is accepted with probability
+  min(1, p_j(d_j) / q_j(d_j)) where p_j is head 1's processed distribution at that node; the first
+  rejection draws from normalize(max(0, p_j - q_j)), and if all are accepted a bonus token comes from head
+  1's last distribution (Leviathan et al. 2023; Chen et al. 2023). Output is distributed exactly as plain
+  sampling from head 1. In a tree a node's children are independent draws from q_j, tried one after
+  another against the residual left by the rejected ones (`verify_sampled`).
+- Trees (tree.py): several candidates per head verified at once under a tree mask.
 - A draft vocabulary (draft_vocab.py) restricts what heads 2..k may propose to the K most frequent tokens,
   so the second unembedding product of a step streams K rows instead of V; head 1 still judges over all V.
 
@@ -62,14 +63,15 @@ def propose(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draft candidates from the draft heads' logits (B, k-1, V), or (B, k-1, K) over `vocab`'s tokens.
 
-    Greedy: each head's top `max_rank` tokens (B, k-1, R). Sampling: one draw per head (B, k-1, 1) and the
-    distributions q it came from (B, k-1, V), which the acceptance test needs (zero outside `vocab`).
+    Greedy: each head's top `max_rank` tokens (B, k-1, R). Sampling: `max_rank` independent draws per head
+    (B, k-1, R) and the distributions q they came from (B, k-1, V), which the acceptance test needs (zero
+    outside `vocab`).
     """
     if sampling.greedy:
         ranked = logits.topk(max_rank, dim=-1).indices
         return (ranked if vocab is None else vocab.ids[ranked]), None
     q = probabilities(logits, sampling)
-    drafts = sample_from(q, generator)[..., None]
+    drafts = sample_from(q, generator, max_rank)
     if vocab is None:
         return drafts, q
     return vocab.ids[drafts], vocab.expand(q)
@@ -91,23 +93,41 @@ def verify_greedy(
 
 
 def verify_sampled(
-    p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None
+    index: TreeIndex, tokens: torch.Tensor, p: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rejection sampling along a chain: return the accepted draft count (B,) and the next token (B,).
+    """Rejection sampling down the tree: return the accepted node (B,) and the next token (B,).
 
-    p (B, N, V): head 1's processed distribution at each fed node (node j judges draft j, at node j+1);
-    drafts (B, N-1) drawn from q (B, N-1, V).
+    tokens (B, N): the fed nodes; p (B, N, V): head 1's processed distribution at each node; q (B, D, V):
+    the distribution the candidates at depth d+1 were drawn from (draft head d+2's), each node's children
+    being independent draws from it. At a node the walk holds a distribution r, first head 1's there; a
+    child with token x is accepted with probability min(1, r(x) / q(x)), and on rejection r becomes
+    normalize(max(0, r - q)) before the next child is tried. An accepted child continues the walk; when
+    every child is rejected, or the node is a leaf, the next token is drawn from r. With one child per node
+    this is the chain's rejection sampling (Leviathan et al. 2023; Chen et al. 2023); with several it is
+    multi-round speculative sampling (Miao et al. 2024, SpecInfer), lossless for independent draws.
     """
-    p_draft = p[:, :-1].gather(-1, drafts[..., None])[..., 0]  # (B, N-1)
-    q_draft = q.gather(-1, drafts[..., None])[..., 0]  # (B, N-1), > 0: each draft was drawn from q
-    u = torch.rand(q_draft.shape, generator=generator, device=q.device)
-    accept = u * q_draft < p_draft  # u < p/q without a division
-    n_accepted = accept.long().cumprod(-1).sum(-1)  # (B,): length of the accepted prefix
-    # No draft follows the last node: q there is 0 and the residual is p, the bonus token's distribution.
-    q_next = torch.cat([q, q.new_zeros(q.shape[0], 1, q.shape[2])], dim=1)  # (B, N, V)
-    at = n_accepted[:, None, None].expand(-1, 1, p.shape[-1])  # (B, 1, V)
-    residual = residual_distribution(p.gather(1, at)[:, 0], q_next.gather(1, at)[:, 0])  # (B, V)
-    return n_accepted, sample_from(residual, generator)
+    B, device = tokens.shape[0], tokens.device
+    rows = torch.arange(B, device=device)
+    node = torch.zeros(B, dtype=torch.long, device=device)
+    r = p[:, 0]  # (B, V)
+    walking = torch.ones(B, dtype=torch.bool, device=device)  # every node so far accepted
+    for d in range(index.n_depth):
+        q_d = q[:, d]  # (B, V)
+        moved = torch.zeros_like(walking)
+        for i in range(index.children.shape[1]):
+            child = index.children[node, i]  # (B,): -1 where the node has no i-th child
+            tried = walking & ~moved & (child >= 0)
+            child = child.clamp(min=0)
+            x = tokens[rows, child]  # (B,)
+            u = torch.rand(B, generator=generator, device=device)
+            accept = tried & (u * q_d[rows, x] < r[rows, x])  # u < r/q without a division; q(x) > 0
+            reject = tried & ~accept
+            node = torch.where(accept, child, node)
+            r = torch.where(reject[:, None], residual_distribution(r, q_d), r)
+            r = torch.where(accept[:, None], p[rows, child], r)
+            moved |= accept
+        walking &= moved
+    return node, sample_from(r, generator)
 
 
 def move_path(cache: ModelCache, pos: torch.Tensor, path: torch.Tensor, n_accepted: torch.Tensor) -> None:
@@ -156,7 +176,7 @@ def decode_step(
     if sampling.greedy:
         best, new_root = verify_greedy(index, tokens, head1.argmax(-1))
     else:
-        best, new_root = verify_sampled(probabilities(head1, sampling), drafts, q[:, : N - 1], generator)
+        best, new_root = verify_sampled(index, tokens, probabilities(head1, sampling), q, generator)
     n_accepted = index.depth[best]  # (B,)
     path = index.path[best]  # (B, D+1)
     if not index.is_chain:
@@ -193,9 +213,7 @@ def resolve_tree(
         raise UserError(f"heads_used={heads_used} disagrees with the tree, which uses {tree.depth + 1} heads")
     if tree.size >= model.cfg.max_seq_len:
         raise UserError(f"a tree of {tree.size} nodes does not fit the context of {model.cfg.max_seq_len}")
-    if not sampling.greedy and not tree.is_chain:
-        raise UserError("tree drafting is greedy only; sample with a chain (tree=None)")
-    if tree.max_rank > (model.cfg.vocab_size if vocab is None else vocab.size):
+    if sampling.greedy and tree.max_rank > (model.cfg.vocab_size if vocab is None else vocab.size):  # distinct
         raise UserError(f"the tree reads {tree.max_rank} candidates per head; the (draft) vocabulary has fewer")
     return tree
 
@@ -216,7 +234,7 @@ def speculative_generate(
 ) -> GenerationResult:
     """Decode up to `max_new_tokens` per prompt, drafting with heads 2..k and verifying with head 1.
 
-    heads_used: k (default: all heads); k = 1 is plain decoding. tree: a draft tree (greedy only), or None
+    heads_used: k (default: all heads); k = 1 is plain decoding. tree: a draft tree, or None
     for the chain of k heads. A sequence stops at `eos_id` (kept), after `max_new_tokens`, or when it
     fills the context ("context"). compile_step: run the step under `torch.compile` with a full-length,
     static-shaped cache read (the first steps pay for compilation). draft_vocab: heads 2..k propose only its
@@ -231,7 +249,7 @@ def speculative_generate(
     start = time.perf_counter()
     L, B, k = model.cfg.max_seq_len, len(prompts), tree.depth + 1
     heads = list(range(k))
-    max_rank = 1 if not sampling.greedy else tree.max_rank
+    max_rank = tree.max_rank
     cache = model.make_cache(B)
     device = cache.trunk[0].k.device
     vocab = draft_vocab.to(device) if draft_vocab is not None and k > 1 else None

@@ -130,7 +130,8 @@ class TreeIndex:
 
     parent (N,): parent node (the root is its own parent); depth (N,); head (N-1,) and rank (N-1,): which
     head's which candidate each non-root node drafts; ancestors (N, N): ancestors[i, j] if j is i or an
-    ancestor of i; path (N, D+1): the nodes from the root to i by depth, padded with i.
+    ancestor of i; path (N, D+1): the nodes from the root to i by depth, padded with i; children (N, C):
+    each node's children in the order listed (by rank for calibrated trees), padded with -1.
     """
 
     parent: torch.Tensor
@@ -139,6 +140,7 @@ class TreeIndex:
     rank: torch.Tensor
     ancestors: torch.Tensor
     path: torch.Tensor
+    children: torch.Tensor
     is_chain: bool
     max_rank: int
 
@@ -162,6 +164,11 @@ class TreeIndex:
             chain = [index[p[:d]] for d in range(len(p) + 1)]
             ancestors[i, chain] = True
             path[i] = torch.tensor(chain + [i] * (D + 1 - len(chain)))
+        kids: list[list[int]] = [[] for _ in nodes]
+        for i in range(1, N):
+            kids[parent[i]].append(i)
+        width = max(len(k) for k in kids)
+        children = [k + [-1] * (width - len(k)) for k in kids]
 
         def t(x: list[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.long, device=device)
@@ -173,6 +180,7 @@ class TreeIndex:
             rank=t([p[-1] for p in tree.paths]),
             ancestors=ancestors.to(device),
             path=path.to(device),
+            children=t(children),  # (N, 0) when the tree is the root alone
             is_chain=tree.is_chain,
             max_rank=tree.max_rank,
         )
