@@ -7,6 +7,8 @@ import copy
 import pytest
 import torch
 
+import multitoken.generate.graphs as graphs
+import multitoken.generate.speculative as speculative
 from multitoken.errors import UserError
 from multitoken.generate.autoregressive import generate
 from multitoken.generate.numerics import divergence_report, format_report
@@ -14,7 +16,7 @@ from multitoken.generate.sampling import SamplingConfig
 from multitoken.generate.speculative import speculative_generate
 from multitoken.generate.tree import Tree
 from tests.conftest import make_model
-from tests.generate.test_speculative import held_out_prompts, random_prompts, trained_model
+from tests.generate.test_speculative import held_out_prompts, random_prompts, trained_model, word_stream
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -27,6 +29,39 @@ def test_cuda_graphs_need_a_cuda_device():
 def test_cuda_graphs_are_greedy_only():
     with pytest.raises(UserError, match="greedy decoding only"):
         speculative_generate(make_model(), [[1, 2, 3]], 4, sampling=SamplingConfig(temperature=1.0), cuda_graphs=True)
+
+
+def fake_capture(run):
+    """capture() on the CPU: the step runs once more (rewriting the same cache slots with the same values, which
+    leaves the cache as it was), and each replay runs it into the recorded output tensors, overwriting them
+    as a graph's replay does."""
+    outputs = run()
+
+    def replay():
+        for out, new in zip(outputs, run(), strict=True):
+            if out is not None:
+                out.copy_(new)
+
+    return replay, outputs
+
+
+@pytest.mark.parametrize("tree", [None, Tree(((0,), (1,), (0, 0), (1, 0)))], ids=["chain", "tree"])
+def test_graph_plumbing_on_the_cpu(monkeypatch, tree):
+    # Everything around the graph itself: inputs copied into the captured buffers, outputs reused and
+    # overwritten by the next replay (so the loop must read them first), one graph per tree size near the
+    # context limit, rows of a batch stopping at different steps.
+    monkeypatch.setattr(graphs, "warm_up", lambda run: run())
+    monkeypatch.setattr(graphs, "capture", fake_capture)
+    monkeypatch.setattr(speculative, "check_cuda_graphs", lambda model, sampling: None)
+    model = trained_model()
+    prompts = [*held_out_prompts(3), word_stream(90, seed=9).tolist()]  # the last one reaches the context limit
+    plain = generate(model, prompts, 40)
+    for batch in (prompts, [prompts[0]], [prompts[-1]]):
+        graphed = speculative_generate(model, batch, 40, tree=tree, cuda_graphs=True)
+        eager = speculative_generate(model, batch, 40, tree=tree)
+        assert graphed.tokens == [plain.tokens[prompts.index(p)] for p in batch]
+        assert graphed.n_forwards == eager.n_forwards and graphed.stop_reasons == eager.stop_reasons
+    assert "context" in graphed.stop_reasons
 
 
 @pytest.mark.gpu

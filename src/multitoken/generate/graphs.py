@@ -37,28 +37,36 @@ class CudaGraphStep:
 
     def __init__(self, fn: Callable[..., Tensors]) -> None:
         self.fn = fn
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.replay: Callable[[], None] | None = None
         self.inputs: Tensors = ()
         self.outputs: Tensors = ()
 
     def __call__(self, *tensors: torch.Tensor | None) -> Tensors:
-        if self.graph is None:
-            return self._run_and_capture(tensors)
+        if self.replay is None:
+            self.inputs = tuple(t.clone() if t is not None else None for t in tensors)
+            result = warm_up(lambda: self.fn(*self.inputs))
+            self.replay, self.outputs = capture(lambda: self.fn(*self.inputs))
+            return result
         for buffer, t in zip(self.inputs, tensors, strict=True):
             if buffer is not None:
                 buffer.copy_(t)
-        self.graph.replay()
+        self.replay()
         return self.outputs
 
-    def _run_and_capture(self, tensors: Tensors) -> Tensors:
-        self.inputs = tuple(t.clone() if t is not None else None for t in tensors)
-        # Capture wants the step warmed up on a side stream (PyTorch's CUDA graph notes).
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            result = self.fn(*self.inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = self.fn(*self.inputs)
-        return result
+
+def warm_up(run: Callable[[], Tensors]) -> Tensors:
+    """`run()` for real on a side stream, as capture wants (PyTorch's notes on CUDA graphs)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        result = run()
+    torch.cuda.current_stream().wait_stream(stream)
+    return result
+
+
+def capture(run: Callable[[], Tensors]) -> tuple[Callable[[], None], Tensors]:
+    """Record `run()`'s kernels without running them; return the graph's replay and its output tensors."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = run()
+    return graph.replay, outputs
