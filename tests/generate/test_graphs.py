@@ -64,6 +64,22 @@ def test_graph_plumbing_on_the_cpu(monkeypatch, tree):
     assert "context" in graphed.stop_reasons
 
 
+def test_a_graph_session_replays_later_generations_without_capturing(monkeypatch):
+    captures = []
+    monkeypatch.setattr(graphs, "warm_up", lambda run: run())
+    monkeypatch.setattr(graphs, "capture", lambda run: captures.append(1) or fake_capture(run))
+    monkeypatch.setattr(speculative, "check_cuda_graphs", lambda model, sampling: None)
+    model, prompts = trained_model(), held_out_prompts(3)
+    session = graphs.GraphSession()
+    for p in prompts:  # same shape: one capture, then replays; each output still exact
+        result = speculative_generate(model, [p], 30, cuda_graphs=True, graph_session=session)
+        assert result.tokens == generate(model, [p], 30).tokens
+    assert len(captures) == 1
+    result = speculative_generate(model, prompts[:2], 30, cuda_graphs=True, graph_session=session)
+    assert result.tokens == generate(model, prompts[:2], 30).tokens  # another batch size: captured afresh
+    assert len(captures) == 2 and session.key[1] == 2
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("tree", [None, Tree(((0,), (1,), (0, 0), (1, 0)))], ids=["chain", "tree"])
@@ -73,8 +89,9 @@ def test_cuda_graphs_decode_exactly_on_a_trained_model(tree):
     model = copy.deepcopy(trained_model()).to("cuda")
     prompts = held_out_prompts(4)
     plain = generate(model, prompts, 40).tokens
+    session = graphs.GraphSession()  # the one-prompt calls after the first replay its graphs and reuse its cache
     for batch in (prompts, *([p] for p in prompts)):
-        graphed = speculative_generate(model, batch, 40, tree=tree, cuda_graphs=True)
+        graphed = speculative_generate(model, batch, 40, tree=tree, cuda_graphs=True, graph_session=session)
         assert graphed.tokens == [plain[prompts.index(p)] for p in batch]
     graphed = speculative_generate(model, prompts, 40, tree=tree, cuda_graphs=True)
     eager = speculative_generate(model, prompts, 40, tree=tree)

@@ -17,6 +17,7 @@ import torch
 from multitoken.generate.autoregressive import generate
 from multitoken.generate.common import GenerationResult
 from multitoken.generate.draft_vocab import DraftVocab
+from multitoken.generate.graphs import GraphSession
 from multitoken.generate.sampling import SamplingConfig
 from multitoken.generate.speculative import speculative_generate
 from multitoken.generate.tree import Tree
@@ -67,7 +68,10 @@ def bench_generate(
         return torch.Generator(device).manual_seed(seed)
 
     def spec(**kwargs: Any) -> Callable[[int], GenerationResult]:
-        return lambda n: speculative_generate(model, prompts, n, sampling=sampling, generator=rng(), **kwargs)
+        session = GraphSession()  # the warm-up run captures the graphs (if any); the timed runs replay them
+        return lambda n: speculative_generate(
+            model, prompts, n, sampling=sampling, generator=rng(), graph_session=session, **kwargs
+        )
 
     decoders: dict[str, Callable[[int], GenerationResult]] = {
         "plain": lambda n: generate(model, prompts, n, sampling, rng()),

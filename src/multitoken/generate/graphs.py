@@ -18,8 +18,12 @@ eager or compiled; either is captured the same way.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from multitoken.kv_cache import ModelCache
 
 Tensors = tuple[torch.Tensor | None, ...]
 
@@ -70,3 +74,25 @@ def capture(run: Callable[[], Tensors]) -> tuple[Callable[[], None], Tensors]:
     with torch.cuda.graph(graph):
         outputs = run()
     return graph.replay, outputs
+
+
+@dataclass
+class GraphSession:
+    """Graphs kept from one generation to the next of the same shape, with the KV cache they write.
+
+    A graph reads and writes the tensors it was captured with, at their addresses, so the cache must outlive
+    it; kept together, a later generation with the same model, batch size, tree and draft vocabulary replays
+    at once instead of capturing again (a capture costs about one eager step, a real share of a short
+    generation). `key` says what they were made for; `prepare` starts afresh for anything else. Stale cache
+    slots are harmless: every slot a query can see is written earlier in the same generation.
+    """
+
+    key: tuple[Any, ...] = ()
+    cache: ModelCache | None = None
+    graphs: dict[int, CudaGraphStep] = field(default_factory=dict)  # by tree size
+
+    def prepare(self, key: tuple[Any, ...], make_cache: Callable[[], ModelCache]) -> ModelCache:
+        """The session's cache for a generation described by `key`, after dropping what another key left."""
+        if key != self.key or self.cache is None:
+            self.key, self.cache, self.graphs = key, make_cache(), {}
+        return self.cache

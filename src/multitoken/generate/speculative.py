@@ -35,7 +35,7 @@ import torch
 from multitoken.errors import UserError
 from multitoken.generate.common import GenerationResult, check_prompts, prefill
 from multitoken.generate.draft_vocab import DraftVocab
-from multitoken.generate.graphs import CudaGraphStep
+from multitoken.generate.graphs import CudaGraphStep, GraphSession
 from multitoken.generate.sampling import SamplingConfig, probabilities, sample, sample_from
 from multitoken.generate.stats import AcceptanceHistogram, decode_stats
 from multitoken.generate.tree import Tree, TreeIndex, tree_mask
@@ -231,6 +231,7 @@ def speculative_generate(
     compile_step: bool = False,
     draft_vocab: DraftVocab | None = None,
     cuda_graphs: bool = False,
+    graph_session: GraphSession | None = None,
 ) -> GenerationResult:
     """Decode up to `max_new_tokens` per prompt, drafting with heads 2..k and verifying with head 1.
 
@@ -240,7 +241,8 @@ def speculative_generate(
     static-shaped cache read (the first steps pay for compilation). draft_vocab: heads 2..k propose only its
     tokens (see draft_vocab.py); the output is unchanged, only which drafts can be accepted. cuda_graphs:
     replay the step (eager or compiled) from a CUDA graph captured after its first run (graphs.py); CUDA
-    and greedy only.
+    and greedy only. graph_session: where the graphs and their cache are kept for the next call of the same
+    shape (default: a new one, dropped at the end).
     """
     check_prompts(model, prompts, max_new_tokens)
     tree = resolve_tree(model, heads_used, tree, sampling, draft_vocab)
@@ -250,7 +252,12 @@ def speculative_generate(
     L, B, k = model.cfg.max_seq_len, len(prompts), tree.depth + 1
     heads = list(range(k))
     max_rank = tree.max_rank
-    cache = model.make_cache(B)
+    if cuda_graphs:
+        session = graph_session if graph_session is not None else GraphSession()
+        key = (id(model), B, tree, compile_step, id(draft_vocab))
+        cache, graphs = session.prepare(key, lambda: model.make_cache(B)), session.graphs
+    else:
+        cache = model.make_cache(B)
     device = cache.trunk[0].k.device
     vocab = draft_vocab.to(device) if draft_vocab is not None and k > 1 else None
     draft_rows = vocab.rows(model.output.weight) if vocab is not None else None  # (K, D), gathered once
@@ -258,7 +265,6 @@ def speculative_generate(
     step = torch.compile(decode_step) if compile_step else decode_step
     constants = dict(sampling=sampling, generator=generator, heads=heads, max_rank=max_rank, vocab=vocab,
                      draft_rows=draft_rows)  # fmt: skip
-    graphs: dict[int, CudaGraphStep] = {}  # by tree size
     logits, pos = prefill(model, cache, prompts, heads)  # (B, k, V), (B,)
     root = sample(logits[:, 0], sampling, generator)
     drafts = logits[:, 1:] if vocab is None else vocab.restrict(logits[:, 1:])
