@@ -72,3 +72,25 @@ def test_train_document(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
 
 def test_matmul_peak_is_positive() -> None:
     assert train_speed.measure_matmul_tflops(memory.torch.device("cpu"), "fp32", size=128, seconds=0.05) > 0
+
+
+def test_compiled_blocks_are_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Inductor takes minutes on 2 cores: the "eager" backend compiles through Dynamo only, which is enough to
+    # check that --compile reaches the worker's model and that its steps still run and are timed.
+    compiled = []
+
+    def compile_eager(model):
+        compiled.append(model)
+        memory_compile(model, backend="eager")
+
+    memory_compile = memory.compile_blocks
+    monkeypatch.setattr(memory, "compile_blocks", compile_eager)
+    monkeypatch.setattr(train_speed, "run_worker", _in_process)
+    args = _parse(train_speed, [
+        "--dim", "64", "--layers", "3", "--vocab", "97", "--n-list", "2", "--context", "16", "--steps", "1",
+        "--repeats", "1", "--device", "cpu", "--peak-tflops", "1.0", "--compile",
+    ])  # fmt: skip
+    doc = train_speed.run(args)
+    assert doc["settings"]["compile"] and doc["rows"][0]["spec"]["compile"] and len(compiled) == 1
+    assert all(block._compiled_call_impl is not None for block in [*compiled[0].trunk, *compiled[0].heads])
+    assert doc["rows"][0]["step_time_s"] > 0

@@ -39,7 +39,7 @@ from multitoken.bench.flops import train_flops_per_token
 from multitoken.config import ModelConfig, TrainConfig
 from multitoken.loss import sequential_backward, shift_targets, summed_loss
 from multitoken.model import MultiTokenModel
-from multitoken.train import build_optimizer, default_device
+from multitoken.train import build_optimizer, compile_blocks, default_device
 
 METHODS = ("summed", "sequential", "chunked")
 MIB = 2**20
@@ -66,6 +66,7 @@ class StepSpec:
     dtype: str = "fp32"
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
     seed: int = 0
+    compile: bool = False  # torch.compile each block, as `train --compile` does (the warm-up steps compile)
 
     def model_config(self) -> ModelConfig:
         """Llama-style shape with 64-dimensional attention heads (the context is the model's maximum)."""
@@ -157,6 +158,8 @@ def measure_step(spec: StepSpec) -> dict[str, Any]:
     before_model = torch.cuda.memory_allocated(device) if cuda else _rss_bytes()
     torch.manual_seed(spec.seed)
     model = MultiTokenModel(cfg).to(device)
+    if spec.compile:
+        compile_blocks(model)
     optimizer = build_optimizer(model, TrainConfig())  # AdamW state is allocated lazily at the first step
     _sync(device)
     if cuda:

@@ -83,6 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: see module)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (warm-up steps compile)")
     parser.add_argument("--plot-dir", default=None, help="write the PNG plot here")
 
 
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         StepSpec(
             dim=args.dim, n_layers=args.layers, vocab_size=args.vocab, n_future=n, method=args.method,
             chunk=args.chunk, batch=args.batch, context=args.context, warmup=args.warmup, steps=args.steps,
-            device=str(device), dtype=dtype, threads=args.threads,
+            device=str(device), dtype=dtype, threads=args.threads, compile=args.compile,
         )  # fmt: skip
         for n in args.n_list
     ]
@@ -127,6 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "dim": args.dim, "layers": args.layers, "vocab": args.vocab, "method": args.method, "chunk": args.chunk,
             "batch": args.batch, "context": args.context, "warmup": args.warmup, "steps": args.steps,
             "repeats": args.repeats, "device": str(device), "dtype": dtype, "threads": args.threads,
+            "compile": args.compile,
         },  # fmt: skip
         "peak_tflops": peak,
         "peak_source": peak_source,
@@ -135,7 +137,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     params = rows[0].get("params", 0)
     print(
         f"bench train on {doc['machine']}, {dtype}, {params / 1e6:.1f}M params, d={args.dim}, {args.layers} "
-        f"blocks, V={args.vocab}, batch {args.batch} x {args.context}, method {args.method}; "
+        f"blocks, V={args.vocab}, batch {args.batch} x {args.context}, method {args.method}"
+        f"{', compiled blocks' if args.compile else ''}; "
         f"peak {peak:.3g} TFLOP/s ({peak_source})"
     )
     print(
