@@ -119,9 +119,13 @@ def do_bench(args: argparse.Namespace) -> dict[str, Any]:
     run = args.work / "heads"
     tok = load_tokenizer(run)
     prompts = held_out_prompts(sources(args.work), tok, args.n_prompts + 1, VAL_FRACTION, per_doc=args.prompts_per_doc)
-    # The tree's shape is calibrated on one more held-out prompt of each kind than is benchmarked: on the
-    # model's greedy continuation of it (what decoding reads), or on the prompt's own text.
+    # The tree's shape is calibrated on one more held-out prompt of each kind than is benchmarked, or on
+    # --calibration-prompts prompts of each kind from training documents (the held-out prose documents are
+    # few); on the model's greedy continuation of them (what decoding reads), or on their own text.
     calibration = torch.tensor([ps.pop() for ps in prompts.values()])
+    if args.calibration_prompts:
+        from_train = held_out_prompts(sources(args.work), tok, args.calibration_prompts, VAL_FRACTION, split="train")
+        calibration = torch.tensor([p for ps in from_train.values() for p in ps])
     model = load_run(run).model.eval()
     skip = 0
     if args.calibrate_on == "generated":
@@ -169,7 +173,7 @@ def do_bench(args: argparse.Namespace) -> dict[str, Any]:
         run_one(prompts["code"][0][:16])  # warm-up
     results: dict[str, Any] = {"trees": {suffix or "full": [str(t) for t in ts] for suffix, ts in trees.items()}}
     results.update(max_new_tokens=max_new, machine=machine(), draft_vocab=vocab.size, coverage=coverage)
-    results.update(calibrate_on=args.calibrate_on)
+    results.update(calibrate_on=args.calibrate_on, calibration_windows=calibration.shape[0])
     results["acceptance"] = {suffix or "full": c.acceptance.tolist() for suffix, c in acceptance.items()}
     results["sets"] = {}
     for kind, ps in prompts.items():
@@ -314,6 +318,11 @@ def main() -> None:
         help="bench: calibrate the trees on the model's greedy continuation of the calibration prompts, or on them",
     )  # fmt: skip
     parser.add_argument("--prompts-per-doc", type=int, default=1, help="bench: prompts from each held-out document")
+    parser.add_argument(
+        "--calibration-prompts", type=int, default=0, metavar="K",
+        help="bench: calibrate the trees on K prompts of each kind from training documents (default: one more "
+        "held-out prompt of each kind)",
+    )  # fmt: skip
     parser.add_argument("--only", nargs="+", help="bench: only the decoders whose names contain one of these")
     parser.add_argument(
         "--draft-vocab", type=int, default=8192,

@@ -39,6 +39,19 @@ def test_prompts_come_from_validation_documents_of_their_kind(tmp_path: Path) ->
             assert prompt == ids[start : start + LENGTH]
 
 
+def test_prompts_from_the_training_split(tmp_path: Path) -> None:
+    sources, tok = make_sources(tmp_path), ByteTokenizer()
+    train, _ = split_documents(load_corpus(sources).documents, 0.4)
+    prompts = held_out_prompts(sources, tok, n=50, val_fraction=0.4, length=LENGTH, split="train")
+    for kind in ("code", "text"):
+        docs = [d for d in train if (d.name.endswith(".py") if kind == "code" else ".jsonl:" in d.name)]
+        assert len(prompts[kind]) == len(docs) > 0
+        for prompt, doc in zip(prompts[kind], docs, strict=True):
+            ids = tok.encode(doc.text)
+            start = len(ids) // 3 if kind == "code" else 0
+            assert prompt == ids[start : start + LENGTH]
+
+
 def test_per_doc_and_count(tmp_path: Path) -> None:
     sources, tok = make_sources(tmp_path), ByteTokenizer()
     one = held_out_prompts(sources, tok, n=50, val_fraction=0.4, length=LENGTH)

@@ -43,18 +43,23 @@ def held_out_prompts(
     val_fraction: float,
     length: int = 96,
     per_doc: int = 1,
+    split: str = "val",
 ) -> dict[str, list[list[int]]]:
     """Up to `n` code and `n` text prompts of `length` tokens from the validation documents of `sources`.
 
-    The split is `split_documents(..., val_fraction)`, the one training uses, so no prompt was trained on.
+    The split is `split_documents(..., val_fraction)`, the one training uses, so no prompt was trained on;
+    `split="train"` takes them from the training documents instead (e.g. to calibrate a draft tree without
+    spending held-out documents).
     A document from a JSON-lines source is text, any other code. Documents shorter than `2 * length + 200`
     tokens are skipped. One prompt per document (code: from a third of the way in, past the imports and
     docstring; text: its start), or `per_doc` prompts at evenly spaced offsets of each. Raises DataError if
     a kind has no document long enough.
     """
-    _, val = split_documents(load_corpus(sources).documents, val_fraction)
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    train, val = split_documents(load_corpus(sources).documents, val_fraction)
     sets: dict[str, list[list[int]]] = {"code": [], "text": []}
-    for doc in val:
+    for doc in val if split == "val" else train:
         kind = "text" if ".jsonl:" in doc.name else "code"
         if len(sets[kind]) >= n:
             continue
@@ -67,5 +72,6 @@ def held_out_prompts(
         sets[kind] += [ids[start : start + length] for start in starts][: n - len(sets[kind])]
     empty = [kind for kind, prompts in sets.items() if not prompts]
     if empty:
-        raise DataError(f"no held-out {' or '.join(empty)} document of at least {2 * length + 200} tokens")
+        which = "held-out" if split == "val" else "training"
+        raise DataError(f"no {which} {' or '.join(empty)} document of at least {2 * length + 200} tokens")
     return sets
