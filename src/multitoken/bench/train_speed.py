@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--n-list", type=int_list, default=[1, 2, 4, 8])
     parser.add_argument("--method", choices=("summed", "sequential", "chunked"), default="chunked")
-    parser.add_argument("--chunk", type=int, default=128, help="positions per cross-entropy chunk (chunked)")
+    parser.add_argument("--chunk", type=int, default=128, help="tokens per cross-entropy chunk (chunked)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=1)
