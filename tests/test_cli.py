@@ -268,6 +268,7 @@ def test_train_sample_continues_held_out_prompts(run_dir, capsys):
         assert sample[decoder]["tokens_per_forward"] >= 1.0 and sample[decoder]["speedup"] > 0
     assert load_tree(run_dir / "tree.json").size <= 12
     assert sample["prompt"] in out and sample["text"] in out and "tokens per forward" in out
+    assert sample["sampled_text"] in out and "sampled: temperature 0.8" in out
 
 
 def test_eval_humaneval_runs_in_the_sandbox(run_dir, tmp_path, capsys):
