@@ -224,6 +224,36 @@ def test_generate_compile_flag_decodes_the_same(run_dir, capsys, monkeypatch):
         assert last_json(capsys.readouterr().out)["generated_token_ids"] == plain
 
 
+def test_generate_stream_prints_what_the_batch_print_would(run_dir, capsys):
+    argv = ["generate", str(run_dir), "--prompt", "def ", "--max-new-tokens", "12"]
+    for extra in ([], ["--speculative"], ["--temperature", "0.9"]):
+        assert main([*argv, *extra]) == 0
+        printed = capsys.readouterr().out
+        assert main([*argv, *extra, "--stream"]) == 0
+        assert capsys.readouterr().out == printed
+    batch = run_dir / "prompts.txt"
+    batch.write_text("a\nb\n")
+    assert "give one --prompt" in error_of(["generate", str(run_dir), "--batch", str(batch), "--stream"], capsys)
+
+
+def test_text_stream_holds_back_half_a_character(capsys):
+    from multitoken.cli import TextStream
+    from multitoken.data.tokenizers import ByteTokenizer
+
+    stream, printed = TextStream(ByteTokenizer()), ""
+    for piece in (b"caf", b"\xc3", b"\xa9!"):  # é is two bytes, here split across two steps
+        stream(0, list(piece))
+        printed += capsys.readouterr().out
+        assert "\ufffd" not in printed
+    stream.finish()
+    assert printed + capsys.readouterr().out == "café!\n"
+    stream = TextStream(ByteTokenizer())
+    stream(0, list(b"caf"))
+    stream(0, list(b"\xc3"))
+    stream.finish()  # a character never completed is shown as it decodes
+    assert capsys.readouterr().out == "caf\ufffd\n"
+
+
 def test_device_errors(run_dir, capsys):
     import torch
 

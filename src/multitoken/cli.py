@@ -381,8 +381,32 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="replay the decode step from CUDA graphs (CUDA, greedy): one launch per step instead of one per kernel",
     )  # fmt: skip
     _add_decode_device(p)
+    p.add_argument("--stream", action="store_true", help="print the continuation as it is decoded (one --prompt)")
     p.add_argument("--stats", action="store_true", help="print a JSON line with decoding statistics")
     p.set_defaults(func=_cmd_generate)
+
+
+class TextStream:
+    """Prints one sequence's text as its tokens arrive: the tokens so far are decoded again each time and
+    the new end of the text printed, holding back a final U+FFFD, which may be half of a character whose
+    other bytes are still to come."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def __call__(self, row: int, tokens: list[int]) -> None:
+        self.ids += tokens
+        self._show(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
+
+    def finish(self) -> None:
+        """Print whatever was held back, and end the line."""
+        text = self.tokenizer.decode(self.ids)
+        print(text[len(self.shown) :] if text.startswith(self.shown) else "\n" + text, flush=True)
+
+    def _show(self, text: str) -> None:
+        if text.startswith(self.shown):  # a decoder that rewrites earlier text waits for `finish`
+            print(text[len(self.shown) :], end="", flush=True)
+            self.shown = text
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -442,16 +466,25 @@ def _cmd_generate(args: argparse.Namespace) -> dict[str, Any] | None:
     ids = [tok.encode(p) for p in prompts]
     gen = torch.Generator(device).manual_seed(args.seed)
     eos = tok.eos_id if args.stop_at_eos else None
+    stream = None
+    if args.stream:
+        if len(prompts) != 1:
+            raise UserError("--stream prints one continuation as it is decoded; give one --prompt")
+        stream = TextStream(tok)
+        print(prompts[0], end="", flush=True)
     if speculative or args.compile or args.cuda_graphs:  # plain decoding then is the one-head chain
         heads_used = args.heads_used if speculative else 1
         result = speculative_generate(
             run.model, ids, args.max_new_tokens, heads_used, sampling, gen, eos, tree, args.compile, vocab,
-            args.cuda_graphs,
+            args.cuda_graphs, on_tokens=stream,
         )  # fmt: skip
     else:
-        result = generate(run.model, ids, args.max_new_tokens, sampling, gen, eos)
+        result = generate(run.model, ids, args.max_new_tokens, sampling, gen, eos, on_tokens=stream)
+    if stream is not None:
+        stream.finish()
     for prompt, new in zip(prompts, result.tokens, strict=True):
-        print(prompt + tok.decode(new))
+        if stream is None:
+            print(prompt + tok.decode(new))
     for b, reason in enumerate(result.stop_reasons):
         if reason == "context":
             limit = run.model.cfg.max_seq_len

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from multitoken.generate.common import GenerationResult, check_prompts, prefill
+from multitoken.generate.common import GenerationResult, TokenCallback, check_prompts, prefill
 from multitoken.generate.sampling import SamplingConfig, sample
 from multitoken.model import MultiTokenModel
 
@@ -24,10 +24,12 @@ def generate(
     sampling: SamplingConfig = SamplingConfig(),
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
+    on_tokens: TokenCallback | None = None,
 ) -> GenerationResult:
     """Decode up to `max_new_tokens` per prompt; prompts may differ in length.
 
-    A sequence stops at `eos_id` (kept in its output) or at the model's context limit.
+    A sequence stops at `eos_id` (kept in its output) or at the model's context limit. on_tokens(row,
+    [token]): called with each new token as soon as it is chosen (e.g. to stream it).
     """
     check_prompts(model, prompts, max_new_tokens)
     start = time.perf_counter()
@@ -45,6 +47,8 @@ def generate(
             if not active[b]:
                 continue
             out[b].append(int(tokens[b]))
+            if on_tokens is not None:
+                on_tokens(b, out[b][-1:])
             if eos_id is not None and out[b][-1] == eos_id:
                 active[b], reasons[b] = False, "eos"
             elif len(out[b]) == max_new_tokens:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +11,9 @@ import torch
 from multitoken.errors import UserError
 from multitoken.kv_cache import ModelCache
 from multitoken.model import MultiTokenModel
+
+# on_tokens(row, tokens): a decoder's report of the tokens a row of the batch has just gained.
+TokenCallback = Callable[[int, list[int]], None]
 
 
 @dataclass

@@ -33,7 +33,7 @@ from functools import partial
 import torch
 
 from multitoken.errors import UserError
-from multitoken.generate.common import GenerationResult, check_prompts, prefill
+from multitoken.generate.common import GenerationResult, TokenCallback, check_prompts, prefill
 from multitoken.generate.draft_vocab import DraftVocab
 from multitoken.generate.graphs import CudaGraphStep, GraphSession
 from multitoken.generate.sampling import SamplingConfig, probabilities, sample, sample_from
@@ -232,6 +232,7 @@ def speculative_generate(
     draft_vocab: DraftVocab | None = None,
     cuda_graphs: bool = False,
     graph_session: GraphSession | None = None,
+    on_tokens: TokenCallback | None = None,
 ) -> GenerationResult:
     """Decode up to `max_new_tokens` per prompt, drafting with heads 2..k and verifying with head 1.
 
@@ -242,7 +243,8 @@ def speculative_generate(
     tokens (see draft_vocab.py); the output is unchanged, only which drafts can be accepted. cuda_graphs:
     replay the step (eager or compiled) from a CUDA graph captured after its first run (graphs.py); CUDA
     and greedy only. graph_session: where the graphs and their cache are kept for the next call of the same
-    shape (default: a new one, dropped at the end).
+    shape (default: a new one, dropped at the end). on_tokens(row, tokens): called with each row's new
+    tokens as soon as they are accepted (e.g. to stream them).
     """
     check_prompts(model, prompts, max_new_tokens)
     tree = resolve_tree(model, heads_used, tree, sampling, draft_vocab)
@@ -290,6 +292,8 @@ def speculative_generate(
                 taken = taken[: taken.index(eos_id) + 1]
                 active[b], reasons[b] = False, "eos"
             out[b].extend(taken)
+            if on_tokens is not None and taken:
+                on_tokens(b, taken)
             if not active[b]:
                 continue
             if len(out[b]) == max_new_tokens:
