@@ -3,6 +3,7 @@ import torch
 
 from multitoken.errors import UserError
 from multitoken.generate.autoregressive import generate
+from multitoken.generate.common import prefill
 from multitoken.generate.sampling import SamplingConfig, probabilities, sample
 from tests.conftest import make_model
 
@@ -24,6 +25,19 @@ def test_cached_greedy_equals_full_forward_greedy():
         assert out == naive_greedy(model, p, 15)
     assert result.stop_reasons == ["length"] * 3
     assert result.n_forwards == 15
+
+
+@pytest.mark.parametrize("head_type", ["parallel", "causal", "anticausal", "linear"])
+def test_prefill_logits_equal_the_full_forward_at_each_last_position(head_type):
+    # prefill unembeds only each prompt's last position; the full forward unembeds every one.
+    model = make_model(seed=2, head_type=head_type)
+    prompts = [[5, 7, 1, 9, 2, 2, 8], [3], [4, 4, 6]]
+    cache = model.make_cache(len(prompts))
+    logits, lengths = prefill(model, cache, prompts, heads=[0, 1, 2])
+    assert lengths.tolist() == [7, 1, 3] and logits.shape == (3, 3, model.cfg.vocab_size)
+    for b, p in enumerate(prompts):
+        full = model(torch.tensor([p]))[0, -1]  # (k, V), no cache
+        torch.testing.assert_close(logits[b], full, rtol=1e-5, atol=1e-5)
 
 
 def test_batch_equals_each_alone():

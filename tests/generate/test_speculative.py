@@ -84,9 +84,6 @@ class StubModel:
         # Row v of the "unembedding" names token v, so a draft vocabulary's rows (K, 1) are its token ids.
         self.output = SimpleNamespace(weight=torch.arange(V)[:, None])
 
-    def __call__(self, tokens, *, heads, positions=None, cache=None, attn_mask=None, kv_len=None):
-        return self.table[list(heads)][:, tokens].permute(1, 2, 0, 3)  # (B, T, k, V)
-
     def attention_context(self, T, positions=None, cache=None, attn_mask=None, kv_len=None, slots=None):
         return None
 
