@@ -15,11 +15,11 @@
 #   calibrate       multitoken calibrate: head acceptance and the draft tree (RUN/tree.json)
 #   gen-bf16-b1     multitoken bench generate: plain vs chain vs tree, bf16, batch 1, eager and with the step
 #                   replayed from CUDA graphs (rows plain-g, chain-g, tree-g)
-#   gen-bf16-compile   the same with the step compiled, and compiled + replayed (rows -c and -cg)
-#   numerics        benchmarks/gpu_generate.py: divergence report (fp32, bf16) and verify cost curve
-#   memory-compare  bench memory at d=1024, 8 layers, V=32k, batch 4x2048, bf16 (DESIGN.md anchor)
 #   train-speed     bench train at ~134M parameters (d=768, 12 layers, V=32k), n = 1 and 4, blocks compiled:
 #                   tokens/s and MFU (the 40% target)
+#   memory-compare  bench memory at d=1024, 8 layers, V=32k, batch 4x2048, bf16 (DESIGN.md anchor)
+#   numerics        benchmarks/gpu_generate.py: divergence report (fp32, bf16) and verify cost curve
+#   gen-bf16-compile   the same as gen-bf16-b1 with the step compiled, and compiled + replayed (rows -c, -cg)
 #   gen-bf16-batch, gen-fp32-b1, gen-fp32-batch   the decoding table in the other settings (with graphs)
 # (The CPU smoke run has no CUDA graphs; it skips gen-bf16-compile unless SMOKE_COMPILE=1, and bf16-batch
 # and fp32-b1.)
@@ -112,7 +112,7 @@ if (( smoke )); then
           --repeats 1 --chunk 32 --threads 1)
     memory_args=("${tiny[@]}" --n 2)
     speed_args=("${tiny[@]}" --n-list 1,2)
-    b=(20 30 30 15 150 60 45 45 0 0 20)
+    b=(20 30 30 15 45 45 60 150 0 0 20)
 else
     # ~85M parameters (d=768, 12 blocks: 8 trunk + 4 heads, byte vocabulary). --time-budget caps the step
     # count on a slow or busy card; the log says how many steps ran.
@@ -124,7 +124,7 @@ else
     numerics_args=(--device cuda --prompts 32 --prompt-tokens 64 --max-new-tokens 128)
     memory_args=(--vocab 32000 --repeats 1)
     speed_args=(--repeats 1 --n-list 1,4 --compile)
-    b=(50 110 30 60 180 60 75 150 40 40 40)
+    b=(50 110 30 60 150 75 60 180 40 40 40)
 fi
 
 part pytest-gpu "${b[0]}" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/generate/test_numerics.py tests/generate/test_graphs.py
@@ -140,12 +140,12 @@ gen() {
         --cache-dir "$work/cache" "$@"
 }
 gen gen-bf16-b1 "${b[3]}" "${gen_args[@]}" --dtype bf16
+part train-speed "${b[4]}" env OUT="$work/speed" bash benchmarks/gpu_train.sh train "${speed_args[@]}"
+part memory-compare "${b[5]}" env OUT="$work/memory" bash benchmarks/gpu_train.sh compare "${memory_args[@]}"
+part numerics "${b[6]}" "$PY" benchmarks/gpu_generate.py "$run_dir" "${numerics_args[@]}" --cache-dir "$work/cache"
 if (( ! smoke || ${SMOKE_COMPILE:-0} )); then  # on 2 busy CPU cores the three compilations take ~110 s
-    gen gen-bf16-compile "${b[4]}" "${compile_args[@]}" --dtype bf16 --compile
+    gen gen-bf16-compile "${b[7]}" "${compile_args[@]}" --dtype bf16 --compile
 fi
-part numerics "${b[5]}" "$PY" benchmarks/gpu_generate.py "$run_dir" "${numerics_args[@]}" --cache-dir "$work/cache"
-part memory-compare "${b[6]}" env OUT="$work/memory" bash benchmarks/gpu_train.sh compare "${memory_args[@]}"
-part train-speed "${b[7]}" env OUT="$work/speed" bash benchmarks/gpu_train.sh train "${speed_args[@]}"
 if (( ! smoke )); then
     gen gen-bf16-batch "${b[8]}" "${gen_args[@]}" --dtype bf16 --batch
     gen gen-fp32-b1 "${b[9]}" "${gen_args[@]}" --dtype fp32
