@@ -10,9 +10,10 @@ and the step's changing tensors (the pending tokens, positions and drafts) are c
 owns before each replay. The step's outputs are the graph's own tensors, overwritten by the next replay; the
 decode loop reads them (one host sync) before it replays again.
 
-Inductor's graphs (`torch.compile(mode="reduce-overhead")`) skip a function that writes into a tensor it is
-given, and the step writes the KV cache it is given, which is why the capture is done here. The step may be
-eager or compiled; either is captured the same way.
+Inductor's graphs (`torch.compile(mode="reduce-overhead")`) skip a function that writes into an input it
+does not know to be static ("skipping cudagraphs due to mutated inputs"), and the step writes the KV cache
+it is given, which is why the capture is done here. The step may be eager or compiled; either is captured
+the same way.
 """
 
 from __future__ import annotations
