@@ -12,7 +12,8 @@
 #   pytest-gpu      pytest -m gpu (bf16 divergences at near-ties on CUDA)
 #   train           multitoken train: byte model (preset base, n=4, ~85M) on the stdlib, bf16 autocast,
 #                   a fixed step count capped by a time budget
-#   calibrate       multitoken calibrate: head acceptance and the draft tree (RUN/tree.json)
+#   calibrate       multitoken calibrate --budget auto: head acceptance, and the draft tree with the highest
+#                   expected speed given verify forwards timed on the card (RUN/tree.json)
 #   gen-bf16-b1     multitoken bench generate: plain vs chain vs tree, bf16, batch 1, eager and with the step
 #                   replayed from CUDA graphs (rows plain-g, chain-g, tree-g)
 #   train-speed     bench train at ~134M parameters (d=768, 12 layers, V=32k), n = 1 and 4, blocks compiled:
@@ -103,7 +104,7 @@ if (( smoke )); then
     export OMP_NUM_THREADS=1  # toy models on shared cores: a second thread made training 60x slower here
     train_args=(--preset tiny --data "$repo/src/multitoken" --batch-size 4 --context 64 --max-steps 20
                 --time-budget 30 --warmup 5)
-    cal_args=(--budget 4 --max-rank 2 --windows 4)
+    cal_args=(--budget auto --max-rank 2 --windows 4)
     gen_args=(--device cpu --threads 1 --prompts 2 --prompt-tokens 16 --max-new-tokens 16)
     compile_args=(--device cpu --threads 1 --prompts 1 --prompt-tokens 16 --max-new-tokens 8)
     numerics_args=(--device cpu --prompts 4 --prompt-tokens 16 --max-new-tokens 16 --block-sizes 1,2,4
@@ -118,7 +119,7 @@ else
     # count on a slow or busy card; the log says how many steps ran.
     train_args=(--preset base --n-future 4 --batch-size 32 --context 256 --max-steps 1500 --time-budget 60
                 --warmup 50 --lr 1e-3)
-    cal_args=(--budget 16 --max-rank 4 --windows 32)
+    cal_args=(--budget auto --max-rank 4 --windows 32 --device cuda --dtype bf16)
     gen_args=(--device cuda --prompts 4 --prompt-tokens 64 --max-new-tokens 128 --cuda-graphs)
     compile_args=(--device cuda --prompts 2 --prompt-tokens 64 --max-new-tokens 128 --cuda-graphs)
     numerics_args=(--device cuda --prompts 32 --prompt-tokens 64 --max-new-tokens 128)

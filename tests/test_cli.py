@@ -254,6 +254,23 @@ def test_text_stream_holds_back_half_a_character(capsys):
     assert capsys.readouterr().out == "caf\ufffd\n"
 
 
+def test_calibrate_chooses_the_budget_by_measured_speed(run_dir, capsys):
+    argv = ["calibrate", str(run_dir), "--windows", "2", "--max-rank", "2", "--budget", "auto"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    report = last_json(captured.out)
+    choices = report["budget_choice"]
+    assert [c["budget"] for c in choices] == [2, 3, 4, 6, 8, 12, 16, 24, 32] and sum(c["chosen"] for c in choices) == 1
+    chosen = next(c for c in choices if c["chosen"])
+    assert report["size"] == chosen["size"]
+    assert chosen["expected_speedup"] == max(c["expected_speedup"] for c in choices)
+    assert "<- chosen" in captured.err
+    for bad in ("0", "many"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv[:-1], bad])
+        assert exit_info.value.code == 2 and "--budget" in capsys.readouterr().err
+
+
 def test_device_errors(run_dir, capsys):
     import torch
 

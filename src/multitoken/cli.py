@@ -508,7 +508,11 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         help="measure each head's top-k acceptance on held-out data and build a draft tree (RUN/tree.json)",
     )
     p.add_argument("run", type=Path)
-    p.add_argument("--budget", type=int, default=16, help="tree nodes per forward, the root included")
+    p.add_argument(
+        "--budget", type=_budget, default=16,
+        help="tree nodes per forward, the root included; auto: time verify forwards of 2-32 nodes on this "
+        "machine and keep the tree with the highest expected speed",
+    )  # fmt: skip
     p.add_argument("--max-rank", type=int, default=4, help="candidates considered per head")
     p.add_argument(
         "--windows", type=int, default=32,
@@ -528,16 +532,37 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--data", nargs="+", action="extend", help="measure on these files instead")
     p.add_argument("--cache-dir", type=Path)
+    _add_decode_device(p)
+    p.add_argument("--threads", type=int, help="CPU threads (default 1, as decoding uses)")
     p.set_defaults(func=_cmd_calibrate)
+
+
+AUTO_BUDGETS = (2, 3, 4, 6, 8, 12, 16, 24, 32)  # the tree sizes `calibrate --budget auto` times
+
+
+def _budget(value: str) -> int | str:
+    """--budget: a positive number of nodes, or "auto"."""
+    if value == "auto":
+        return value
+    try:
+        budget = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of nodes or 'auto', got {value!r}") from None
+    if budget < 1:
+        raise argparse.ArgumentTypeError(f"a tree needs at least 1 node, got {budget}")
+    return budget
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.checkpoint import load_run
     from multitoken.eval.heldout import load_heldout, split_heldout, windows_tensor
+    from multitoken.generate.bench import time_blocks
     from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
-    from multitoken.generate.tree import Tree, build_tree, calibrate, calibrate_greedy, save_tree
+    from multitoken.generate.tree import Tree, build_tree, calibrate, calibrate_greedy, choose_tree, save_tree
 
-    run = load_run(args.run)
+    _set_decode_threads(args.threads)
+    device, dtype = _decode_device(args)
+    run = load_run(args.run, device, dtype)
     held = load_heldout(args.run, run.config, args.data, args.cache_dir)
     length = min(run.config.get("train", {}).get("context", 256), run.model.cfg.max_seq_len)
     vocab, report = None, {}
@@ -556,7 +581,21 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError(f"--prompt-tokens must be between 1 and {length - run.model.cfg.n_future - 1}")
         prompts = windows_tensor(tokens, args.windows, args.prompt_tokens)
         calibration = calibrate_greedy(run.model, prompts, length, args.max_rank, vocab)
-    tree = build_tree(calibration, args.budget)
+    if args.budget == "auto":
+        # Verify forwards timed on this machine, with about a prompt and half a window cached.
+        context = max(1, min(args.prompt_tokens + length // 2, run.model.cfg.max_seq_len - max(AUTO_BUDGETS)))
+        sizes = [b for b in AUTO_BUDGETS if b < run.model.cfg.max_seq_len - context]
+        plain = time_blocks(run.model, [1], context, heads=1)[1]
+        tree, choices = choose_tree(calibration, time_blocks(run.model, sizes, context), plain)
+        print(f"tree budget by expected speed ({device}, {args.dtype}; a plain step: {plain * 1e3:.2f} ms):",
+              file=sys.stderr)  # fmt: skip
+        for c in choices:
+            print(f"  {c['budget']:>3} nodes: {c['expected_tokens_per_forward']:.2f} tokens/forward, "
+                  f"{c['seconds'] * 1e3:.2f} ms, expected {c['expected_speedup']:.2f}x"
+                  + ("  <- chosen" if c["chosen"] else ""), file=sys.stderr)  # fmt: skip
+        report["budget_choice"] = choices
+    else:
+        tree = build_tree(calibration, args.budget)
     save_tree(tree, Path(args.run) / TREE_FILE, calibration)
     acceptance = calibration.acceptance
     print(f"head acceptance (rows: heads 2..n, columns: candidate rank 1..{args.max_rank}):", file=sys.stderr)

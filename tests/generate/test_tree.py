@@ -14,6 +14,7 @@ from multitoken.generate.tree import (
     TreeIndex,
     build_tree,
     calibrate,
+    choose_tree,
     greedy_windows,
     tree_mask,
 )
@@ -107,6 +108,24 @@ def test_joint_calibration_sees_drafts_that_are_right_together():
     assert joint.paths == ((0,), (0, 0), (0, 0, 0)) and independent.paths == ((0,), (1,), (0, 0))
     assert joint.expected_length(calibration) == pytest.approx(2.8)
     assert independent.expected_length(calibration) == pytest.approx(2.6)  # what the product's pick is worth
+
+
+def test_choose_tree_weighs_accepted_tokens_against_measured_cost():
+    miss = 2
+    calibration = Calibration(torch.tensor([[0, 0, 0]] * 6 + [[1, miss, miss]] * 4), max_rank=2)
+    # Expected tokens per forward by budget: 1 node 1.0, 2: 1.6, 3: 2.2, 4: 2.8, 5: 3.2 (then nothing to add).
+    free = {2: 1.0, 4: 1.0, 5: 1.0, 8: 1.0}  # a verify forward costs a plain step whatever its size
+    tree, rows = choose_tree(calibration, free, plain_seconds=1.0)
+    assert tree.size == 5 and [r["chosen"] for r in rows] == [False, False, True, False]  # 8 adds nothing
+    assert [r["expected_speedup"] for r in rows] == pytest.approx([1.6, 2.8, 3.2, 3.2])
+    # A budget of 8 builds the 5-node tree, which is charged what 5 nodes cost, not 8.
+    _, rows = choose_tree(calibration, {5: 1.0, 8: 3.0}, plain_seconds=1.0)
+    assert rows[1]["size"] == 5 and rows[1]["seconds"] == 1.0
+    steep = {2: 1.0, 4: 2.0, 5: 4.0}  # rows cost in proportion
+    tree, rows = choose_tree(calibration, steep, plain_seconds=1.0)
+    assert tree.size == 2 and rows[0]["chosen"] and rows[1]["expected_speedup"] == pytest.approx(1.4)
+    with pytest.raises(UserError, match="no tree budget"):
+        choose_tree(calibration, {}, plain_seconds=1.0)
 
 
 def test_calibrate_on_stub_and_trained_model():

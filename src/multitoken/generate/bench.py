@@ -198,8 +198,10 @@ def time_blocks(
 ) -> dict[int, float]:
     """Seconds per decode forward over a block of each size, with `context` positions cached (batch 1).
 
-    The cost curve of verification: with it, a tree budget can be chosen by expected tokens per second,
-    and one sees whether padding short blocks to a cheaper size pays.
+    The cost curve of verification: with it, a tree budget can be chosen by expected tokens per second
+    (`choose_tree`), and one sees whether padding short blocks to a cheaper size pays. With more than one
+    head the forward also unembeds the draft heads at one position, as a verify step does for the next
+    drafts; with `heads=1` it is a plain decoding step.
     """
     heads_list = list(range(heads or model.cfg.n_future))
     device = model.tok_embeddings.weight.device
@@ -215,6 +217,8 @@ def time_blocks(
             start = time.perf_counter()
             ctx = model.attention_context(size, positions, cache, kv_len=kv_len)
             z = model.run_heads(model.embed_and_trunk(tokens, ctx, cache), ctx, cache, heads_list)
+            if len(heads_list) > 1:  # the next drafts, read at one node
+                model.unembed(torch.stack([z[i][:, -1] for i in heads_list[1:]], dim=1)).argmax(-1)
             model.unembed(z[0]).argmax(-1).tolist()  # the step's sync
             times.append(time.perf_counter() - start)
         costs[size] = sorted(times[2:])[len(times[2:]) // 2]  # median after two warm-up runs

@@ -226,8 +226,10 @@ def calibrate(
         )
     first, T = max(skip - 1, 0), windows.shape[1]
     last = T - n  # the last position whose every draft (of tokens up to t+n-1) has its answer in the window
+    device = model.output.weight.device
+    vocab = vocab.to(device) if vocab is not None else None
     ranks = []
-    for chunk in windows.split(batch_size):
+    for chunk in windows.to(device).split(batch_size):
         ctx = model.attention_context(chunk.shape[1])
         outputs = model.run_heads(model.embed_and_trunk(chunk, ctx), ctx)
         choice = model.unembed(outputs[0]).argmax(-1)  # (b, T): head 1's token for position t+1
@@ -242,7 +244,7 @@ def calibrate(
             if vocab is not None:
                 rank = torch.where(index >= 0, rank, max_rank)
             per_head.append(rank.flatten())
-        ranks.append(torch.stack(per_head, dim=1))  # (b * P, n - 1)
+        ranks.append(torch.stack(per_head, dim=1).cpu())  # (b * P, n - 1)
     return Calibration(torch.cat(ranks), max_rank)
 
 
@@ -299,6 +301,31 @@ def build_tree(estimate: Calibration | torch.Tensor, budget: int) -> Tree:
         paths.append(path)
         push_children(path)
     return Tree(tuple(paths))
+
+
+def choose_tree(
+    calibration: Calibration, block_seconds: dict[int, float], plain_seconds: float
+) -> tuple[Tree, list[dict[str, float]]]:
+    """The tree whose expected speed is highest, given what a verify forward costs on this machine.
+
+    block_seconds: seconds of a verify forward over each candidate number of nodes (`time_blocks` with all
+    heads); plain_seconds: a plain decoding step's. A budget's tree is `build_tree`'s, its expected speedup
+    expected_length * plain_seconds / seconds, where seconds is the cost of the tree's own size when that
+    was timed (a budget can leave nodes unused), else of the budget. Returns the best tree and one row per budget
+    (size, expected tokens per forward, seconds, expected speedup, chosen), so the choice can be shown.
+    """
+    if not block_seconds:
+        raise UserError("no tree budget to choose from")
+    rows, trees = [], []
+    for size, seconds in sorted(block_seconds.items()):
+        tree = build_tree(calibration, size)
+        length, seconds = tree.expected_length(calibration), block_seconds.get(tree.size, seconds)
+        rows.append({"budget": size, "size": tree.size, "expected_tokens_per_forward": length, "seconds": seconds,
+                     "expected_speedup": length * plain_seconds / seconds, "chosen": False})  # fmt: skip
+        trees.append(tree)
+    best = max(range(len(rows)), key=lambda i: rows[i]["expected_speedup"])  # the first of equals: the smallest
+    rows[best]["chosen"] = True
+    return trees[best], rows
 
 
 def save_tree(tree: Tree, path: Path, calibration: Calibration | None = None) -> None:
