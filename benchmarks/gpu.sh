@@ -13,7 +13,7 @@
 #   train           multitoken train: byte model (preset base, n=4, ~85M) on the stdlib, bf16 autocast,
 #                   a fixed step count capped by a time budget
 #   calibrate       multitoken calibrate --budget auto: head acceptance, and the draft tree with the highest
-#                   expected speed given verify forwards timed on the card (RUN/tree.json)
+#                   expected speed given decoding steps timed on the card (RUN/tree.json)
 #   gen-bf16-b1     multitoken bench generate: plain vs chain vs tree, bf16, batch 1, eager and with the step
 #                   replayed from CUDA graphs (rows plain-g, chain-g, tree-g)
 #   train-speed     bench train at ~134M parameters (d=768, 12 layers, V=32k), n = 1 and 4, blocks compiled:

@@ -510,8 +510,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", type=Path)
     p.add_argument(
         "--budget", type=_budget, default=16,
-        help="tree nodes per forward, the root included; auto: time verify forwards of 2-32 nodes on this "
-        "machine and keep the tree with the highest expected speed",
+        help="tree nodes per forward, the root included; auto: time decoding with trees of 2-32 nodes on this "
+        "machine and keep the one with the highest expected speed",
     )  # fmt: skip
     p.add_argument("--max-rank", type=int, default=4, help="candidates considered per head")
     p.add_argument(
@@ -538,6 +538,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 
 AUTO_BUDGETS = (2, 3, 4, 6, 8, 12, 16, 24, 32)  # the tree sizes `calibrate --budget auto` times
+AUTO_TOKENS = 48  # ... decoding this many tokens (less 16: the difference of two runs leaves out the prefill)
 
 
 def _budget(value: str) -> int | str:
@@ -556,8 +557,10 @@ def _budget(value: str) -> int | str:
 def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.checkpoint import load_run
     from multitoken.eval.heldout import load_heldout, split_heldout, windows_tensor
-    from multitoken.generate.bench import time_blocks
+    from multitoken.generate.autoregressive import generate
+    from multitoken.generate.bench import seconds_per_step
     from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
+    from multitoken.generate.speculative import speculative_generate
     from multitoken.generate.tree import Tree, build_tree, calibrate, calibrate_greedy, choose_tree, save_tree
 
     _set_decode_threads(args.threads)
@@ -582,13 +585,19 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         prompts = windows_tensor(tokens, args.windows, args.prompt_tokens)
         calibration = calibrate_greedy(run.model, prompts, length, args.max_rank, vocab)
     if args.budget == "auto":
-        # Verify forwards timed on this machine, with about a prompt and half a window cached.
-        context = max(1, min(args.prompt_tokens + length // 2, run.model.cfg.max_seq_len - max(AUTO_BUDGETS)))
-        sizes = [b for b in AUTO_BUDGETS if b < run.model.cfg.max_seq_len - context]
-        plain = time_blocks(run.model, [1], context, heads=1)[1]
-        tree, choices = choose_tree(calibration, time_blocks(run.model, sizes, context), plain)
-        print(f"tree budget by expected speed ({device}, {args.dtype}; a plain step: {plain * 1e3:.2f} ms):",
-              file=sys.stderr)  # fmt: skip
+        # Decoding steps timed on this machine, continuing a calibration prompt.
+        prompt = tokens[: args.prompt_tokens].tolist()
+        budgets = [b for b in AUTO_BUDGETS if len(prompt) + AUTO_TOKENS + b < run.model.cfg.max_seq_len]
+        plain = seconds_per_step(lambda n: generate(run.model, [prompt], n), long=AUTO_TOKENS)
+
+        def step_seconds(tree: Tree) -> float:
+            return seconds_per_step(
+                lambda n: speculative_generate(run.model, [prompt], n, tree=tree, draft_vocab=vocab), long=AUTO_TOKENS
+            )
+
+        tree, choices = choose_tree(calibration, budgets, step_seconds, plain)
+        print(f"tree budget by expected speed ({device}, {args.dtype}; a plain decoding step: "
+              f"{plain * 1e3:.2f} ms):", file=sys.stderr)  # fmt: skip
         for c in choices:
             print(f"  {c['budget']:>3} nodes: {c['expected_tokens_per_forward']:.2f} tokens/forward, "
                   f"{c['seconds'] * 1e3:.2f} ms, expected {c['expected_speedup']:.2f}x"

@@ -7,6 +7,8 @@ import torch
 
 from multitoken.errors import UserError
 from multitoken.generate.autoregressive import generate
+from multitoken.generate.bench import seconds_per_step
+from multitoken.generate.common import GenerationResult
 from multitoken.generate.speculative import speculative_generate
 from multitoken.generate.tree import (
     Calibration,
@@ -114,18 +116,28 @@ def test_choose_tree_weighs_accepted_tokens_against_measured_cost():
     miss = 2
     calibration = Calibration(torch.tensor([[0, 0, 0]] * 6 + [[1, miss, miss]] * 4), max_rank=2)
     # Expected tokens per forward by budget: 1 node 1.0, 2: 1.6, 3: 2.2, 4: 2.8, 5: 3.2 (then nothing to add).
-    free = {2: 1.0, 4: 1.0, 5: 1.0, 8: 1.0}  # a verify forward costs a plain step whatever its size
-    tree, rows = choose_tree(calibration, free, plain_seconds=1.0)
+    timed = []
+
+    def free(tree):  # a step costs a plain step whatever the tree
+        timed.append(tree.size)
+        return 1.0
+
+    tree, rows = choose_tree(calibration, [2, 4, 5, 8], free, plain_seconds=1.0)
     assert tree.size == 5 and [r["chosen"] for r in rows] == [False, False, True, False]  # 8 adds nothing
     assert [r["expected_speedup"] for r in rows] == pytest.approx([1.6, 2.8, 3.2, 3.2])
-    # A budget of 8 builds the 5-node tree, which is charged what 5 nodes cost, not 8.
-    _, rows = choose_tree(calibration, {5: 1.0, 8: 3.0}, plain_seconds=1.0)
-    assert rows[1]["size"] == 5 and rows[1]["seconds"] == 1.0
-    steep = {2: 1.0, 4: 2.0, 5: 4.0}  # rows cost in proportion
-    tree, rows = choose_tree(calibration, steep, plain_seconds=1.0)
+    assert timed == [2, 4, 5]  # budget 8 builds the 5-node tree again, which is not timed twice
+    tree, rows = choose_tree(calibration, [2, 4, 5], lambda t: t.size / 2, plain_seconds=1.0)  # cost in rows
     assert tree.size == 2 and rows[0]["chosen"] and rows[1]["expected_speedup"] == pytest.approx(1.4)
     with pytest.raises(UserError, match="no tree budget"):
-        choose_tree(calibration, {}, plain_seconds=1.0)
+        choose_tree(calibration, [], free, plain_seconds=1.0)
+
+
+def test_seconds_per_step_leaves_the_prefill_out():
+    def decode(n):  # a prefill of 5 s, then 1 s per step of 2 tokens
+        steps = (n + 1) // 2
+        return GenerationResult([[0] * n], 1 + steps, ["length"], seconds=5.0 + steps)
+
+    assert seconds_per_step(decode) == pytest.approx(1.0)
 
 
 def test_calibrate_on_stub_and_trained_model():

@@ -192,16 +192,29 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def seconds_per_step(
+    decode: Callable[[int], GenerationResult], short: int = 16, long: int = 48, repeats: int = 3
+) -> float:
+    """Seconds per decoding step of `decode(max_new_tokens)`, the prefill left out: the difference between a
+    `long` and a `short` generation (fastest of `repeats` each) over the difference of their forwards. This
+    is what a step costs in the real loop, its bookkeeping and host sync included."""
+    decode(min(short, 8))  # warm-up
+    runs = {n: min((decode(n) for _ in range(repeats)), key=lambda r: r.seconds) for n in (short, long)}
+    steps = runs[long].n_forwards - runs[short].n_forwards
+    if steps <= 0:
+        raise ValueError(f"decoding {long} tokens took no more forwards than {short}")
+    return (runs[long].seconds - runs[short].seconds) / steps
+
+
 @torch.no_grad()
 def time_blocks(
     model: MultiTokenModel, sizes: Sequence[int], context: int, heads: int | None = None, repeats: int = 20
 ) -> dict[int, float]:
     """Seconds per decode forward over a block of each size, with `context` positions cached (batch 1).
 
-    The cost curve of verification: with it, a tree budget can be chosen by expected tokens per second
-    (`choose_tree`), and one sees whether padding short blocks to a cheaper size pays. With more than one
-    head the forward also unembeds the draft heads at one position, as a verify step does for the next
-    drafts; with `heads=1` it is a plain decoding step.
+    The cost curve of verification: it shows how a verify forward's cost grows with its block, and whether
+    padding short blocks to a cheaper size pays. (`calibrate --budget auto` times whole decoding steps
+    instead, with `seconds_per_step`.)
     """
     heads_list = list(range(heads or model.cfg.n_future))
     device = model.tok_embeddings.weight.device
@@ -217,8 +230,6 @@ def time_blocks(
             start = time.perf_counter()
             ctx = model.attention_context(size, positions, cache, kv_len=kv_len)
             z = model.run_heads(model.embed_and_trunk(tokens, ctx, cache), ctx, cache, heads_list)
-            if len(heads_list) > 1:  # the next drafts, read at one node
-                model.unembed(torch.stack([z[i][:, -1] for i in heads_list[1:]], dim=1)).argmax(-1)
             model.unembed(z[0]).argmax(-1).tolist()  # the step's sync
             times.append(time.perf_counter() - start)
         costs[size] = sorted(times[2:])[len(times[2:]) // 2]  # median after two warm-up runs

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import heapq
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -304,24 +306,26 @@ def build_tree(estimate: Calibration | torch.Tensor, budget: int) -> Tree:
 
 
 def choose_tree(
-    calibration: Calibration, block_seconds: dict[int, float], plain_seconds: float
-) -> tuple[Tree, list[dict[str, float]]]:
-    """The tree whose expected speed is highest, given what a verify forward costs on this machine.
+    calibration: Calibration, budgets: Sequence[int], step_seconds: Callable[[Tree], float], plain_seconds: float
+) -> tuple[Tree, list[dict[str, Any]]]:
+    """The tree whose expected speed is highest, given what its decoding steps cost on this machine.
 
-    block_seconds: seconds of a verify forward over each candidate number of nodes (`time_blocks` with all
-    heads); plain_seconds: a plain decoding step's. A budget's tree is `build_tree`'s, its expected speedup
-    expected_length * plain_seconds / seconds, where seconds is the cost of the tree's own size when that
-    was timed (a budget can leave nodes unused), else of the budget. Returns the best tree and one row per budget
-    (size, expected tokens per forward, seconds, expected speedup, chosen), so the choice can be shown.
+    For each budget, `build_tree`'s tree is timed by `step_seconds(tree)` (seconds per decoding step with
+    it) and valued at expected_length * plain_seconds / step_seconds, plain_seconds being a plain decoding
+    step's. Budgets that give the same tree (nothing left worth a node) are timed once. Returns the best
+    tree and one row per budget (size, expected tokens per forward, seconds, expected speedup, chosen).
     """
-    if not block_seconds:
+    if not budgets:
         raise UserError("no tree budget to choose from")
-    rows, trees = [], []
-    for size, seconds in sorted(block_seconds.items()):
-        tree = build_tree(calibration, size)
-        length, seconds = tree.expected_length(calibration), block_seconds.get(tree.size, seconds)
-        rows.append({"budget": size, "size": tree.size, "expected_tokens_per_forward": length, "seconds": seconds,
-                     "expected_speedup": length * plain_seconds / seconds, "chosen": False})  # fmt: skip
+    rows, trees, timed = [], [], {}
+    for budget in sorted(budgets):
+        tree = build_tree(calibration, budget)
+        if tree not in timed:
+            timed[tree] = step_seconds(tree)
+        length = tree.expected_length(calibration)
+        rows.append({"budget": budget, "size": tree.size, "expected_tokens_per_forward": length,
+                     "seconds": timed[tree], "expected_speedup": length * plain_seconds / timed[tree],
+                     "chosen": False})  # fmt: skip
         trees.append(tree)
     best = max(range(len(rows)), key=lambda i: rows[i]["expected_speedup"])  # the first of equals: the smallest
     rows[best]["chosen"] = True
