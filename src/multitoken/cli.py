@@ -12,9 +12,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from multitoken.errors import UserError
+
+if TYPE_CHECKING:  # the CLI imports its heavy modules lazily, in the commands that need them
+    from multitoken.data.tokenizers import Tokenizer
 
 DEFAULT_TIME_BUDGET_S = 240.0
 TREE_FILE = "tree.json"
@@ -391,7 +394,7 @@ class TextStream:
     the new end of the text printed, holding back a final U+FFFD, which may be half of a character whose
     other bytes are still to come."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer, self.ids, self.shown = tokenizer, [], ""
 
     def __call__(self, row: int, tokens: list[int]) -> None:
