@@ -213,7 +213,7 @@ def resolve_tree(
         raise UserError(f"heads_used={heads_used} disagrees with the tree, which uses {tree.depth + 1} heads")
     if tree.size >= model.cfg.max_seq_len:
         raise UserError(f"a tree of {tree.size} nodes does not fit the context of {model.cfg.max_seq_len}")
-    if sampling.greedy and tree.max_rank > (model.cfg.vocab_size if vocab is None else vocab.size):  # distinct
+    if sampling.greedy and tree.max_rank > (model.cfg.vocab_size if vocab is None else vocab.size):  # top-k: distinct
         raise UserError(f"the tree reads {tree.max_rank} candidates per head; the (draft) vocabulary has fewer")
     return tree
 
