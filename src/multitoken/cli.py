@@ -485,8 +485,8 @@ def _cmd_generate(args: argparse.Namespace) -> dict[str, Any] | None:
         result = generate(run.model, ids, args.max_new_tokens, sampling, gen, eos, on_tokens=stream)
     if stream is not None:
         stream.finish()
-    for prompt, new in zip(prompts, result.tokens, strict=True):
-        if stream is None:
+    else:
+        for prompt, new in zip(prompts, result.tokens, strict=True):
             print(prompt + tok.decode(new))
     for b, reason in enumerate(result.stop_reasons):
         if reason == "context":
@@ -560,11 +560,9 @@ def _budget(value: str) -> int | str:
 def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.checkpoint import load_run
     from multitoken.eval.heldout import load_heldout, split_heldout, windows_tensor
-    from multitoken.generate.autoregressive import generate
-    from multitoken.generate.bench import seconds_per_step
+    from multitoken.generate.bench import choose_tree_by_speed
     from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
-    from multitoken.generate.speculative import speculative_generate
-    from multitoken.generate.tree import Tree, build_tree, calibrate, calibrate_greedy, choose_tree, save_tree
+    from multitoken.generate.tree import Tree, build_tree, calibrate, calibrate_greedy, save_tree
 
     _set_decode_threads(args.threads)
     device, dtype = _decode_device(args)
@@ -591,14 +589,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         # Decoding steps timed on this machine, continuing a calibration prompt.
         prompt = tokens[: args.prompt_tokens].tolist()
         budgets = [b for b in AUTO_BUDGETS if len(prompt) + AUTO_TOKENS + b < run.model.cfg.max_seq_len]
-        plain = seconds_per_step(lambda n: generate(run.model, [prompt], n), long=AUTO_TOKENS)
-
-        def step_seconds(tree: Tree) -> float:
-            return seconds_per_step(
-                lambda n: speculative_generate(run.model, [prompt], n, tree=tree, draft_vocab=vocab), long=AUTO_TOKENS
-            )
-
-        tree, choices = choose_tree(calibration, budgets, step_seconds, plain)
+        tree, choices, plain = choose_tree_by_speed(run.model, calibration, prompt, budgets, vocab, AUTO_TOKENS)
         print(f"tree budget by expected speed ({device}, {args.dtype}; a plain decoding step: "
               f"{plain * 1e3:.2f} ms):", file=sys.stderr)  # fmt: skip
         for c in choices:

@@ -20,7 +20,7 @@ from multitoken.generate.draft_vocab import DraftVocab
 from multitoken.generate.graphs import GraphSession
 from multitoken.generate.sampling import SamplingConfig
 from multitoken.generate.speculative import speculative_generate
-from multitoken.generate.tree import Tree
+from multitoken.generate.tree import Calibration, Tree, choose_tree
 from multitoken.model import MultiTokenModel
 
 # How a decoder's step runs besides eagerly: the suffix of its rows -> speculative_generate's flags.
@@ -204,6 +204,30 @@ def seconds_per_step(
     if steps <= 0:
         raise ValueError(f"decoding {long} tokens took no more forwards than {short}")
     return (runs[long].seconds - runs[short].seconds) / steps
+
+
+def choose_tree_by_speed(
+    model: MultiTokenModel,
+    calibration: Calibration,
+    prompt: Sequence[int],
+    budgets: Sequence[int],
+    draft_vocab: DraftVocab | None = None,
+    tokens: int = 48,
+) -> tuple[Tree, list[dict[str, Any]], float]:
+    """`choose_tree` with each tree's decoding step timed on this machine, continuing `prompt` for up to
+    `tokens` tokens (`seconds_per_step`), against a plain decoding step timed the same way.
+
+    Returns the chosen tree, one row per budget (see `choose_tree`) and the plain step's seconds.
+    """
+    plain = seconds_per_step(lambda n: generate(model, [prompt], n), long=tokens)
+
+    def step_seconds(tree: Tree) -> float:
+        return seconds_per_step(
+            lambda n: speculative_generate(model, [prompt], n, tree=tree, draft_vocab=draft_vocab), long=tokens
+        )
+
+    tree, rows = choose_tree(calibration, budgets, step_seconds, plain)
+    return tree, rows, plain
 
 
 @torch.no_grad()
