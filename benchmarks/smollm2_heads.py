@@ -40,7 +40,7 @@ from multitoken.data.tokenizers import load_tokenizer
 from multitoken.generate.autoregressive import generate
 from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
 from multitoken.generate.speculative import speculative_generate
-from multitoken.generate.tree import build_tree, calibrate, greedy_windows
+from multitoken.generate.tree import build_tree, calibrate, decoding_windows
 from multitoken.heads import (
     HeadsConfig,
     configure_trainable,
@@ -129,7 +129,7 @@ def do_bench(args: argparse.Namespace) -> dict[str, Any]:
     model = load_run(run).model.eval()
     skip = 0
     if args.calibrate_on == "generated":
-        calibration, skip = greedy_windows(model, calibration, args.max_new_tokens), calibration.shape[1]
+        calibration, skip = decoding_windows(model, calibration, args.max_new_tokens), calibration.shape[1]
     hf, _ = load_gguf(find_smollm2_gguf())
     hf.generation_config.eos_token_id = None  # fixed-length greedy, as ours
     hf.generation_config.pad_token_id = 0

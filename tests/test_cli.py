@@ -196,6 +196,14 @@ def test_speculative_generate_equals_plain_and_tree(run_dir, tmp_path, capsys):
     on_text = last_json(capsys.readouterr().out)
     assert on_data["on"] == "data" and on_text["on"] == "generated" and on_text["size"] <= 3
     assert "--prompt-tokens must be between" in error_of([*calibrate, "--prompt-tokens", "47"], capsys)
+    sampled_tree = tmp_path / "tree-sampled.json"  # a tree for sampling, beside the greedy one
+    assert main([*calibrate, "--temperature", "0.8", "--top-p", "0.9", "--out", str(sampled_tree)]) == 0
+    sampled = last_json(capsys.readouterr().out)
+    assert sampled["tree"] == str(sampled_tree) and sampled["sampling"]["temperature"] == 0.8
+    assert json.loads(sampled_tree.read_text())["sampling"]["top_p"] == 0.9
+    assert "temperature must be >= 0" in error_of([*calibrate, "--temperature", "-1"], capsys)
+    assert main([*argv, "--tree", str(sampled_tree), "--temperature", "0.8", "--top-p", "0.9"]) == 0
+    assert last_json(capsys.readouterr().out)["tree_size"] == sampled["size"]
     assert main([*argv, "--tree"]) == 0
     tree = last_json(capsys.readouterr().out)
     assert tree["decoder"] == "tree" and tree["generated_token_ids"] == plain["generated_token_ids"]

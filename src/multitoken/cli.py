@@ -166,7 +166,7 @@ def _final_sample(run_dir: Path, n_tokens: int, n_prompts: int = 4, prompt_token
     from multitoken.generate.bench import bench_one_at_a_time
     from multitoken.generate.sampling import SamplingConfig
     from multitoken.generate.speculative import speculative_generate
-    from multitoken.generate.tree import build_tree, calibrate_greedy, save_tree
+    from multitoken.generate.tree import build_tree, calibrate_decoding, save_tree
 
     _set_decode_threads(None)
     run = load_run(run_dir)
@@ -181,7 +181,7 @@ def _final_sample(run_dir: Path, n_tokens: int, n_prompts: int = 4, prompt_token
     if model.cfg.n_future > 1:
         length = min(run.config.get("train", {}).get("context", L), L)  # windows as long as training's
         calib = torch.tensor(prompt_windows(calibration_tokens, 16, prompt_tokens // 2))
-        calibration = calibrate_greedy(model, calib, length, max_rank=4)
+        calibration = calibrate_decoding(model, calib, length, max_rank=4)
         tree = build_tree(calibration, budget=12)
         save_tree(tree, Path(run_dir) / TREE_FILE, calibration)
     result = bench_one_at_a_time(model, prompts, max_new, tree=tree)
@@ -524,8 +524,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--on", choices=["generated", "data"], default="generated",
-        help="generated (default): the model's greedy continuations of held-out prompts, the text greedy "
-        "decoding reads; data: the held-out text itself",
+        help="generated (default): the model's own continuations of held-out prompts (greedy, or sampled with "
+        "--temperature/--top-k/--top-p), the text decoding reads; data: the held-out text itself",
     )  # fmt: skip
     p.add_argument("--prompt-tokens", type=int, default=32, help="--on generated: prompt length of each window")
     p.add_argument(
@@ -535,6 +535,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--data", nargs="+", action="extend", help="measure on these files instead")
     p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--out", type=Path, help="where to write the tree (default: RUN/tree.json)")
+    _add_sampling(p)  # a tree for sampling: acceptance of independent draws at these settings
     _add_decode_device(p)
     p.add_argument("--threads", type=int, help="CPU threads (default 1, as decoding uses)")
     p.set_defaults(func=_cmd_calibrate)
@@ -558,11 +560,16 @@ def _budget(value: str) -> int | str:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    import torch
+
     from multitoken.checkpoint import load_run
     from multitoken.eval.heldout import load_heldout, split_heldout, windows_tensor
     from multitoken.generate.bench import choose_tree_by_speed
     from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
-    from multitoken.generate.tree import Tree, build_tree, calibrate, calibrate_greedy, save_tree
+    from multitoken.generate.sampling import SamplingConfig
+    from multitoken.generate.tree import Tree, build_tree, calibrate, calibrate_decoding, save_tree
 
     _set_decode_threads(args.threads)
     device, dtype = _decode_device(args)
@@ -577,19 +584,23 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         report = {"draft_vocab": str(Path(args.run) / DRAFT_VOCAB_FILE), "draft_vocab_size": vocab.size,
                   "draft_vocab_coverage": coverage}  # fmt: skip
     tokens = split_heldout(held.tokens)[0]  # the second half is for `bench generate`'s prompts
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    generator = torch.Generator(device).manual_seed(args.seed)
     if args.on == "data":
         windows = windows_tensor(tokens, args.windows, length)
-        calibration = calibrate(run.model, windows, args.max_rank, vocab=vocab)
+        calibration = calibrate(run.model, windows, args.max_rank, vocab=vocab, sampling=sampling)
     else:
         if not 1 <= args.prompt_tokens < length - run.model.cfg.n_future:
             raise UserError(f"--prompt-tokens must be between 1 and {length - run.model.cfg.n_future - 1}")
         prompts = windows_tensor(tokens, args.windows, args.prompt_tokens)
-        calibration = calibrate_greedy(run.model, prompts, length, args.max_rank, vocab)
+        calibration = calibrate_decoding(run.model, prompts, length, args.max_rank, vocab, sampling, generator)
     if args.budget == "auto":
         # Decoding steps timed on this machine, continuing a calibration prompt.
         prompt = tokens[: args.prompt_tokens].tolist()
         budgets = [b for b in AUTO_BUDGETS if len(prompt) + AUTO_TOKENS + b < run.model.cfg.max_seq_len]
-        tree, choices, plain = choose_tree_by_speed(run.model, calibration, prompt, budgets, vocab, AUTO_TOKENS)
+        tree, choices, plain = choose_tree_by_speed(
+            run.model, calibration, prompt, budgets, vocab, AUTO_TOKENS, sampling, generator
+        )
         print(f"tree budget by expected speed ({device}, {args.dtype}; a plain decoding step: "
               f"{plain * 1e3:.2f} ms):", file=sys.stderr)  # fmt: skip
         for c in choices:
@@ -599,14 +610,17 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         report["budget_choice"] = choices
     else:
         tree = build_tree(calibration, args.budget)
-    save_tree(tree, Path(args.run) / TREE_FILE, calibration)
+    out = args.out or Path(args.run) / TREE_FILE
+    save_tree(tree, out, calibration)
     acceptance = calibration.acceptance
-    print(f"head acceptance (rows: heads 2..n, columns: candidate rank 1..{args.max_rank}):", file=sys.stderr)
+    columns = "candidate rank" if sampling.greedy else "draw tried"
+    print(f"head acceptance (rows: heads 2..n, columns: {columns} 1..{args.max_rank}):", file=sys.stderr)
     for i, row in enumerate(acceptance.tolist()):
         print(f"  head {i + 2}: " + " ".join(f"{x:.3f}" for x in row), file=sys.stderr)
     return {
-        "tree": str(Path(args.run) / TREE_FILE),
+        "tree": str(out),
         "on": args.on,
+        "sampling": asdict(sampling),
         "size": tree.size,
         "expected_tokens_per_forward": tree.expected_length(calibration),
         "chain_expected_tokens_per_forward": Tree.chain(acceptance.shape[0] + 1).expected_length(calibration),

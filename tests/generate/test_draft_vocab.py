@@ -9,6 +9,7 @@ import torch
 from multitoken.errors import UserError
 from multitoken.generate.autoregressive import generate
 from multitoken.generate.draft_vocab import DraftVocab
+from multitoken.generate.sampling import SamplingConfig
 from multitoken.generate.speculative import speculative_generate
 from multitoken.generate.tree import Tree, calibrate
 from tests.conftest import make_model
@@ -74,7 +75,12 @@ def test_calibrate_ranks_among_the_draft_tokens():
     windows = word_stream(640, seed=9).view(10, 64)
     # Every token, in another order: ranks do not depend on the order, so nothing changes.
     everything = DraftVocab(torch.randperm(61, generator=torch.Generator().manual_seed(0)), 61)
-    assert calibrate(model, windows, 4, vocab=everything).ranks.equal(calibrate(model, windows, 4).ranks)
+    assert calibrate(model, windows, 4, vocab=everything).weights.equal(calibrate(model, windows, 4).weights)
+    sampling = SamplingConfig(0.8, top_k=20)  # nor do the distributions sampled drafts come from
+    torch.testing.assert_close(
+        calibrate(model, windows, 4, vocab=everything, sampling=sampling).weights,
+        calibrate(model, windows, 4, sampling=sampling).weights,
+    )
     # Counting every rank of a 3-token vocabulary, the hits add up to how often the answer is one of them.
     vocab = stream_vocab(3)
     acc = calibrate(model, windows, 3, vocab=vocab).acceptance

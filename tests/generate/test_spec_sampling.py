@@ -16,8 +16,8 @@ import torch
 
 import multitoken.generate.speculative as speculative
 from multitoken.generate.draft_vocab import DraftVocab
-from multitoken.generate.sampling import SamplingConfig, probabilities
-from multitoken.generate.speculative import residual_distribution, speculative_generate
+from multitoken.generate.sampling import SamplingConfig, probabilities, residual_distribution
+from multitoken.generate.speculative import speculative_generate
 from multitoken.generate.tree import Tree
 from tests.conftest import make_model
 from tests.generate.test_speculative import StubModel

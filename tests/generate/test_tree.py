@@ -9,15 +9,18 @@ from multitoken.errors import UserError
 from multitoken.generate.autoregressive import generate
 from multitoken.generate.bench import seconds_per_step
 from multitoken.generate.common import GenerationResult
-from multitoken.generate.speculative import speculative_generate
+from multitoken.generate.sampling import SamplingConfig
+from multitoken.generate.speculative import speculative_generate, verify_sampled
 from multitoken.generate.tree import (
     Calibration,
     Tree,
     TreeIndex,
     build_tree,
     calibrate,
+    calibrate_decoding,
     choose_tree,
-    greedy_windows,
+    decoding_windows,
+    round_weights,
     tree_mask,
 )
 from multitoken.kv_cache import causal_mask
@@ -102,7 +105,7 @@ def test_joint_calibration_sees_drafts_that_are_right_together():
     # 60 % of positions: heads 2-4 all right at rank 0 (a loop); 40 %: head 2's second guess, then misses.
     miss = 2
     ranks = torch.tensor([[0, 0, 0]] * 6 + [[1, miss, miss]] * 4)
-    calibration = Calibration(ranks, max_rank=2)
+    calibration = Calibration.from_ranks(ranks, max_rank=2)
     torch.testing.assert_close(calibration.acceptance, torch.tensor([[0.6, 0.4], [0.6, 0.0], [0.6, 0.0]]))
     assert calibration.path_probability((0, 0, 0)) == pytest.approx(0.6)  # independence would say 0.216
     assert calibration.path_probability((1, 0)) == 0.0
@@ -114,7 +117,7 @@ def test_joint_calibration_sees_drafts_that_are_right_together():
 
 def test_choose_tree_weighs_accepted_tokens_against_measured_cost():
     miss = 2
-    calibration = Calibration(torch.tensor([[0, 0, 0]] * 6 + [[1, miss, miss]] * 4), max_rank=2)
+    calibration = Calibration.from_ranks(torch.tensor([[0, 0, 0]] * 6 + [[1, miss, miss]] * 4), max_rank=2)
     # Expected tokens per forward by budget: 1 node 1.0, 2: 1.6, 3: 2.2, 4: 2.8, 5: 3.2 (then nothing to add).
     timed = []
 
@@ -152,11 +155,11 @@ def test_calibrate_on_stub_and_trained_model():
     assert (acc[:, 0] > 0.5).all() and (acc[:, 0] > acc[:, 1]).all()
 
 
-def test_calibrate_on_greedy_windows_against_a_per_position_loop():
+def test_calibrate_on_decoding_windows_against_a_per_position_loop():
     model = trained_model()
     P, stream = 8, word_stream(400, seed=7)
     prompts = stream[: 3 * P].view(3, P)
-    windows = greedy_windows(model, prompts, 24)
+    windows = decoding_windows(model, prompts, 24)
     assert windows[:, :P].equal(prompts)
     assert windows[:, P:].tolist() == generate(model, prompts.tolist(), 24).tokens
     # The slow twin: every head's logits from one full forward, ranks counted position by position.
@@ -183,6 +186,66 @@ def test_calibrate_on_greedy_windows_against_a_per_position_loop():
     data = stream[: 3 * (P + 24)].view(3, P + 24)
     on_data = calibrate(model, data, R, skip=P)
     assert calibration.acceptance[:, 0].mean() > on_data.acceptance[:, 0].mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# calibration for sampling
+
+
+def test_round_weights_is_the_law_of_the_tree_walk():
+    """The formula against the decoder's own walk: a root with 3 children drawn independently from q,
+    many rows; the round that accepts and the token produced at depth 1, counted."""
+    g = torch.Generator().manual_seed(0)
+    V, B, R = 5, 200_000, 3
+    p, q = torch.tensor([0.4, 0.3, 0.2, 0.1, 0.0]), torch.tensor([0.1, 0.1, 0.2, 0.3, 0.3])
+    index = TreeIndex.build(Tree(tuple((r,) for r in range(R))))
+    drafts = torch.multinomial(q.expand(B, V), R, replacement=True, generator=g)  # (B, R)
+    tokens = torch.cat([torch.zeros(B, 1, dtype=torch.long), drafts], 1)  # (B, R + 1): the root, then its children
+    accepted, bonus = verify_sampled(index, tokens, p.expand(B, R + 1, V), q.expand(B, 1, V), g)
+    produced = torch.where(accepted > 0, tokens.gather(1, accepted[:, None])[:, 0], bonus)  # the depth-1 token
+    rounds = torch.where(accepted > 0, accepted - 1, R)  # which draw was accepted; R: none
+    counts = torch.zeros(V, R + 1).index_put_((produced, rounds), torch.ones(B), accumulate=True)
+    weights = round_weights(p.expand(V, V), q.expand(V, V), torch.arange(V), R)  # (V, R + 1) given each token
+    torch.testing.assert_close(weights.sum(1), torch.ones(V))
+    expected = p[:, None] * weights  # P(token x, round r)
+    assert (counts / B - expected).abs().max() < 0.005  # 5 standard deviations at most
+    # Without the residual between rounds (each draw judged against p), the law is visibly different.
+    naive = p[:, None] * torch.stack([torch.minimum(q, p) * (1 - torch.minimum(q, p).sum()) ** r for r in range(R)], 1)
+    assert (naive - expected[:, :R]).abs().max() > 0.02
+    assert weights[4].tolist() == [0.0] * R + [1.0]  # p(x) = 0: decoding never produces x
+
+
+def test_sampled_calibration_predicts_speculative_sampling():
+    """Expected tokens per verify step of a tree calibrated on sampled continuations matches what
+    speculative sampling with it measures; the greedy calibration of the same model overestimates it."""
+    model = trained_model()
+    prompts = word_stream(16 * 8, seed=9).view(16, 8)
+    text = word_stream(4000, seed=11)
+    held_out = [text[60 * i : 60 * i + 8].tolist() for i in range(32)]
+    greedy = calibrate_decoding(model, prompts, 48, max_rank=3)
+    for temperature in (0.8, 1.5):
+        sampling = SamplingConfig(temperature)
+        generator = torch.Generator().manual_seed(0)
+        calibration = calibrate_decoding(model, prompts, 48, 3, sampling=sampling, generator=generator)
+        assert calibration.sampling == sampling
+        for budget in (3, 6):
+            tree = build_tree(calibration, budget)
+            result = speculative_generate(
+                model, held_out, 40, sampling=sampling, generator=torch.Generator().manual_seed(1), tree=tree
+            )
+            histogram = result.stats["accept_histogram"]
+            measured = 1 + sum(i * c for i, c in enumerate(histogram)) / sum(histogram)  # tokens per verify step
+            assert tree.expected_length(calibration) == pytest.approx(measured, abs=0.15), (temperature, tree)
+            assert tree.expected_length(greedy) > measured + 0.2
+
+
+def test_sampled_trees_try_their_draws_in_turn():
+    """A sampling calibration's rank r is the r-th draw tried: a node's second child comes after its first,
+    even where the second is worth more; greedy ranks are candidates of their own and may be skipped."""
+    weights = torch.tensor([[[0.2, 0.5, 0.3]]]).expand(10, 1, 3)  # one draft head, 2 ranks + none
+    assert build_tree(Calibration(weights, SamplingConfig(1.0)), 2).paths == ((0,),)
+    assert build_tree(Calibration(weights, SamplingConfig(1.0)), 3).paths == ((0,), (1,))
+    assert build_tree(Calibration(weights), 2).paths == ((1,),)
 
 
 # ------------------------------------------------------------------------------------------------

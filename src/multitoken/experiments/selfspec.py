@@ -32,7 +32,7 @@ from multitoken.experiments.common import (
     write_report,
 )
 from multitoken.generate.bench import bench_generate
-from multitoken.generate.tree import build_tree, calibrate_greedy
+from multitoken.generate.tree import build_tree, calibrate_decoding
 
 NAME = "selfspec"
 
@@ -116,7 +116,7 @@ def _decode(model, calibration: np.ndarray, prompts: list[list[int]], s: Setting
             # Calibrated on what greedy decoding reads: the model's continuations of 16 other prompts.
             prompt_len = s.context // 4
             calib = torch.from_numpy(calibration[: 16 * prompt_len].astype(np.int64)).view(16, prompt_len)
-            tree = build_tree(calibrate_greedy(model, calib, s.context, max_rank=4), s.tree_budget)
+            tree = build_tree(calibrate_decoding(model, calib, s.context, max_rank=4), s.tree_budget)
         bench = bench_generate(model, prompts, s.new_tokens, heads_used=k, tree=tree)["decoders"]
         rows[f"chain k={k}"] = bench["chain"]
         rows["plain"] = rows["plain"] or bench["plain"]

@@ -213,17 +213,22 @@ def choose_tree_by_speed(
     budgets: Sequence[int],
     draft_vocab: DraftVocab | None = None,
     tokens: int = 48,
+    sampling: SamplingConfig = SamplingConfig(),
+    generator: torch.Generator | None = None,
 ) -> tuple[Tree, list[dict[str, Any]], float]:
     """`choose_tree` with each tree's decoding step timed on this machine, continuing `prompt` for up to
-    `tokens` tokens (`seconds_per_step`), against a plain decoding step timed the same way.
+    `tokens` tokens with `sampling` (`seconds_per_step`), against a plain decoding step timed the same way.
 
     Returns the chosen tree, one row per budget (see `choose_tree`) and the plain step's seconds.
     """
-    plain = seconds_per_step(lambda n: generate(model, [prompt], n), long=tokens)
+    plain = seconds_per_step(lambda n: generate(model, [prompt], n, sampling, generator), long=tokens)
 
     def step_seconds(tree: Tree) -> float:
         return seconds_per_step(
-            lambda n: speculative_generate(model, [prompt], n, tree=tree, draft_vocab=draft_vocab), long=tokens
+            lambda n: speculative_generate(
+                model, [prompt], n, sampling=sampling, generator=generator, tree=tree, draft_vocab=draft_vocab
+            ),
+            long=tokens,
         )
 
     tree, rows = choose_tree(calibration, budgets, step_seconds, plain)

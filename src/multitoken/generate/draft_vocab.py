@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from multitoken.checkpoint import atomic_write_text
 from multitoken.errors import UserError
 
 DRAFT_VOCAB_FILE = "draft_vocab.json"
@@ -104,7 +105,7 @@ class DraftVocab:
         data = {"vocab_size": self.vocab_size, "size": self.size, "ids": self.ids.tolist()}
         if coverage is not None:
             data["coverage"] = coverage
-        Path(path).write_text(json.dumps(data) + "\n")
+        atomic_write_text(Path(path), json.dumps(data) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> DraftVocab:

@@ -55,6 +55,17 @@ def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return probs
 
 
+def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """normalize(max(0, p - q)) over the last dim: where to sample after rejecting a draft from q.
+
+    With q = 0 (no draft left) this is p itself: the bonus token. A residual with no mass can only follow
+    a rejection that had probability 0 (p <= q everywhere means p = q), so p stands in for it there.
+    """
+    r = (p - q).clamp_min(0.0)
+    mass = r.sum(-1, keepdim=True)
+    return torch.where(mass > 0, r / mass.clamp_min(torch.finfo(r.dtype).tiny), p)
+
+
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None, n: int | None = None) -> torch.Tensor:
     """One draw per row of probs (..., V) -> token ids (...); or `n` independent draws (with replacement)
     per row -> (..., n)."""

@@ -36,22 +36,11 @@ from multitoken.errors import UserError
 from multitoken.generate.common import GenerationResult, TokenCallback, check_prompts, prefill
 from multitoken.generate.draft_vocab import DraftVocab
 from multitoken.generate.graphs import CudaGraphStep, GraphSession
-from multitoken.generate.sampling import SamplingConfig, probabilities, sample, sample_from
+from multitoken.generate.sampling import SamplingConfig, probabilities, residual_distribution, sample, sample_from
 from multitoken.generate.stats import AcceptanceHistogram, decode_stats
 from multitoken.generate.tree import Tree, TreeIndex, tree_mask
 from multitoken.kv_cache import ModelCache
 from multitoken.model import MultiTokenModel
-
-
-def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """normalize(max(0, p - q)) over the last dim: where to sample after rejecting a draft from q.
-
-    With q = 0 (no draft left) this is p itself: the bonus token. A residual with no mass can only follow
-    a rejection that had probability 0 (p <= q everywhere means p = q), so p stands in for it there.
-    """
-    r = (p - q).clamp_min(0.0)
-    mass = r.sum(-1, keepdim=True)
-    return torch.where(mass > 0, r / mass.clamp_min(torch.finfo(r.dtype).tiny), p)
 
 
 def propose(

@@ -16,8 +16,13 @@ rank of the token head 1 then chooses among each draft head's candidates (a `Cal
 expected accepted length for a node budget. That probability is measured jointly, not as a product of
 per-head rates: small models' drafts are right or wrong together (a loop is drafted to its end, a fresh
 line not at all), which independence misjudges. Greedy decoding reads the model's own text, usually easier
-to draft than held-out data, so `greedy_windows` continues held-out prompts with the model itself and
+to draft than held-out data, so `decoding_windows` continues held-out prompts with the model itself and
 `calibrate(..., skip=prompt length)` measures on the continuations only: the acceptance decoding will meet.
+
+Sampling draws a node's children independently from the draft head and tries them in turn (multi-round
+speculative sampling), so there a rank is the order in which a draw is tried, and `calibrate` records the
+law of the round that accepts, given the token the model sampled (`round_weights`): trees for sampling
+are calibrated on sampled continuations, with the same temperature, top-k and top-p.
 """
 
 from __future__ import annotations
@@ -25,15 +30,17 @@ from __future__ import annotations
 import heapq
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from multitoken.checkpoint import atomic_write_json
 from multitoken.errors import UserError
 from multitoken.generate.autoregressive import generate
 from multitoken.generate.draft_vocab import DraftVocab
+from multitoken.generate.sampling import SamplingConfig, probabilities, residual_distribution
 from multitoken.model import MultiTokenModel
 
 
@@ -96,23 +103,36 @@ class Tree:
 
 @dataclass(frozen=True)
 class Calibration:
-    """What `calibrate` measured: at each counted draft position, the rank of the right token (head 1's
-    choice) among each draft head's candidates."""
+    """What `calibrate` measured: at each counted draft position, for each draft head, the probability that
+    its candidate of each rank is the one accepted, given the text that followed.
 
-    ranks: torch.Tensor  # (positions, heads - 1) int64; max_rank stands for "not among the candidates"
-    max_rank: int
+    Greedy: one-hot, the rank of head 1's choice among the head's top candidates. Sampling (`sampling` not
+    greedy): a node's children are independent draws tried in turn, so rank r is the r-th draw tried, and
+    its weight the probability that the walk accepts it after rejecting draws 0..r-1 (`round_weights`).
+    """
+
+    weights: torch.Tensor  # (positions, heads - 1, max_rank + 1); the last column: no candidate accepted
+    sampling: SamplingConfig = SamplingConfig()
+
+    @classmethod
+    def from_ranks(cls, ranks: torch.Tensor, max_rank: int) -> Calibration:
+        """A greedy calibration from ranks (positions, heads - 1), max_rank standing for "not a candidate"."""
+        return cls(torch.nn.functional.one_hot(ranks, max_rank + 1).float())
+
+    @property
+    def max_rank(self) -> int:
+        return self.weights.shape[-1] - 1
 
     @property
     def acceptance(self) -> torch.Tensor:
-        """(heads - 1, max_rank): P(head d+2's rank-r candidate is right), each head on its own."""
-        one_hot = torch.nn.functional.one_hot(self.ranks, self.max_rank + 1)[..., : self.max_rank]
-        return one_hot.float().mean(0)
+        """(heads - 1, max_rank): P(head d+2's rank-r candidate is accepted), each head on its own."""
+        return self.weights.mean(0)[:, : self.max_rank]
 
     def path_probability(self, path: tuple[int, ...]) -> float:
-        """P(the right tokens of heads 2..len(path)+1 sit at exactly these ranks), i.e. that the node is
-        accepted, measured jointly over the positions."""
-        target = torch.tensor(path, dtype=self.ranks.dtype)
-        return float((self.ranks[:, : len(path)] == target).all(1).float().mean())
+        """P(heads 2..len(path)+1 accept exactly these ranks), i.e. that the node is accepted, measured jointly
+        over the positions."""
+        per_head = self.weights[:, torch.arange(len(path)), torch.tensor(path)]  # (positions, len(path))
+        return float(per_head.prod(1).mean())
 
 
 def path_value(path: tuple[int, ...], estimate: Calibration | torch.Tensor) -> float:
@@ -209,15 +229,18 @@ def calibrate(
     batch_size: int = 8,
     vocab: DraftVocab | None = None,
     skip: int = 0,
+    sampling: SamplingConfig = SamplingConfig(),
 ) -> Calibration:
-    """Measure, at every position of `windows`, the rank of head 1's choice among each draft head's candidates.
+    """Measure, at every position of `windows`, which of each draft head's candidates decoding would accept.
 
-    windows (B, L): token windows, held-out data or `greedy_windows`. Head d+1 (0-based d) at position t
-    drafts token t+d+1; in decoding, head 1 judges that token from position t+d, so its argmax there is the
-    right answer. Positions t count from skip - 1 (skip = the prompt length of greedy windows: the drafts
-    that decoding makes once it has read the prompt) to the last one where every head's answer is in the
-    window. With a draft vocabulary the candidates are ranked among its tokens only, as the decoder ranks
-    them, and a right answer outside it is a miss.
+    windows (B, L): token windows, held-out data or `decoding_windows`. Head d+1 (0-based d) at position t
+    drafts token t+d+1; in decoding, head 1 judges that token from position t+d. Greedy: the right answer
+    is head 1's argmax there, and its rank among the head's candidates is recorded. Sampling: the window's
+    own token t+d+1 is taken as the one decoding produced there, which is exact in law when the windows
+    were sampled from the model with the same `sampling` (`round_weights`). Positions t count from skip - 1
+    (skip = the prompt length of generated windows: the drafts that decoding makes once it has read the
+    prompt) to the last one where every head's answer is in the window. With a draft vocabulary the
+    candidates come from its tokens only, as in the decoder, and a right answer outside it is a miss.
     """
     n = model.cfg.n_future
     if n < 2:
@@ -227,47 +250,92 @@ def calibrate(
             f"calibration needs (batch, length >= {skip + n + 1}) token windows, got {tuple(windows.shape)}"
         )
     first, T = max(skip - 1, 0), windows.shape[1]
-    last = T - n  # the last position whose every draft (of tokens up to t+n-1) has its answer in the window
+    # The last position whose every draft has its answer in the window: head 1's choice for token t+n-1
+    # (greedy), or token t+n-1 itself (sampling).
+    last = T - n - (0 if sampling.greedy else 1)
     device = model.output.weight.device
     vocab = vocab.to(device) if vocab is not None else None
-    ranks = []
+    weights = []
     for chunk in windows.to(device).split(batch_size):
         ctx = model.attention_context(chunk.shape[1])
         outputs = model.run_heads(model.embed_and_trunk(chunk, ctx), ctx)
-        choice = model.unembed(outputs[0]).argmax(-1)  # (b, T): head 1's token for position t+1
+        head1 = model.unembed(outputs[0])  # (b, T, V): head 1's logits for token t+1
         per_head = []
         for d in range(1, n):
             logits = model.unembed(outputs[d][:, first : last + 1]).float()  # (b, P, V): drafts for t+d+1
-            right = choice[:, first + d : last + d + 1]  # (b, P): head 1's token for t+d+1, from position t+d
-            if vocab is not None:  # rank among the draft tokens; outside them, never drafted
-                index = vocab.index(right)
-                logits, right = vocab.restrict(logits), index.clamp_min(0)
-            rank = (logits > logits.gather(-1, right[..., None])).sum(-1).clamp_max(max_rank)  # (b, P)
             if vocab is not None:
-                rank = torch.where(index >= 0, rank, max_rank)
-            per_head.append(rank.flatten())
-        ranks.append(torch.stack(per_head, dim=1).cpu())  # (b * P, n - 1)
-    return Calibration(torch.cat(ranks), max_rank)
+                logits = vocab.restrict(logits)  # (b, P, K)
+            if sampling.greedy:
+                right = head1[:, first + d : last + d + 1].argmax(-1)  # (b, P): head 1's token for t+d+1
+                if vocab is not None:  # rank among the draft tokens; outside them, never drafted
+                    index = vocab.index(right)
+                    right = index.clamp_min(0)
+                rank = (logits > logits.gather(-1, right[..., None])).sum(-1).clamp_max(max_rank)  # (b, P)
+                if vocab is not None:
+                    rank = torch.where(index >= 0, rank, max_rank)
+                w = torch.nn.functional.one_hot(rank, max_rank + 1).float()
+            else:
+                q = probabilities(logits, sampling)
+                q = vocab.expand(q) if vocab is not None else q  # (b, P, V)
+                p = probabilities(head1[:, first + d : last + d + 1], sampling)  # (b, P, V)
+                w = round_weights(p, q, chunk[:, first + d + 1 : last + d + 2], max_rank)
+            per_head.append(w.flatten(0, 1))  # (b * P, max_rank + 1)
+        weights.append(torch.stack(per_head, dim=1).cpu())  # (b * P, n - 1, max_rank + 1)
+    return Calibration(torch.cat(weights), sampling)
 
 
-def greedy_windows(model: MultiTokenModel, prompts: torch.Tensor, length: int) -> torch.Tensor:
-    """Prompts (B, P) followed by the model's greedy continuation of `length` tokens: (B, P + length).
+def round_weights(p: torch.Tensor, q: torch.Tensor, token: torch.Tensor, rounds: int) -> torch.Tensor:
+    """The law of the round that accepts, given the token the walk produced: (..., rounds + 1).
 
-    What greedy decoding will read; calibrate on it with skip=P.
+    p, q (..., V): head 1's processed distribution and the draft head's; token (...). The walk
+    (`verify_sampled`) tries independent draws from q in turn against r_0 = p, r_{i+1} = normalize(max(0,
+    r_i - q)); round i accepts draw y with probability min(1, r_i(y) / q(y)). So round i accepts and
+    yields x with probability prod_{j<i} (1 - sum min(q, r_j)) * min(q(x), r_i(x)), and since the walk is
+    lossless, x itself has probability p(x): the quotient is the law of the round given x. The last
+    column is what no round accepts (x then came from the residual); a token with p(x) = 0, which decoding
+    can never produce, counts there entirely.
     """
+    at = token[..., None]
+    px, qx = p.gather(-1, at)[..., 0], q.gather(-1, at)[..., 0]
+    r, reached, joint = p, torch.ones_like(px), []
+    for _ in range(rounds):
+        joint.append(reached * torch.minimum(qx, r.gather(-1, at)[..., 0]))
+        reached = reached * (1.0 - torch.minimum(q, r).sum(-1)).clamp_min(0.0)
+        r = residual_distribution(r, q)
+    w = torch.stack(joint, -1) / px.clamp_min(torch.finfo(px.dtype).tiny)[..., None]
+    w = torch.where(px[..., None] > 0, w, 0.0).clamp(0.0, 1.0)  # (..., rounds)
+    return torch.cat([w, (1.0 - w.sum(-1, keepdim=True)).clamp_min(0.0)], dim=-1)
+
+
+def decoding_windows(
+    model: MultiTokenModel,
+    prompts: torch.Tensor,
+    length: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Prompts (B, P) followed by the model's own continuation of `length` tokens (plain decoding with
+    `sampling`): (B, P + length), the text decoding will read; calibrate on it with skip=P."""
     if prompts.shape[1] + length > model.cfg.max_seq_len:
         raise UserError(f"prompts of {prompts.shape[1]} + {length} tokens exceed the context {model.cfg.max_seq_len}")
-    continuations = generate(model, prompts.tolist(), length).tokens  # every row runs `length`: no eos
+    continuations = generate(model, prompts.tolist(), length, sampling, generator).tokens  # no eos: all `length`
     return torch.cat([prompts, torch.tensor(continuations, dtype=prompts.dtype)], dim=1)
 
 
-def calibrate_greedy(
-    model: MultiTokenModel, prompts: torch.Tensor, length: int, max_rank: int, vocab: DraftVocab | None = None
+def calibrate_decoding(
+    model: MultiTokenModel,
+    prompts: torch.Tensor,
+    length: int,
+    max_rank: int,
+    vocab: DraftVocab | None = None,
+    sampling: SamplingConfig = SamplingConfig(),
+    generator: torch.Generator | None = None,
 ) -> Calibration:
-    """`calibrate` on the model's greedy continuations of prompts (B, P), windows of `length` tokens in all:
-    the acceptance that greedy decoding of such prompts meets."""
+    """`calibrate` on the model's own continuations of prompts (B, P), windows of `length` tokens in all:
+    the acceptance that decoding such prompts with `sampling` meets."""
     P = prompts.shape[1]
-    return calibrate(model, greedy_windows(model, prompts, length - P), max_rank, vocab=vocab, skip=P)
+    windows = decoding_windows(model, prompts, length - P, sampling, generator)
+    return calibrate(model, windows, max_rank, vocab=vocab, skip=P, sampling=sampling)
 
 
 def build_tree(estimate: Calibration | torch.Tensor, budget: int) -> Tree:
@@ -276,25 +344,28 @@ def build_tree(estimate: Calibration | torch.Tensor, budget: int) -> Tree:
     estimate: a `Calibration` (paths valued jointly) or per-head acceptance (heads - 1, R) (paths valued
     as products). Either way a path's value never exceeds its parent's, so adding the most valuable node
     whose parent is in the tree, one at a time, picks the `budget - 1` most valuable paths. Nodes that can
-    never be accepted are left out.
+    never be accepted are left out. A sampling calibration's ranks are the order in which draws are tried,
+    so there a node's rank-r child becomes a candidate only once its rank r-1 sibling is in the tree.
     """
     if budget < 1:
         raise UserError(f"tree budget must be >= 1 node, got {budget}")
     acceptance = estimate.acceptance if isinstance(estimate, Calibration) else estimate
+    in_turn = isinstance(estimate, Calibration) and not estimate.sampling.greedy
     n_draft, R = acceptance.shape
     heap: list[tuple[float, int, tuple[int, ...]]] = []
     counter = 0  # breaks ties by insertion order, so the result is deterministic
 
-    def push_children(path: tuple[int, ...]) -> None:
+    def push(path: tuple[int, ...]) -> None:
         nonlocal counter
-        if len(path) == n_draft:
-            return
-        for r in range(R):
-            child = (*path, r)
-            value = path_value(child, estimate)
-            if value > 0:
-                heapq.heappush(heap, (-value, counter, child))
-                counter += 1
+        value = path_value(path, estimate)
+        if value > 0:
+            heapq.heappush(heap, (-value, counter, path))
+            counter += 1
+
+    def push_children(path: tuple[int, ...]) -> None:
+        if len(path) < n_draft:
+            for r in range(1 if in_turn else R):
+                push((*path, r))
 
     paths: list[tuple[int, ...]] = []
     push_children(())
@@ -302,6 +373,8 @@ def build_tree(estimate: Calibration | torch.Tensor, budget: int) -> Tree:
         _, _, path = heapq.heappop(heap)
         paths.append(path)
         push_children(path)
+        if in_turn and path[-1] + 1 < R:
+            push((*path[:-1], path[-1] + 1))
     return Tree(tuple(paths))
 
 
@@ -333,12 +406,14 @@ def choose_tree(
 
 
 def save_tree(tree: Tree, path: Path, calibration: Calibration | None = None) -> None:
-    """Write a tree (and the per-head acceptance and expected length of the calibration it came from) as JSON."""
-    data = {"paths": [list(p) for p in tree.paths], "size": tree.size, "depth": tree.depth}
+    """Write a tree (and the per-head acceptance, expected length and sampling settings of the calibration it
+    came from) as JSON, atomically."""
+    data: dict[str, Any] = {"paths": [list(p) for p in tree.paths], "size": tree.size, "depth": tree.depth}
     if calibration is not None:
         data["acceptance"] = calibration.acceptance.tolist()
         data["expected_tokens_per_forward"] = tree.expected_length(calibration)
-    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+        data["sampling"] = asdict(calibration.sampling)
+    atomic_write_json(Path(path), data)
 
 
 def load_tree(path: Path) -> Tree:
