@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from multitoken.config import PRESETS, ModelConfig, param_count, preset
 from multitoken.errors import UserError
 from multitoken.kv_cache import causal_mask
-from multitoken.model import FEW_ROWS, LARGE_WEIGHT, Linear, MultiTokenModel
+from multitoken.model import FEW_ROWS, FEW_ROWS_THREADED, LARGE_WEIGHT, Linear, MultiTokenModel
 from tests.conftest import make_model
 
 HEAD_TYPES = ["parallel", "causal", "anticausal", "linear"]
@@ -154,12 +154,17 @@ def test_sequence_longer_than_context_is_refused():
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (2, 3), (4, 16), (1, FEW_ROWS), (1, FEW_ROWS + 1), (3, 50)])
+ROW_COUNTS = [(1, 1), (1, 2), (2, 3), (1, FEW_ROWS), (1, FEW_ROWS + 1), (4, FEW_ROWS_THREADED // 4), (3, 50)]
+
+
+@pytest.mark.parametrize("shape", ROW_COUNTS)
+@pytest.mark.parametrize("threads", [1, 2])  # the row bound of the weight-stationary path depends on them
 @pytest.mark.parametrize("d_in, d_out", [(24, 40), (64, LARGE_WEIGHT // 64)])
-def test_linear_equals_f_linear_for_every_row_count(shape, d_in, d_out):
+def test_linear_equals_f_linear_for_every_row_count(shape, threads, d_in, d_out, monkeypatch):
     # Each path (F.linear; few rows of a large weight, weight-stationary; one row of it as two columns) must
     # be x @ W.T, with the same gradients.
     torch.manual_seed(0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     layer = Linear(d_in, d_out)
     x = torch.randn(*shape, d_in, requires_grad=True)
     y = layer(x)

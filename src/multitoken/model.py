@@ -31,9 +31,15 @@ from multitoken.kv_cache import KVCache, ModelCache, causal_mask
 # is: every step streams the whole model. Computing (W @ x.T).T instead, which streams W once, made a verify
 # forward of SmolLM2-135M over 4 tokens cost 97 ms instead of 190 ms (one token: 80-106 ms), and one row of
 # a large weight is faster as a two-column product than as MKL's matrix-vector product (49152 x 576: 19 ms
-# -> 11 ms). 2 AMD EPYC cores; benchmarks/few_rows.py and docs/benchmarks.md "Few-row products". Many rows
-# (training, prefill) stay on F.linear, which is as fast or faster there, and so do other devices.
-FEW_ROWS = 64
+# -> 11 ms). 2 AMD EPYC cores; benchmarks/few_rows.py and docs/benchmarks.md "Few-row products". In whole
+# decode forwards (`few_rows.py --forwards`) this pays for 2-8 rows on both models measured (the demo preset
+# and SmolLM2's shape, 1 or 2 threads: up to 2.2x faster, never slower beyond noise). Beyond 8 rows it pays
+# only with several threads: on one, MKL's own product is faster for the demo model (1.25-1.8x at 12-32 rows)
+# and for SmolLM2's shape at 12, and a 12-node tree is a common verify block. On two threads it still
+# pays for SmolLM2's shape up to 32 rows (1.1-1.5x). Many rows (training, prefill) stay on F.linear, and so
+# do other devices.
+FEW_ROWS = 8
+FEW_ROWS_THREADED = 64  # the bound when MKL runs on more than one thread
 LARGE_WEIGHT = 2**22  # elements (16 MiB in fp32): below this one row stays a matrix-vector product
 
 
@@ -41,7 +47,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., in) @ weight (out, in).T, with few-row products on the CPU computed weight-stationary."""
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
-    if not x.is_cpu or rows > FEW_ROWS or (rows == 1 and in_features * out_features < LARGE_WEIGHT):
+    few = FEW_ROWS if torch.get_num_threads() == 1 else FEW_ROWS_THREADED
+    if not x.is_cpu or rows > few or (rows == 1 and in_features * out_features < LARGE_WEIGHT):
         return F.linear(x, weight)
     # Row-contiguous rows, so that W @ flat.T reads x column-major: MKL multiplies a 576 x 1536 weight by 4
     # rows given that way in 175 us and by the same rows stored as a (1536, 4) matrix in 588 us, and this
