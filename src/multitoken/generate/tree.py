@@ -259,14 +259,16 @@ def calibrate(
     for chunk in windows.to(device).split(batch_size):
         ctx = model.attention_context(chunk.shape[1])
         outputs = model.run_heads(model.embed_and_trunk(chunk, ctx), ctx)
-        head1 = model.unembed(outputs[0])  # (b, T, V): head 1's logits for token t+1
+        logits = model.unembed(outputs[0])  # (b, T, V): head 1's logits for token t+1
+        # What head 1 judges by: its token for t+1 (b, T) when greedy, else its distribution (b, T, V).
+        judge = logits.argmax(-1) if sampling.greedy else probabilities(logits, sampling)
         per_head = []
         for d in range(1, n):
             logits = model.unembed(outputs[d][:, first : last + 1]).float()  # (b, P, V): drafts for t+d+1
             if vocab is not None:
                 logits = vocab.restrict(logits)  # (b, P, K)
             if sampling.greedy:
-                right = head1[:, first + d : last + d + 1].argmax(-1)  # (b, P): head 1's token for t+d+1
+                right = judge[:, first + d : last + d + 1]  # (b, P): head 1's token for t+d+1
                 if vocab is not None:  # rank among the draft tokens; outside them, never drafted
                     index = vocab.index(right)
                     right = index.clamp_min(0)
@@ -277,7 +279,7 @@ def calibrate(
             else:
                 q = probabilities(logits, sampling)
                 q = vocab.expand(q) if vocab is not None else q  # (b, P, V)
-                p = probabilities(head1[:, first + d : last + d + 1], sampling)  # (b, P, V)
+                p = judge[:, first + d : last + d + 1]  # (b, P, V): head 1's distribution over token t+d+1
                 w = round_weights(p, q, chunk[:, first + d + 1 : last + d + 2], max_rank)
             per_head.append(w.flatten(0, 1))  # (b * P, max_rank + 1)
         weights.append(torch.stack(per_head, dim=1).cpu())  # (b * P, n - 1, max_rank + 1)
