@@ -76,6 +76,27 @@ def test_resume_continues(run_dir, tmp_path, capsys):
     assert last_json(capsys.readouterr().out)["steps"] == 12
 
 
+def test_train_budget_defaults(tmp_path, monkeypatch):
+    """No budget given: a fixed step count (the same model on every machine) under a time cap; one budget
+    given: that one alone."""
+    import multitoken.train
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(out, model_cfg, cfg, **kwargs):
+        seen.append((cfg.max_steps, cfg.time_budget_s))
+        raise Stop
+
+    monkeypatch.setattr(multitoken.train, "train", fake_train)
+    for extra in ([], ["--max-steps", "7"], ["--time-budget", "30"]):
+        with pytest.raises(Stop):
+            main(["train", "--out", str(tmp_path / "r"), *extra])
+    assert seen == [(180, 480.0), (7, None), (1_000_000, 30.0)]
+
+
 def error_of(argv, capsys) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -19,7 +19,10 @@ from multitoken.errors import UserError
 if TYPE_CHECKING:  # the CLI imports its heavy modules lazily, in the commands that need them
     from multitoken.data.tokenizers import Tokenizer
 
-DEFAULT_TIME_BUDGET_S = 240.0
+# Without --max-steps or --time-budget a run takes 180 steps (about 4 minutes of the demo preset on 2 CPU
+# cores), so that the same command trains the same model on every machine, and stops at 480 s on a slow one.
+DEFAULT_MAX_STEPS = 180
+DEFAULT_TIME_CAP_S = 480.0
 TREE_FILE = "tree.json"
 # `multitoken bench NAME`: modules with add_arguments(parser) and run(args) -> dict.
 BENCHES: dict[str, str] = {"memory": "multitoken.bench.memory", "train": "multitoken.bench.train_speed"}
@@ -49,8 +52,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dim", type=int)
     p.add_argument("--tokenizer", default="bytes", help="bytes, bpe (trained on the corpus) or a tokenizer.json")
     p.add_argument("--bpe-vocab", type=int, default=8192, help="vocabulary size when training a BPE tokenizer")
-    p.add_argument("--time-budget", type=float, help="seconds of training (default 240 unless --max-steps)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps")
+    p.add_argument(
+        "--time-budget", type=float,
+        help=f"seconds of training (default: none; without --max-steps either, a {DEFAULT_TIME_CAP_S:.0f} s cap)",
+    )  # fmt: skip
+    p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {DEFAULT_MAX_STEPS} without --time-budget)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--context", type=int, default=256, help="input tokens per window")
@@ -76,13 +82,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    from multitoken.config import TrainConfig, preset
+    from multitoken.config import UNBOUNDED_STEPS, TrainConfig, preset
     from multitoken.train import train
 
-    time_budget = args.time_budget
-    if time_budget is None and args.max_steps is None and not args.resume:
-        time_budget = DEFAULT_TIME_BUDGET_S
-    max_steps = args.max_steps if args.max_steps is not None else 1_000_000
+    time_budget, max_steps = args.time_budget, args.max_steps
+    if time_budget is None and max_steps is None and not args.resume:
+        time_budget, max_steps = DEFAULT_TIME_CAP_S, DEFAULT_MAX_STEPS
+    max_steps = max_steps if max_steps is not None else UNBOUNDED_STEPS
     if args.resume:
         model_cfg = cfg = None
         overrides = {"max_steps": args.max_steps, "time_budget_s": time_budget}

@@ -133,6 +133,9 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+UNBOUNDED_STEPS = 1_000_000  # a max_steps that only a time budget stops
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and bookkeeping for one training run."""
@@ -146,7 +149,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    max_steps: int = 1000
+    max_steps: int = 1000  # UNBOUNDED_STEPS: the time budget alone decides
     time_budget_s: float | None = None  # stop (and checkpoint) once this much wall time has passed
     eval_every: int = 100
     eval_batches: int = 8

@@ -36,7 +36,7 @@ from multitoken.checkpoint import (
     save_checkpoint,
     write_run_config,
 )
-from multitoken.config import ModelConfig, TrainConfig
+from multitoken.config import UNBOUNDED_STEPS, ModelConfig, TrainConfig
 from multitoken.data.corpus import load_corpus
 from multitoken.data.dataset import (
     TokenStore,
@@ -495,9 +495,9 @@ def _train(
             return train_step(*args)
 
     t0 = time.perf_counter()
-    # With a time budget the step count is unknown: the bar counts steps and the postfix shows the clock.
+    # With a time budget alone the step count is unknown: the bar counts steps and the postfix shows the clock.
     bar = tqdm(
-        total=None if cfg.time_budget_s else cfg.max_steps,
+        total=None if cfg.max_steps >= UNBOUNDED_STEPS else cfg.max_steps,
         initial=start_step,
         disable=not (progress and env.is_main),
         unit="step",
