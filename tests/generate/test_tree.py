@@ -135,12 +135,21 @@ def test_choose_tree_weighs_accepted_tokens_against_measured_cost():
         choose_tree(calibration, [], free, plain_seconds=1.0)
 
 
-def test_seconds_per_step_leaves_the_prefill_out():
-    def decode(n):  # a prefill of 5 s, then 1 s per step of 2 tokens
-        steps = (n + 1) // 2
-        return GenerationResult([[0] * n], 1 + steps, ["length"], seconds=5.0 + steps)
+def test_seconds_per_step_leaves_the_prefill_out_and_interleaves_decoders():
+    calls: list[tuple[str, int]] = []
 
-    assert seconds_per_step(decode) == pytest.approx(1.0)
+    def decoder(name: str, step_seconds: float):
+        def decode(n):  # a prefill of 5 s, then a step of 2 tokens; calls 3-4 fall in a slow spell
+            calls.append((name, n))
+            steps = (n + 1) // 2
+            slow = 10.0 if len(calls) in (3, 4) else 1.0
+            return GenerationResult([[0] * n], 1 + steps, ["length"], seconds=5.0 + steps * step_seconds * slow)
+
+        return decode
+
+    seconds = seconds_per_step({"a": decoder("a", 1.0), "b": decoder("b", 2.0)}, rounds=2)
+    assert seconds == pytest.approx({"a": 1.0, "b": 2.0})  # the spell hit a's first round only
+    assert calls == [("a", 8), ("b", 8)] + [("a", 16), ("a", 48), ("b", 16), ("b", 48)] * 2  # warm-ups, rounds
 
 
 def test_calibrate_on_stub_and_trained_model():

@@ -9,8 +9,8 @@ measures the block cost curve itself.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 
@@ -20,8 +20,10 @@ from multitoken.generate.draft_vocab import DraftVocab
 from multitoken.generate.graphs import GraphSession
 from multitoken.generate.sampling import SamplingConfig
 from multitoken.generate.speculative import speculative_generate
-from multitoken.generate.tree import Calibration, Tree, choose_tree
+from multitoken.generate.tree import Calibration, Tree, build_tree, choose_tree
 from multitoken.model import MultiTokenModel
+
+K = TypeVar("K")
 
 # How a decoder's step runs besides eagerly: the suffix of its rows -> speculative_generate's flags.
 STEP_MODES: dict[str, dict[str, bool]] = {
@@ -193,17 +195,31 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
 
 
 def seconds_per_step(
-    decode: Callable[[int], GenerationResult], short: int = 16, long: int = 48, repeats: int = 3
-) -> float:
-    """Seconds per decoding step of `decode(max_new_tokens)`, the prefill left out: the difference between a
-    `long` and a `short` generation (fastest of `repeats` each) over the difference of their forwards. This
-    is what a step costs in the real loop, its bookkeeping and host sync included."""
-    decode(min(short, 8))  # warm-up
-    runs = {n: min((decode(n) for _ in range(repeats)), key=lambda r: r.seconds) for n in (short, long)}
-    steps = runs[long].n_forwards - runs[short].n_forwards
-    if steps <= 0:
-        raise ValueError(f"decoding {long} tokens took no more forwards than {short}")
-    return (runs[long].seconds - runs[short].seconds) / steps
+    decoders: Mapping[K, Callable[[int], GenerationResult]], short: int = 16, long: int = 48, rounds: int = 3
+) -> dict[K, float]:
+    """Seconds per decoding step of each `decode(max_new_tokens)`, the prefill left out: the difference between
+    a `long` and a `short` generation (fastest of `rounds` each) over the difference of their forwards. This
+    is what a step costs in the real loop, its bookkeeping and host sync included.
+
+    The decoders run round by round (each one's short and long generation, then the next decoder's), so that
+    a slow spell of a shared machine falls on every decoder's slower runs rather than on all of one's.
+    """
+    for decode in decoders.values():
+        decode(min(short, 8))  # warm-up
+    fastest: dict[tuple[K, int], GenerationResult] = {}
+    for _ in range(rounds):
+        for key, decode in decoders.items():
+            for n in (short, long):
+                result = decode(n)
+                if (key, n) not in fastest or result.seconds < fastest[key, n].seconds:
+                    fastest[key, n] = result
+    seconds = {}
+    for key in decoders:
+        steps = fastest[key, long].n_forwards - fastest[key, short].n_forwards
+        if steps <= 0:
+            raise ValueError(f"decoding {long} tokens took no more forwards than {short}")
+        seconds[key] = (fastest[key, long].seconds - fastest[key, short].seconds) / steps
+    return seconds
 
 
 def choose_tree_by_speed(
@@ -217,22 +233,22 @@ def choose_tree_by_speed(
     generator: torch.Generator | None = None,
 ) -> tuple[Tree, list[dict[str, Any]], float]:
     """`choose_tree` with each tree's decoding step timed on this machine, continuing `prompt` for up to
-    `tokens` tokens with `sampling` (`seconds_per_step`), against a plain decoding step timed the same way.
+    `tokens` tokens with `sampling`, against a plain decoding step timed in the same rounds (`seconds_per_step`).
 
     Returns the chosen tree, one row per budget (see `choose_tree`) and the plain step's seconds.
     """
-    plain = seconds_per_step(lambda n: generate(model, [prompt], n, sampling, generator), long=tokens)
 
-    def step_seconds(tree: Tree) -> float:
-        return seconds_per_step(
-            lambda n: speculative_generate(
-                model, [prompt], n, sampling=sampling, generator=generator, tree=tree, draft_vocab=draft_vocab
-            ),
-            long=tokens,
+    def decoder(tree: Tree | None) -> Callable[[int], GenerationResult]:
+        if tree is None:
+            return lambda n: generate(model, [prompt], n, sampling, generator)
+        return lambda n: speculative_generate(
+            model, [prompt], n, sampling=sampling, generator=generator, tree=tree, draft_vocab=draft_vocab
         )
 
-    tree, rows = choose_tree(calibration, budgets, step_seconds, plain)
-    return tree, rows, plain
+    trees = [None, *dict.fromkeys(build_tree(calibration, b) for b in budgets)]  # plain, then each distinct tree
+    seconds = seconds_per_step({tree: decoder(tree) for tree in trees}, long=tokens)
+    tree, rows = choose_tree(calibration, budgets, seconds.__getitem__, seconds[None])
+    return tree, rows, seconds[None]
 
 
 @torch.no_grad()
