@@ -20,7 +20,8 @@ if TYPE_CHECKING:  # the CLI imports its heavy modules lazily, in the commands t
     from multitoken.data.tokenizers import Tokenizer
 
 # Without --max-steps or --time-budget a run takes 180 steps (about 4 minutes of the demo preset on 2 CPU
-# cores), so that the same command trains the same model on every machine, and stops at 480 s on a slow one.
+# cores), so that the model does not depend on how fast the machine runs that day, and stops at 480 s on a
+# slow one.
 DEFAULT_MAX_STEPS = 180
 DEFAULT_TIME_CAP_S = 480.0
 TREE_FILE = "tree.json"
