@@ -20,6 +20,7 @@ from multitoken.interop.hf import (  # noqa: E402
     import_to_run,
 )
 from tests.conftest import make_model  # noqa: E402
+from tests.tolerance import model_atol  # noqa: E402
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "Hello, world! Multi-token prediction.", "naïve café ∑ 😀"] * 20
 
@@ -67,6 +68,11 @@ def hf_logits(hf: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return hf(tokens).logits
 
 
+def assert_same_logits(ours: torch.Tensor, theirs: torch.Tensor, cfg) -> None:
+    """Two fp32 implementations of one forward agree up to rounding (bound derived in tests/tolerance.py)."""
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=model_atol(theirs, cfg))
+
+
 def tokens(vocab: int, T: int = 24, B: int = 2) -> torch.Tensor:
     return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(1))
 
@@ -82,7 +88,7 @@ def test_import_matches_transformers(tmp_path, tie, n_kv_heads):
     x = tokens(301)
     with torch.no_grad():
         ours = model(x)[:, :, 0]
-    torch.testing.assert_close(ours, hf_logits(hf, x), atol=1e-5, rtol=1e-5)
+    assert_same_logits(ours, hf_logits(hf, x), model.cfg)
 
 
 def test_import_model_object_and_mistral_without_window(tmp_path):
@@ -91,7 +97,7 @@ def test_import_model_object_and_mistral_without_window(tmp_path):
     for source in (src, hf):
         model, _ = import_hf(source)
         with torch.no_grad():
-            torch.testing.assert_close(model(x)[:, :, 0], hf_logits(hf, x), atol=1e-5, rtol=1e-5)
+            assert_same_logits(model(x)[:, :, 0], hf_logits(hf, x), model.cfg)
 
 
 def test_import_sharded(tmp_path):
@@ -100,7 +106,7 @@ def test_import_sharded(tmp_path):
     model, _ = import_hf(src)
     x = tokens(301)
     with torch.no_grad():
-        torch.testing.assert_close(model(x)[:, :, 0], hf_logits(hf, x), atol=1e-5, rtol=1e-5)
+        assert_same_logits(model(x)[:, :, 0], hf_logits(hf, x), model.cfg)
 
 
 def test_import_extra_heads_start_as_copies(tmp_path):
@@ -110,7 +116,7 @@ def test_import_extra_heads_start_as_copies(tmp_path):
     x = tokens(301)
     with torch.no_grad():
         logits = model(x)
-    torch.testing.assert_close(logits[:, :, 0], hf_logits(hf, x), atol=1e-5, rtol=1e-5)
+    assert_same_logits(logits[:, :, 0], hf_logits(hf, x), model.cfg)
     assert torch.equal(logits[:, :, 1], logits[:, :, 0]) and torch.equal(logits[:, :, 2], logits[:, :, 0])
     assert model.heads[1].attention.wq.weight.data_ptr() != model.heads[0].attention.wq.weight.data_ptr()
 
@@ -188,7 +194,7 @@ def test_import_to_run(tmp_path):
     assert loaded.config["source"]["format"] == "hf"
     x = tokens(301)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.model(x)[:, :, 0], hf_logits(hf, x), atol=1e-5, rtol=1e-5)
+        assert_same_logits(loaded.model(x)[:, :, 0], hf_logits(hf, x), loaded.model.cfg)
     tok = load_tokenizer(run)
     assert tok.encode(TEXTS[0]) == BPETokenizer.from_file(src / "tokenizer.json").encode(TEXTS[0])
     with pytest.raises(UserError, match="not an empty directory"):
@@ -225,11 +231,11 @@ def test_export_matches_head1(tmp_path, head_type, tie, n_hf_layers):
     assert hf.config.tie_word_embeddings == tie
     x = tokens(61)
     with torch.no_grad():
-        torch.testing.assert_close(hf_logits(hf, x), model(x, heads=[0])[:, :, 0], atol=1e-5, rtol=1e-5)
+        assert_same_logits(hf_logits(hf, x), model(x, heads=[0])[:, :, 0], model.cfg)
     # And back: the exported folder imports to the same next-token model.
     again, _ = import_hf(out)
     with torch.no_grad():
-        torch.testing.assert_close(again(x)[:, :, 0], model(x, heads=[0])[:, :, 0], atol=1e-5, rtol=1e-5)
+        assert_same_logits(again(x)[:, :, 0], model(x, heads=[0])[:, :, 0], model.cfg)
 
 
 def test_export_refuses_linear_heads(tmp_path):
@@ -257,7 +263,7 @@ def test_export_run_with_tokenizer(tmp_path, kind):
     assert load_tokenizer(out).encode(TEXTS[2]) == tok.encode(TEXTS[2])  # our loader reads it too
     x = tokens(tok.vocab_size)
     with torch.no_grad():
-        torch.testing.assert_close(hf_logits(load_exported(out), x), model(x)[:, :, 0], atol=1e-5, rtol=1e-5)
+        assert_same_logits(hf_logits(load_exported(out), x), model(x)[:, :, 0], model.cfg)
 
 
 def test_byte_tokenizer_as_hf():
