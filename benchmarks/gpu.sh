@@ -2,7 +2,7 @@
 # The one GPU entry point (docs/gpu.md): everything this project measures on a GPU, in one call that
 # ends within a global time budget (default 480 s; GPU_SH_BUDGET=SECONDS to change it).
 #
-#   bash benchmarks/gpu.sh                # on the GPU machine; results under $OUT (default ./gpu_out)
+#   bash benchmarks/gpu.sh                # on a machine with one H100/H200; results under $OUT (default ./gpu_out)
 #   bash benchmarks/gpu.sh --cpu-smoke    # the same steps at toy sizes on the CPU: does it run?
 #   SMOKE_COMPILE=1 bash benchmarks/gpu.sh --cpu-smoke   # also the torch.compile part (~2 more minutes)
 #
@@ -18,14 +18,14 @@
 #                   replayed from CUDA graphs (rows plain-g, chain-g, tree-g)
 #   train-speed     bench train at ~134M parameters (d=768, 12 layers, V=32k), n = 1 and 4, blocks compiled:
 #                   tokens/s and MFU (the 40% target)
-#   memory-compare  bench memory at d=1024, 8 layers, V=32k, batch 4x2048, bf16 (DESIGN.md anchor)
+#   memory-compare  bench memory at d=1024, 8 layers, V=32k, batch 4x2048, bf16 (the reference H200 setting)
 #   numerics        benchmarks/gpu_generate.py: divergence report (fp32, bf16) and verify cost curve
 #   gen-bf16-compile   the same as gen-bf16-b1 with the step compiled, and compiled + replayed (rows -c, -cg)
 #   gen-bf16-batch, gen-fp32-b1, gen-fp32-batch   the decoding table in the other settings (with graphs)
 # (The CPU smoke run has no CUDA graphs; it skips gen-bf16-compile unless SMOKE_COMPILE=1, and bf16-batch
 # and fp32-b1.)
 #
-# $OUT gets few files (the device tool returns at most 8): gpu.txt, log.txt (everything printed),
+# $OUT gets 4 files: gpu.txt, log.txt (everything printed),
 # summary.txt (part, status, seconds) and results.json ({part: the JSON document it printed last}),
 # rewritten after every part so that a killed run still returns what finished.
 set -euo pipefail
@@ -38,9 +38,9 @@ out="${OUT:-$repo/gpu_out}"
 mkdir -p "$out"
 work="$(mktemp -d "${TMPDIR:-/tmp}/multitoken_gpu.XXXXXX")"
 run_dir="$work/run"
-PY="${PYTHON:-python3}"  # the GPU image's PyTorch is under python3
-# The working tree's package, installed or not: the GPU machine has no network, so no `pip install -e .`
-# (its build would fetch setuptools); every dependency is already in its image (docs/gpu.md).
+PY="${PYTHON:-python3}"  # the interpreter with PyTorch (PYTHON=... for another one)
+# The working tree's package, installed or not: no `pip install -e .` (its build would fetch setuptools), so
+# the script runs without network access; the dependencies must already be installed (docs/gpu.md).
 export PYTHONPATH="$repo/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 budget_total="${GPU_SH_BUDGET:-480}"
 (( smoke )) && budget_total="${GPU_SH_BUDGET:-150}"
@@ -101,7 +101,7 @@ if (( ! smoke )) && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_av
 fi
 
 if (( smoke )); then
-    export OMP_NUM_THREADS=1  # toy models on shared cores: a second thread made training 60x slower here
+    export OMP_NUM_THREADS=1  # toy models on 2 shared CPU cores: a second thread made training 60x slower
     train_args=(--preset tiny --data "$repo/src/multitoken" --batch-size 4 --context 64 --max-steps 20
                 --time-budget 30 --warmup 5)
     cal_args=(--budget auto --max-rank 2 --windows 4)

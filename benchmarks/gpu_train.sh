@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# GPU section of docs/benchmarks.md: peak memory and step time of the multi-token training step (bench
-# memory, issue 2 + 5) and training throughput / MFU against n (bench train, issue 5), in bf16 autocast.
+# GPU section of docs/training.md: peak memory and step time of the multi-token training step (bench
+# memory) and training throughput / MFU against n (bench train), in bf16 autocast.
 #
 #   bash benchmarks/gpu_train.sh            # everything (about 6-8 minutes on one H100/H200)
-#   bash benchmarks/gpu_train.sh compare    # only the n=1 vs n=4 comparison (the issue's anchor setting)
+#   bash benchmarks/gpu_train.sh compare    # only the n=1 vs n=4 comparison (the reference H200 setting)
 #   bash benchmarks/gpu_train.sh sweep      # only peak memory against n for V in {256, 32k, 128k}
 #   bash benchmarks/gpu_train.sh train      # only bench train at ~125M parameters
 #   bash benchmarks/gpu_train.sh compare --vocab 32000 --repeats 1    # extra flags override the defaults
@@ -19,8 +19,8 @@ shift $(( $# > 0 ? 1 : 0 ))
 extra=("$@")
 out="${OUT:-./bench_out}"
 mkdir -p "$out"
-PY="${PYTHON:-python3}"  # the GPU image's PyTorch is under python3
-# The working tree's package, installed or not (the GPU machine has no network to `pip install -e .`).
+PY="${PYTHON:-python3}"  # the interpreter with PyTorch (PYTHON=... for another one)
+# The working tree's package, installed or not (no `pip install -e .`, so no network access is needed).
 export PYTHONPATH="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/src${PYTHONPATH:+:$PYTHONPATH}"
 
 if [[ " ${extra[*]} " != *" --device cpu "* ]]; then
@@ -41,7 +41,7 @@ run() {
 common=(--device cuda --dtype bf16 --batch 4 --context 2048 --warmup 3 --steps 10 --chunk 1024)
 
 if [[ "$part" == all || "$part" == compare ]]; then
-    # The DESIGN.md anchor: d=1024, 8 blocks, V=32k, batch 4x2048 (H200: 8.58 / 11.08 / 8.43 GiB, 0.043 /
+    # The reference setting: d=1024, 8 blocks, V=32k, batch 4x2048 (H200: 8.58 / 11.08 / 8.43 GiB, 0.043 /
     # 0.054 / 0.062 s for n=1 / n=4 summed / n=4 sequential). Also V=128k.
     run memory memory_compare --part compare --dim 1024 --layers 8 --vocab 32000,128256 --n 4 --repeats 2 \
         "${common[@]}"

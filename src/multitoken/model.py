@@ -31,7 +31,7 @@ from multitoken.kv_cache import KVCache, ModelCache, causal_mask
 # is: every step streams the whole model. Computing (W @ x.T).T instead, which streams W once, made a verify
 # forward of SmolLM2-135M over 4 tokens cost 97 ms instead of 190 ms (one token: 80-106 ms), and one row of
 # a large weight is faster as a two-column product than as MKL's matrix-vector product (49152 x 576: 19 ms
-# -> 11 ms). 2 AMD EPYC cores; benchmarks/few_rows.py and docs/benchmarks.md "Few-row products". In whole
+# -> 11 ms). 2 AMD EPYC cores; benchmarks/few_rows.py and docs/decoding.md "Few-row products". In whole
 # decode forwards (`few_rows.py --forwards`) this pays for 2-8 rows on both models measured (the demo preset
 # and SmolLM2's shape, 1 or 2 threads: up to 2.2x faster, never slower beyond noise). Beyond 8 rows it pays
 # only with several threads: on one, MKL's own product is faster for the demo model (1.25-1.8x at 12-32 rows)

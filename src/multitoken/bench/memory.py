@@ -9,8 +9,8 @@ reported as the absolute peak and as the increase over the baseline after model 
 Two parts, both at the SAME total depth (n_layers blocks: n_layers - n trunk blocks + n head blocks):
 
 - compare: n=1 (a plain causal LM step) against n summed-loss, n sequential, n sequential + chunked,
-  with the FLOP ratio beside the time ratio and the memory ratio vs n=1 (issue 2);
-- sweep: peak memory against n for the three methods at several vocabulary sizes (issue 5); n=1 is
+  with the FLOP ratio beside the time ratio and the memory ratio vs n=1;
+- sweep: peak memory against n for the three methods at several vocabulary sizes; n=1 is
   the plain LM that every method's line starts from.
 
 Methods: `summed` builds every head's logits, sums the losses, one backward (`loss.summed_loss`);
@@ -43,7 +43,7 @@ from multitoken.train import build_optimizer, compile_blocks, default_device
 
 METHODS = ("summed", "sequential", "chunked")
 MIB = 2**20
-# The issue's targets for the memory-efficient step at n=4 (issue 2).
+# The targets for the memory-efficient step at n=4.
 MEMORY_TARGET = 1.05  # peak at most 1.05x the n=1 peak
 TIME_TARGET = 1.05  # step-time ratio vs n=1 at most 1.05x the FLOP ratio
 
@@ -329,7 +329,7 @@ def _print_compare(vocab: int, rows: list[dict[str, Any]]) -> None:
 
 
 def _targets(vocab: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's two targets for each memory-efficient row of the comparison."""
+    """The two targets (MEMORY_TARGET, TIME_TARGET) for each memory-efficient row of the comparison."""
     out = []
     for r in rows:
         if r["spec"]["method"] == "summed" or "mem_ratio" not in r:
