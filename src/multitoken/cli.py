@@ -14,19 +14,40 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from multitoken.config import DEFAULT_PRESET, PRESETS, DemoConfig, TrainConfig
 from multitoken.errors import UserError
 
 if TYPE_CHECKING:  # the CLI imports its heavy modules lazily, in the commands that need them
     from multitoken.data.tokenizers import Tokenizer
 
-# Without --max-steps or --time-budget a run takes 180 steps (about 4 minutes of the demo preset on 2 CPU
-# cores), so that the model does not depend on how fast the machine runs that day, and stops at 480 s on a
-# slow one.
-DEFAULT_MAX_STEPS = 180
-DEFAULT_TIME_CAP_S = 480.0
 TREE_FILE = "tree.json"
 # `multitoken bench NAME`: modules with add_arguments(parser) and run(args) -> dict.
 BENCHES: dict[str, str] = {"memory": "multitoken.bench.memory", "train": "multitoken.bench.train_speed"}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends each option's default to its help, unless the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or not action.option_strings
+            or any(default is x for x in (None, False, argparse.SUPPRESS))
+        ):
+            return text
+        if default == []:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help shows every option's default (subcommands inherit the class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def _print_json(data: dict[str, Any]) -> None:
@@ -37,59 +58,77 @@ def _print_json(data: dict[str, Any]) -> None:
 # train
 
 
+TRAIN = TrainConfig()  # the defaults of `multitoken train` are the config's
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a multi-token prediction model",
-        description="Train a multi-token prediction model. With no --data, trains on the running Python's "
-        "standard library; with no budget flags, for a time budget of about 4 minutes.",
+        description="Train a multi-token prediction model. With no --data it trains on the running Python's "
+        f"standard library; with no budget flags it takes {TRAIN.max_steps} steps, then decodes held-out code.",
     )
     p.add_argument("--out", required=True, type=Path, help="run directory (created; or resumed with --resume)")
-    p.add_argument("--data", nargs="+", action="extend", help="files, folders, globs or .jsonl files (text field)")
-    p.add_argument("--preset", default="demo", help="model shape: tiny, small, demo, base, induction-*, 7b-n4")
-    p.add_argument("--n-future", type=int, help="number of heads n (tokens predicted per position)")
-    p.add_argument("--head-type", choices=["parallel", "causal", "anticausal", "linear"])
-    p.add_argument("--n-layers", type=int, help="total blocks (trunk + heads)")
-    p.add_argument("--dim", type=int)
-    p.add_argument("--tokenizer", default="bytes", help="bytes, bpe (trained on the corpus) or a tokenizer.json")
-    p.add_argument("--bpe-vocab", type=int, default=8192, help="vocabulary size when training a BPE tokenizer")
     p.add_argument(
-        "--time-budget", type=float,
-        help=f"seconds of training (default: none; without --max-steps either, a {DEFAULT_TIME_CAP_S:.0f} s cap)",
+        "--data", nargs="+", action="extend",
+        help="files, folders, globs or .jsonl files, text field (default: this Python's standard library)",
     )  # fmt: skip
-    p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {DEFAULT_MAX_STEPS} without --time-budget)")
+    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"model shape: {', '.join(PRESETS)}")
+    p.add_argument(
+        "--n-future", type=int, help="number of heads n, tokens predicted per position (default: the preset's)"
+    )
+    p.add_argument(
+        "--head-type",
+        choices=["parallel", "causal", "anticausal", "linear"],
+        help="head architecture (default: parallel)",
+    )
+    p.add_argument("--n-layers", type=int, help="total blocks, trunk + heads (default: the preset's)")
+    p.add_argument("--dim", type=int, help="model width (default: the preset's)")
+    p.add_argument("--tokenizer", default="bpe", help="bpe (trained on the corpus), bytes, or a tokenizer.json")
+    p.add_argument("--bpe-vocab", type=int, default=4096, help="vocabulary size when training a BPE tokenizer")
+    p.add_argument("--time-budget", type=float, help="stop after this many seconds of training (default: none)")
+    p.add_argument(
+        "--max-steps", type=int,
+        help=f"optimizer steps (default: {TRAIN.max_steps}; with --time-budget alone, the time decides)",
+    )  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--context", type=int, default=256, help="input tokens per window")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=30, help="warmup steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per cross-entropy chunk (0: none)")
+    p.add_argument("--batch-size", type=int, default=TRAIN.batch_size, help="windows per step")
+    p.add_argument("--context", type=int, default=TRAIN.context, help="input tokens per window")
+    p.add_argument("--grad-accum", type=int, default=TRAIN.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=TRAIN.lr, help="peak learning rate (AdamW, warmup then cosine)")
+    p.add_argument("--warmup", type=int, default=TRAIN.warmup_steps, help="warmup steps")
+    p.add_argument("--seed", type=int, default=TRAIN.seed, help="seed of the weights and of the data order")
+    p.add_argument("--eval-every", type=int, default=TRAIN.eval_every, help="steps between held-out evaluations")
+    p.add_argument("--checkpoint-every", type=int, default=TRAIN.checkpoint_every, help="steps between checkpoints")
+    p.add_argument(
+        "--loss-chunk", type=int, default=TRAIN.loss_chunk, help="tokens per cross-entropy chunk (0: none)"
+    )  # fmt: skip
     p.add_argument("--summed-loss", action="store_true", help="sum the head losses, one backward (no memory saving)")
     p.add_argument("--head-weights", type=float, nargs="+", help="loss weight of each head (default all 1)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (falls back to eager on failure)")
     p.add_argument(
         "--parallel", choices=["auto", "ddp", "fsdp", "none"], default="auto",
-        help="under torchrun: fsdp (FSDP2) from 1B parameters, ddp below (auto)",
+        help="under torchrun: ddp, fsdp (FSDP2), or auto: fsdp from 1B parameters, ddp below",
     )  # fmt: skip
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute trunk blocks in backward")
-    p.add_argument("--cache-dir", type=Path, help="where token stores are cached (default: beside --out)")
-    p.add_argument("--sample-tokens", type=int, default=200, help="tokens of the final sample (0: none)")
+    p.add_argument(
+        "--cache-dir", type=Path, help="where token stores are cached (default: .multitoken-cache beside --out)"
+    )
+    p.add_argument(
+        "--sample-tokens", type=int, default=DemoConfig.new_tokens,
+        help="tokens generated per held-out prompt after training (0: no decoding)",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    from multitoken.config import UNBOUNDED_STEPS, TrainConfig, preset
+    from multitoken.config import UNBOUNDED_STEPS, preset
     from multitoken.train import train
 
     time_budget, max_steps = args.time_budget, args.max_steps
-    if time_budget is None and max_steps is None and not args.resume:
-        time_budget, max_steps = DEFAULT_TIME_CAP_S, DEFAULT_MAX_STEPS
-    max_steps = max_steps if max_steps is not None else UNBOUNDED_STEPS
+    if max_steps is None and not args.resume:  # a step count, so every machine trains the same model
+        max_steps = UNBOUNDED_STEPS if time_budget is not None else TRAIN.max_steps
     if args.resume:
         model_cfg = cfg = None
         overrides = {"max_steps": args.max_steps, "time_budget_s": time_budget}
@@ -157,77 +196,30 @@ def _eval_table(ev: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _final_sample(run_dir: Path, n_tokens: int, n_prompts: int = 4, prompt_tokens: int = 64) -> dict[str, Any]:
-    """Continue held-out prompts with self-speculative decoding, timed against plain decoding; print one.
-
-    Speed is pooled over `n_prompts` held-out prompts decoded one at a time: a single prompt makes a noisy
-    number (a greedy loop drafts perfectly, a fresh line drafts poorly), and held-out text is what a user
-    brings, unlike a fixed prompt the model has seen thousands of times. With two heads or more a draft tree
-    is calibrated too (on prompts from the other half of the held-out text, so the timed prompts stay
-    unseen), written to RUN/tree.json for `generate --tree`, and timed beside the chain.
-    """
-    import torch
-
+def _final_sample(run_dir: Path, new_tokens: int) -> dict[str, Any]:
+    """Held-out code continued plain, with the chain and with calibrated trees, greedy and sampled (demo.py)."""
     from multitoken.checkpoint import load_run
-    from multitoken.eval.heldout import load_heldout, prompt_windows, split_heldout
-    from multitoken.generate.bench import bench_one_at_a_time
-    from multitoken.generate.sampling import SamplingConfig
-    from multitoken.generate.speculative import speculative_generate
-    from multitoken.generate.tree import build_tree, calibrate_decoding, save_tree
+    from multitoken.demo import decode_showcase, format_showcase
+    from multitoken.eval.heldout import load_heldout, split_heldout
 
     _set_decode_threads(None)
     run = load_run(run_dir)
-    model, L = run.model, run.model.cfg.max_seq_len
     held = load_heldout(run_dir, run.config)
-    tokens = held.tokens if len(held.tokens) > 2 * prompt_tokens else held.train_tokens  # tiny corpora: no val
+    cfg = DemoConfig(new_tokens=new_tokens)
+    tokens = held.tokens if len(held.tokens) > 4 * cfg.prompt_tokens else held.train_tokens  # tiny corpora: no val
     calibration_tokens, evaluation_tokens = split_heldout(tokens)
-    prompt_tokens = min(prompt_tokens, len(calibration_tokens) - 1, L // 2)
-    prompts = prompt_windows(evaluation_tokens, n_prompts, prompt_tokens)
-    max_new = min(n_tokens, L - prompt_tokens - 1)
-    tree = None
-    if model.cfg.n_future > 1:
-        length = min(run.config.get("train", {}).get("context", L), L)  # windows as long as training's
-        calib = torch.tensor(prompt_windows(calibration_tokens, 16, prompt_tokens // 2))
-        calibration = calibrate_decoding(model, calib, length, max_rank=4)
-        tree = build_tree(calibration, budget=12)
-        save_tree(tree, Path(run_dir) / TREE_FILE, calibration)
-    result = bench_one_at_a_time(model, prompts, max_new, tree=tree)
-    rows = result["decoders"]
-    if any(r["exact"] < 1 for r in rows.values()):  # fp32 on the CPU must agree; bf16 near-ties may flip
+    result = decode_showcase(run.model, held.tokenizer, calibration_tokens, evaluation_tokens, run_dir, cfg)
+    print("\n" + format_showcase(result))
+    if any(r["exact"] < 1 for r in result["greedy"]["decoders"].values()):  # fp32 on the CPU must agree
         print("note: speculative output differs from plain greedy decoding (reduced precision?)", file=sys.stderr)
-    prompt, text = held.tokenizer.decode(prompts[0]), held.tokenizer.decode(result["outputs"]["chain"][0])
-    # Greedy continuations of a small model fall into loops; a sampled one shows what else it has learnt,
-    # and lossless speculative sampling (with the tree, if any) is what makes it fast.
-    sampling = SamplingConfig(temperature=0.8, top_p=0.95)
-    gen = torch.Generator().manual_seed(0)
-    sampled = speculative_generate(model, [prompts[0]], max_new, sampling=sampling, generator=gen, tree=tree)
-    sampled_text = held.tokenizer.decode(sampled.tokens[0])
-    print(f"\nsample: a held-out prompt ({prompt_tokens} tokens), then its greedy and a sampled continuation:")
-    print("-" * 60 + "\n" + prompt + "\n" + "-" * 26 + " greedy " + "-" * 26 + "\n" + text)
-    print("-" * 5 + f" sampled: temperature 0.8, top-p 0.95, {sampled.stats['tokens_per_forward']:.2f} tokens per "
-          f"forward " + "-" * 5 + "\n" + sampled_text + "\n" + "-" * 60)  # fmt: skip
-    exact = all(r["exact"] == 1 for r in rows.values())
-    plain_speed = rows["plain"]["tokens_per_second"]
-    print(f"self-speculative decoding on {n_prompts} held-out prompts x {max_new} tokens (plain: {plain_speed:.0f} "
-          f"tokens/s; identical to plain: {'yes' if exact else 'no'}):")  # fmt: skip
-    summary = {"prompt": prompt, "text": text, "sampled_text": sampled_text, "prompts": n_prompts,
-               "max_new_tokens": max_new, "identical_to_plain": exact}  # fmt: skip
-    names = {"chain": f"chain of {model.cfg.n_future} heads"} | ({"tree": f"tree of {tree.size} nodes"} if tree else {})
-    for key, name in names.items():
-        r = rows[key]
-        print(f"  {name:<18} {r['tokens_per_forward']:.2f} tokens per forward, {r['speedup']:.2f}x plain "
-              f"decoding ({r['tokens_per_second']:.0f} tokens/s)")  # fmt: skip
-        summary[key] = {k: r[k] for k in ("tokens_per_forward", "speedup", "efficiency")}
-    if tree is not None:
-        print(f"  (the tree was calibrated on the model's own continuations: {Path(run_dir) / TREE_FILE})")
-    return summary
+    return result
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; above 0, lossless speculative sampling")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, help="sample within the top-p probability mass (default: 1, all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
 
 
 def _add_decode_device(p: argparse.ArgumentParser) -> None:
@@ -272,9 +264,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "--data", nargs="+", action="extend", help="evaluate on these files (default: the run's held-out split)"
     )
     p.add_argument("--batches", type=int, default=16, help="at most this many batches")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="windows per batch")
     p.add_argument("--context", type=int, help="window length (default: the run's training context)")
-    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--cache-dir", type=Path, help="where token stores are cached (default: beside the run)")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -296,17 +288,17 @@ def _add_humaneval(sub: argparse._SubParsersAction) -> None:
         "eval-humaneval",
         help="HumanEval pass@k, completions run in a sandbox (also spelled `multitoken eval humaneval RUN`)",
     )
-    p.add_argument("run", type=Path)
+    p.add_argument("run", type=Path, help="run directory")
     p.add_argument("--n-samples", type=int, default=1, help="completions per problem")
     p.add_argument("--k", type=int, nargs="+", default=[1], help="report pass@k for these k")
-    p.add_argument("--limit", type=int, help="only the first N problems")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--limit", type=int, help="only the first N problems (default: all 164)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per completion at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (use > 0 with --n-samples > 1)")
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=float, help="sample within the top-p probability mass (default: 1, all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     p.add_argument("--plain", action="store_true", help="plain decoding instead of self-speculative")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per program")
-    p.add_argument("--out", type=Path, help="write the full report (per-problem results) here as JSON")
+    p.add_argument("--out", type=Path, help="write the full report (per-problem results) here as JSON (default: none)")
     p.set_defaults(func=_cmd_humaneval)
 
 
@@ -365,12 +357,14 @@ def _cmd_humaneval(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a run directory")
-    p.add_argument("run", type=Path)
-    p.add_argument("--prompt", help="prompt text")
-    p.add_argument("--batch", type=Path, help="a file of prompts, one per line (JSON strings allowed)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("--prompt", help="prompt text (default: none; this or --batch)")
+    p.add_argument(
+        "--batch", type=Path, help="a file of prompts, one per line, JSON strings allowed (default: none)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
     _add_sampling(p)
-    p.add_argument("--stop-at-eos", action="store_true")
+    p.add_argument("--stop-at-eos", action="store_true", help="stop a sequence at the end-of-text token")
     p.add_argument("--speculative", action="store_true", help="self-speculative decoding (a chain of heads by default)")
     p.add_argument("--heads-used", type=int, help="heads k used by speculative decoding (1..n; default all)")
     p.add_argument(
@@ -517,7 +511,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         "calibrate",
         help="measure each head's top-k acceptance on held-out data and build a draft tree (RUN/tree.json)",
     )
-    p.add_argument("run", type=Path)
+    p.add_argument("run", type=Path, help="run directory")
     p.add_argument(
         "--budget", type=_budget, default=16,
         help="tree nodes per forward, the root included; auto: time decoding with trees of 2-32 nodes on this "
@@ -531,17 +525,19 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--on", choices=["generated", "data"], default="generated",
-        help="generated (default): the model's own continuations of held-out prompts (greedy, or sampled with "
+        help="generated: the model's own continuations of held-out prompts (greedy, or sampled with "
         "--temperature/--top-k/--top-p), the text decoding reads; data: the held-out text itself",
     )  # fmt: skip
     p.add_argument("--prompt-tokens", type=int, default=32, help="--on generated: prompt length of each window")
     p.add_argument(
         "--draft-vocab", type=int, metavar="K",
         help="also restrict drafts to the K tokens most frequent in the training split (RUN/draft_vocab.json); "
-        "the tree is then calibrated with it",
+        "the tree is then calibrated with it (default: none)",
     )  # fmt: skip
-    p.add_argument("--data", nargs="+", action="extend", help="measure on these files instead")
-    p.add_argument("--cache-dir", type=Path)
+    p.add_argument(
+        "--data", nargs="+", action="extend", help="measure on these files (default: the run's held-out split)"
+    )
+    p.add_argument("--cache-dir", type=Path, help="where token stores are cached (default: beside the run)")
     p.add_argument("--out", type=Path, help="where to write the tree (default: RUN/tree.json)")
     _add_sampling(p)  # a tree for sampling: acceptance of independent draws at these settings
     _add_decode_device(p)
@@ -644,25 +640,33 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: a readable table, then a JSON document as the last line")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     g = bench.add_parser("generate", help="plain vs chain vs tree decoding on held-out prompts of a run")
-    g.add_argument("run", type=Path)
+    g.add_argument("run", type=Path, help="run directory")
     g.add_argument(
         "--prompts", type=int, default=8,
         help="prompts from the second half of the held-out text (`calibrate` reads the first)",
     )  # fmt: skip
-    g.add_argument("--prompt-tokens", type=int, default=64)
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--heads-used", type=int)
-    g.add_argument("--tree", nargs="?", const="", metavar="TREE_JSON", help="also a tree (default: RUN/tree.json)")
+    g.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
+    g.add_argument("--heads-used", type=int, help="heads k the chain drafts with (1..n; default: all)")
+    g.add_argument(
+        "--tree",
+        nargs="?",
+        const="",
+        metavar="TREE_JSON",
+        help="also time a tree (alone: RUN/tree.json; default: no tree)",
+    )
     g.add_argument(
         "--draft-vocab", nargs="?", const="", metavar="VOCAB_JSON",
-        help="also decode with drafts restricted to a draft vocabulary (default: RUN/draft_vocab.json)",
+        help="also decode with drafts restricted to a draft vocabulary (alone: RUN/draft_vocab.json; default: none)",
     )  # fmt: skip
     g.add_argument("--batch", action="store_true", help="decode the prompts as one batch (default: one at a time)")
     _add_sampling(g)
-    g.add_argument("--repeats", type=int, default=1)
+    g.add_argument("--repeats", type=int, default=1, help="timed runs per decoder, the fastest kept")
     g.add_argument("--threads", type=int, help="CPU threads (default 1: decode steps are too small to split)")
-    g.add_argument("--data", nargs="+", action="extend", help="take prompts from these files instead")
-    g.add_argument("--cache-dir", type=Path)
+    g.add_argument(
+        "--data", nargs="+", action="extend", help="take prompts from these files (default: the run's held-out split)"
+    )
+    g.add_argument("--cache-dir", type=Path, help="where token stores are cached (default: beside the run)")
     _add_decode_device(g)
     g.add_argument(
         "--compile", action="store_true",
@@ -733,7 +737,7 @@ def _add_heads(sub: argparse._SubParsersAction) -> None:
         help="add multi-token heads to a (pretrained) run and train them; writes a new run directory",
     )
     p.add_argument("run", type=Path, help="run directory, e.g. one made by `multitoken import`")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="run directory to write")
     p.add_argument("--n-future", type=int, default=4, help="heads in total, the next-token head included")
     p.add_argument(
         "--mode",
@@ -755,24 +759,29 @@ def _add_heads(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--draft-vocab", type=int, metavar="K",
         help="frozen mode: heads 2..n learn only the K most frequent tokens of their text (OUT/draft_vocab.json; "
-        "decode with --draft-vocab)",
+        "decode with --draft-vocab; default: the full vocabulary)",
     )  # fmt: skip
     p.add_argument(
-        "--trunk-cache-gib", type=float, default=4.0,
+        "--trunk-cache-gib",
+        type=float,
+        default=4.0,
         help="frozen mode: keep each training window's trunk output, up to this many GiB (0: recompute every step)",
     )
-    p.add_argument("--data", nargs="+", action="extend", help="corpus (default: the standard library)")
+    p.add_argument("--data", nargs="+", action="extend", help="corpus (default: this Python's standard library)")
     p.add_argument(
-        "--prompt-data", nargs="+", action="append", metavar="SOURCE",
+        "--prompt-data",
+        nargs="+",
+        action="append",
+        metavar="SOURCE",
         help="targets=generated: draw the prompts from these sources' training split; repeat the flag for "
-        "groups that get an equal share each (say code, then prose)",
+        "groups that get an equal share each, say code, then prose (default: --data)",
     )
-    p.add_argument("--time-budget", type=float, default=600.0, help="seconds")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--context", type=int, default=256)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--time-budget", type=float, default=600.0, help="seconds of training")
+    p.add_argument("--max-steps", type=int, help="optimizer steps at most (default: the time budget alone decides)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per step")
+    p.add_argument("--context", type=int, default=256, help="tokens per window")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    p.add_argument("--cache-dir", type=Path, help="where token stores are cached (default: beside --out)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_heads)  # fmt: skip
 
@@ -805,12 +814,14 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", choices=list(EXPERIMENTS), help="; ".join(f"{k}: {v}" for k, v in EXPERIMENTS.items()))
     p.add_argument("--full", action="store_true", help="the full setting (a GPU or a long CPU run)")
     p.add_argument("--out", type=Path, help="report folder (default docs/results/NAME)")
-    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds of each arm (default: the setting's)")
     p.add_argument(
         "--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
-        help="change one field of the setting, e.g. --set steps=2000 (repeatable; the report records it)",
+        help="change one field of the setting, e.g. --set steps=2000 (repeatable; default: none)",
     )  # fmt: skip
-    p.add_argument("--threads", type=int, help="CPU threads (on a shared machine 1 avoids OpenMP stalls)")
+    p.add_argument(
+        "--threads", type=int, help="CPU threads (default: torch's; on a shared machine 1 avoids OpenMP stalls)"
+    )
     p.set_defaults(func=_cmd_experiment)
 
 
@@ -837,11 +848,16 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("src", type=Path, help="model folder, .gguf file, or official-release folder (--layout meta)")
     p.add_argument("--out", required=True, type=Path, help="run directory to write")
-    p.add_argument("--gguf", help="GGUF file name inside SRC")
-    p.add_argument("--layout", choices=["hf", "meta"], default="hf")
+    p.add_argument("--gguf", help="GGUF file name inside SRC (default: the only .gguf there, if SRC is a folder)")
+    p.add_argument(
+        "--layout",
+        choices=["hf", "meta"],
+        default="hf",
+        help="hf: a Hugging Face folder or GGUF; meta: the official release",
+    )
     p.add_argument("--n-future", type=int, default=1, help="heads; heads 2..n start as copies of the last block")
     p.add_argument("--max-seq-len", type=int, help="context length to use (default: the model's)")
-    p.add_argument("--allow-missing-tokenizer", action="store_true")
+    p.add_argument("--allow-missing-tokenizer", action="store_true", help="import the weights even without a tokenizer")
     p.set_defaults(func=_cmd_import)
 
 
@@ -862,9 +878,11 @@ def _cmd_import(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a run as a Hugging Face Llama (next-token model) or the official layout")
-    p.add_argument("run", type=Path)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--format", choices=["hf", "meta"], default="hf")
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("--out", required=True, type=Path, help="folder to write")
+    p.add_argument(
+        "--format", choices=["hf", "meta"], default="hf", help="hf: a transformers Llama; meta: the official release"
+    )
     p.set_defaults(func=_cmd_export)
 
 
@@ -876,7 +894,7 @@ def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_consolidate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("consolidate", help="gather a sharded (FSDP2) checkpoint into model.safetensors")
-    p.add_argument("run", type=Path)
+    p.add_argument("run", type=Path, help="run directory")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.set_defaults(func=_cmd_consolidate)
 
@@ -892,7 +910,7 @@ def _cmd_consolidate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="multitoken",
         description="Multi-token prediction training and self-speculative decoding (Gloeckle et al., 2024).",
     )

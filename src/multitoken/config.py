@@ -112,6 +112,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=64, n_layers=4, n_heads=4, max_seq_len=256, n_future=2),
     "small": dict(dim=192, n_layers=8, n_heads=6, max_seq_len=512),
     "demo": dict(dim=192, n_layers=10, n_heads=6, max_seq_len=512),
+    # The main job's model: 4 trunk blocks + 4 heads of width 128, the shape that reached the lowest held-out
+    # loss in 150 s of 2 CPU cores among the candidates of benchmarks/main_job_sweep.py (docs/training.md).
+    "mini": dict(dim=128, n_layers=8, n_heads=4, max_seq_len=512),
     "base": dict(dim=768, n_layers=12, n_heads=12, max_seq_len=2048),
     # Paper Table S14 (induction): ~1M, 3M, 10M, 30M non-embedding parameters.
     "induction-1m": dict(dim=128, n_layers=5, n_heads=4, max_seq_len=256, n_future=2),
@@ -119,10 +122,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "induction-10m": dict(dim=256, n_layers=13, n_heads=8, max_seq_len=256, n_future=2),
     "induction-30m": dict(dim=384, n_layers=17, n_heads=8, max_seq_len=256, n_future=2),
     # 7B, 32 layers, n=4: 28 trunk blocks + 4 heads (vocab 32k, ffn 11008 as in Llama 2).
-    "7b-n4": dict(
-        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, ffn_dim=11008, max_seq_len=4096, n_future=4
-    ),
+    "7b-n4": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, ffn_dim=11008, max_seq_len=4096, n_future=4),
 }
+
+
+DEFAULT_PRESET = "mini"
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
@@ -140,16 +144,18 @@ UNBOUNDED_STEPS = 1_000_000  # a max_steps that only a time budget stops
 class TrainConfig:
     """Optimisation and bookkeeping for one training run."""
 
-    batch_size: int = 16
-    context: int = 256  # input tokens per window; each window carries n_future extra target tokens
+    # The defaults are the main job's (`multitoken train`): the batch, context and learning rate that reached the
+    # lowest held-out loss in 150 s of 2 CPU cores (benchmarks/main_job_sweep.py, docs/training.md).
+    batch_size: int = 4
+    context: int = 128  # input tokens per window; each window carries n_future extra target tokens
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    max_steps: int = 1000  # UNBOUNDED_STEPS: the time budget alone decides
+    max_steps: int = 1600  # UNBOUNDED_STEPS: the time budget alone decides
     time_budget_s: float | None = None  # stop (and checkpoint) once this much wall time has passed
     eval_every: int = 100
     eval_batches: int = 8
@@ -183,3 +189,19 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What the main job decodes after training (demo.py): held-out code, plain, chain and trees."""
+
+    prompts: int = 2  # held-out functions continued
+    context_lines: int = 6  # lines of code before each `def name(` in the prompt, fewer if it is too long
+    prompt_tokens: int = 48  # at most this many prompt tokens, so that prompt + continuation fit the context
+    new_tokens: int = 80  # tokens generated per prompt
+    tree_budgets: tuple[int, ...] = (2, 4, 8, 12, 16)  # tree sizes (root included) timed here; the fastest kept
+    calibration_windows: int = 16
+    calibration_tokens: int = 128  # window length (prompt + continuation) of each calibration window
+    temperature: float = 0.8
+    top_p: float = 0.95
+    seed: int = 0

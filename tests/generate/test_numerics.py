@@ -57,7 +57,7 @@ def test_divergence_record_tells_a_near_tie_from_a_real_gap(margin, near_tie):
     context = [1, 2, 3, 4]
     model = tied_model(margin)
     seen = []
-    hook = model.output.register_forward_hook(lambda module, args, out: seen.append(args[0][0, -1]))
+    hook = model.output.register_forward_hook(lambda module, args, out: seen.append(args[0][0, -1].detach()))
     with torch.no_grad():
         logits = model(torch.tensor([context]), heads=[0])[0, -1, 0]
     hook.remove()
@@ -65,7 +65,7 @@ def test_divergence_record_tells_a_near_tie_from_a_real_gap(margin, near_tie):
     record = divergence_record(model, float32_copy(model), context, 3, 5, rtol=default_rtol(torch.bfloat16))
     # Both logits are dot products of the same normed state h with rows 3 and 5 (row 5 rounded once from
     # row 3 * (1 - margin)): the gap equals margin * |l3| up to the rounding of two dim-term sums and of row 5.
-    terms = float((seen[0] * model.output.weight[3]).abs().sum())
+    terms = float((seen[0] * model.output.weight[3].detach()).abs().sum())
     bound = float(dot_bound(torch.tensor(terms), model.cfg.dim)) + 2 * unit_roundoff() * terms
     assert abs(record["pair_gap_fp32"] - margin * abs(float(logits[3]))) <= bound
     assert record["near_tie"] is near_tie

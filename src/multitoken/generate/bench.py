@@ -129,7 +129,7 @@ def bench_one_at_a_time(
     perfectly) cannot dominate as it would in a mean of per-prompt ratios.
 
     kwargs go to `bench_generate`. Returns {"decoders": rows, "table": str, "outputs": {name: [tokens of
-    each prompt]}}.
+    each prompt]}, "per_prompt": [{name: tokens per forward} for each prompt]}.
     """
     per_prompt = [bench_generate(model, [p], max_new_tokens, **kwargs) for p in prompts]
     rows: dict[str, dict[str, Any]] = {}
@@ -153,7 +153,10 @@ def bench_one_at_a_time(
             rows[name]["tree_size"] = rs[0]["tree_size"]
     add_ratios(rows)
     outputs = {name: [g["outputs"][name][0] for g in per_prompt] for name in rows if "error" not in rows[name]}
-    return {"decoders": rows, "table": format_table(rows), "outputs": outputs}
+    tokens_per_forward = [
+        {name: r["tokens_per_forward"] for name, r in g["decoders"].items() if "error" not in r} for g in per_prompt
+    ]
+    return {"decoders": rows, "table": format_table(rows), "outputs": outputs, "per_prompt": tokens_per_forward}
 
 
 def add_ratios(rows: dict[str, dict[str, Any]]) -> None:
