@@ -20,7 +20,6 @@ from multitoken.errors import UserError
 if TYPE_CHECKING:  # the CLI imports its heavy modules lazily, in the commands that need them
     from multitoken.data.tokenizers import Tokenizer
 
-TREE_FILE = "tree.json"
 # `multitoken bench NAME`: modules with add_arguments(parser) and run(args) -> dict.
 BENCHES: dict[str, str] = {"memory": "multitoken.bench.memory", "train": "multitoken.bench.train_speed"}
 
@@ -431,7 +430,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 def _resolve_tree(run_dir: Path, tree_arg: str | None):
     """None for a chain; else the tree named by --tree (empty: the run's own calibrated tree.json)."""
-    from multitoken.generate.tree import load_tree
+    from multitoken.generate.tree import TREE_FILE, load_tree
 
     if tree_arg is None:
         return None
@@ -572,7 +571,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.generate.bench import choose_tree_by_speed
     from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
     from multitoken.generate.sampling import SamplingConfig
-    from multitoken.generate.tree import Tree, build_tree, calibrate, calibrate_decoding, save_tree
+    from multitoken.generate.tree import TREE_FILE, Tree, build_tree, calibrate, calibrate_decoding, save_tree
 
     _set_decode_threads(args.threads)
     device, dtype = _decode_device(args)

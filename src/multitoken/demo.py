@@ -25,10 +25,9 @@ from multitoken.errors import UserError
 from multitoken.eval.heldout import prompt_windows, windows_tensor
 from multitoken.generate.bench import bench_one_at_a_time, choose_tree_by_speed
 from multitoken.generate.sampling import SamplingConfig
-from multitoken.generate.tree import Tree, calibrate_decoding, save_tree
+from multitoken.generate.tree import TREE_FILE, Tree, calibrate_decoding, save_tree
 from multitoken.model import MultiTokenModel
 
-TREE_FILE = "tree.json"
 SAMPLED_TREE_FILE = "tree-sampled.json"
 LOOP_SHARE = 0.5  # a continuation most of whose 3-token runs repeat earlier ones is reported as a loop
 SIGNATURE = re.compile(r"^[ \t]*def [A-Za-z_]\w*\(", re.MULTILINE)

@@ -13,6 +13,7 @@ import torch
 
 from multitoken.generate.common import GenerationResult, TokenCallback, check_prompts, prefill
 from multitoken.generate.sampling import SamplingConfig, sample
+from multitoken.generate.stats import decode_stats
 from multitoken.model import MultiTokenModel
 
 
@@ -67,4 +68,6 @@ def generate(
         logits = logits[:, 0]  # (B, 1, V)
         positions = positions + 1
         n_forwards += 1
-    return GenerationResult(out, n_forwards, reasons, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    # Each forward (the prefill first) gives one token to every row still active.
+    return GenerationResult(out, n_forwards, reasons, seconds, decode_stats(out, [len(o) for o in out], seconds))

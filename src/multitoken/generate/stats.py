@@ -49,11 +49,13 @@ def decode_stats(
     """The stats record of a decode.
 
     tokens_per_forward counts, for each sequence, the forwards it was still active in (the prefill
-    included), so plain decoding scores exactly 1 and finished rows of a batch do not dilute it.
+    included), so plain decoding scores exactly 1 and finished rows of a batch do not dilute it;
+    `row_forwards` keeps each sequence's count.
     """
     n_tokens = sum(len(t) for t in tokens)
     stats: dict[str, Any] = {
         "forwards": max(row_forwards, default=0),
+        "row_forwards": list(row_forwards),
         "tokens_per_forward": n_tokens / max(sum(row_forwards), 1),
         "tokens_per_second": n_tokens / seconds if seconds > 0 else 0.0,
     }

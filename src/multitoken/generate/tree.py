@@ -43,6 +43,8 @@ from multitoken.generate.draft_vocab import DraftVocab
 from multitoken.generate.sampling import SamplingConfig, probabilities, residual_distribution
 from multitoken.model import MultiTokenModel
 
+TREE_FILE = "tree.json"  # a run directory's calibrated tree, read by `generate --tree`
+
 
 @dataclass(frozen=True)
 class Tree:
