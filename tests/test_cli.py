@@ -267,24 +267,6 @@ def test_generate_stream_prints_what_the_batch_print_would(run_dir, capsys):
     assert "give one --prompt" in error_of(["generate", str(run_dir), "--batch", str(batch), "--stream"], capsys)
 
 
-def test_text_stream_holds_back_half_a_character(capsys):
-    from multitoken.cli import TextStream
-    from multitoken.data.tokenizers import ByteTokenizer
-
-    stream, printed = TextStream(ByteTokenizer()), ""
-    for piece in (b"caf", b"\xc3", b"\xa9!"):  # é is two bytes, here split across two steps
-        stream(0, list(piece))
-        printed += capsys.readouterr().out
-        assert "\ufffd" not in printed
-    stream.finish()
-    assert printed + capsys.readouterr().out == "café!\n"
-    stream = TextStream(ByteTokenizer())
-    stream(0, list(b"caf"))
-    stream(0, list(b"\xc3"))
-    stream.finish()  # a character never completed is shown as it decodes
-    assert capsys.readouterr().out == "caf\ufffd\n"
-
-
 def test_calibrate_chooses_the_budget_by_measured_speed(run_dir, capsys):
     argv = ["calibrate", str(run_dir), "--windows", "2", "--max-rank", "2", "--budget", "auto"]
     assert main(argv) == 0

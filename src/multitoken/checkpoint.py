@@ -271,8 +271,14 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu", dtype: torch.dty
     state = read_checkpoint_state(ckpt)
     model = MultiTokenModel(ModelConfig.from_dict(config["model"])).to(device)
     load_weights(ckpt, model)
-    if dtype is not None:
-        model = model.to(dtype)
-        # The rotary tables stay fp32 (apply_rope computes in fp32): bf16 angles would blur positions.
-        model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
-    return LoadedRun(model.eval(), config, ckpt, state)
+    return LoadedRun(cast_model(model, dtype).eval(), config, ckpt, state)
+
+
+def cast_model(model: MultiTokenModel, dtype: torch.dtype | None) -> MultiTokenModel:
+    """The model's weights in `dtype` (None: unchanged). The rotary tables stay fp32 (apply_rope computes in
+    fp32): bf16 angles would blur positions."""
+    if dtype is None:
+        return model
+    model = model.to(dtype)
+    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    return model

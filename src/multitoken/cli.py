@@ -11,14 +11,12 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from multitoken.config import DEFAULT_PRESET, PRESETS, DemoConfig, TrainConfig
 from multitoken.errors import UserError
-
-if TYPE_CHECKING:  # the CLI imports its heavy modules lazily, in the commands that need them
-    from multitoken.data.tokenizers import Tokenizer
 
 # `multitoken bench NAME`: modules with add_arguments(parser) and run(args) -> dict.
 BENCHES: dict[str, str] = {"memory": "multitoken.bench.memory", "train": "multitoken.bench.train_speed"}
@@ -389,29 +387,6 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
-class TextStream:
-    """Prints one sequence's text as its tokens arrive: the tokens so far are decoded again each time and
-    the new end of the text printed, holding back a final U+FFFD, which may be half of a character whose
-    other bytes are still to come."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
-
-    def __call__(self, row: int, tokens: list[int]) -> None:
-        self.ids += tokens
-        self._show(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
-
-    def finish(self) -> None:
-        """Print whatever was held back, and end the line."""
-        text = self.tokenizer.decode(self.ids)
-        print(text[len(self.shown) :] if text.startswith(self.shown) else "\n" + text, flush=True)
-
-    def _show(self, text: str) -> None:
-        if text.startswith(self.shown):  # a decoder that rewrites earlier text waits for `finish`
-            print(text[len(self.shown) :], end="", flush=True)
-            self.shown = text
-
-
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     if (args.prompt is None) == (args.batch is None):
         raise UserError("give exactly one of --prompt or --batch")
@@ -447,58 +422,42 @@ def _resolve_draft_vocab(run_dir: Path, vocab_arg: str | None):
 
 
 def _cmd_generate(args: argparse.Namespace) -> dict[str, Any] | None:
-    import torch
-
-    from multitoken.checkpoint import load_run
-    from multitoken.data.tokenizers import load_tokenizer
-    from multitoken.generate.autoregressive import generate
-    from multitoken.generate.sampling import SamplingConfig
-    from multitoken.generate.speculative import speculative_generate
-    from multitoken.generate.stats import result_json
+    from multitoken.api import load
 
     _set_decode_threads(args.threads)
     prompts = _read_prompts(args)
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     speculative = args.speculative or args.tree is not None or args.heads_used is not None
     speculative = speculative or args.draft_vocab is not None
     device, dtype = _decode_device(args)
-    run = load_run(args.run, device, dtype)
-    tok = load_tokenizer(args.run)
-    tree = _resolve_tree(args.run, args.tree)
-    vocab = _resolve_draft_vocab(args.run, args.draft_vocab)
-    ids = [tok.encode(p) for p in prompts]
-    gen = torch.Generator(device).manual_seed(args.seed)
-    eos = tok.eos_id if args.stop_at_eos else None
+    lm = load(args.run, device, dtype)
+    lm.tree = _resolve_tree(args.run, args.tree)
+    lm.draft_vocab = _resolve_draft_vocab(args.run, args.draft_vocab)
     stream = None
     if args.stream:
         if len(prompts) != 1:
             raise UserError("--stream prints one continuation as it is decoded; give one --prompt")
-        stream = TextStream(tok)
         print(prompts[0], end="", flush=True)
-    if speculative or args.compile or args.cuda_graphs:  # plain decoding then is the one-head chain
-        heads_used = args.heads_used if speculative else 1
-        result = speculative_generate(
-            run.model, ids, args.max_new_tokens, heads_used, sampling, gen, eos, tree, args.compile, vocab,
-            args.cuda_graphs, on_tokens=stream,
-        )  # fmt: skip
-    else:
-        result = generate(run.model, ids, args.max_new_tokens, sampling, gen, eos, on_tokens=stream)
-    if stream is not None:
-        stream.finish()
-    else:
-        for prompt, new in zip(prompts, result.tokens, strict=True):
-            print(prompt + tok.decode(new))
-    for b, reason in enumerate(result.stop_reasons):
-        if reason == "context":
-            limit = run.model.cfg.max_seq_len
+        stream = partial(print, end="", flush=True)
+    decoding = ("tree" if lm.tree is not None else "chain") if speculative else "plain"
+    outputs = lm.generate(
+        prompts, max_new_tokens=args.max_new_tokens, decoding=decoding, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_at_eos=args.stop_at_eos,
+        draft_vocab=lm.draft_vocab is not None, heads_used=args.heads_used, compile_step=args.compile,
+        cuda_graphs=args.cuda_graphs, stream=stream,
+    )  # fmt: skip
+    for b, out in enumerate(outputs):
+        print("" if stream is not None else out.prompt + out.text)
+        if out.stop_reason == "context":
+            limit = lm.model.cfg.max_seq_len
             print(f"note: prompt {b} reached the model's context limit ({limit} tokens)", file=sys.stderr)
     if not args.stats:
         return None
-    record = result_json(result)
-    stats = record.pop("stats")
-    stats.setdefault("tokens_per_forward", result.n_generated / max(result.n_forwards * len(prompts), 1))
-    stats.setdefault("tokens_per_second", result.n_generated / max(result.seconds, 1e-9))
-    return {"decoder": ("tree" if tree else "chain") if speculative else "plain", **stats, **record}
+    stats = {k: v for k, v in outputs[0].stats.items() if k != "row_forwards"}
+    return {
+        "decoder": decoding, **stats,
+        "generated_token_ids": [o.token_ids for o in outputs], "stop_reasons": [o.stop_reason for o in outputs],
+        "tokens_per_forward_per_prompt": [o.tokens_per_forward for o in outputs],
+    }  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ def decode_stats(
         "row_forwards": list(row_forwards),
         "tokens_per_forward": n_tokens / max(sum(row_forwards), 1),
         "tokens_per_second": n_tokens / seconds if seconds > 0 else 0.0,
+        "seconds": seconds,
     }
     if histogram is not None:
         stats["accept_histogram"] = list(histogram.counts)

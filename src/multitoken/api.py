@@ -1,0 +1,192 @@
+"""The front door: `multitoken.load(path)` gives a model with its tokenizer, tree and draft vocabulary, whose
+`generate(text)` decodes plainly or self-speculatively and returns text with its statistics.
+
+    import multitoken
+    lm = multitoken.load("runs/demo")
+    out = lm.generate("def fib(n):", max_new_tokens=64)
+    print(out.text, out.tokens_per_forward)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from multitoken.checkpoint import cast_model, load_run, save_checkpoint, write_run_config
+from multitoken.data.tokenizers import Tokenizer, load_tokenizer
+from multitoken.errors import UserError
+from multitoken.generate.autoregressive import generate as plain_generate
+from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
+from multitoken.generate.sampling import SamplingConfig
+from multitoken.generate.speculative import speculative_generate
+from multitoken.generate.tree import TREE_FILE, Tree, load_tree, save_tree
+from multitoken.model import MultiTokenModel
+
+DECODINGS = ("plain", "chain", "tree")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Generation:
+    """One prompt's continuation and how it was decoded.
+
+    `stop_reason` is "length" (max_new_tokens reached), "eos", "stop" (a stop string; the text ends before
+    it) or "context" (the model's context limit). `tokens_per_forward` is this sequence's tokens over the
+    forwards it took part in; `stats` holds the batch's (accept histogram, tokens/s, ...).
+    """
+
+    prompt: str
+    text: str
+    token_ids: list[int]
+    stop_reason: str
+    tokens_per_forward: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class MultiTokenLM:
+    """A multi-token model ready to decode: the model, its tokenizer, and the draft tree and draft vocabulary
+    calibrated for it (either may be None)."""
+
+    def __init__(
+        self,
+        model: MultiTokenModel,
+        tokenizer: Tokenizer,
+        tree: Tree | None = None,
+        draft_vocab: DraftVocab | None = None,
+    ) -> None:
+        self.model, self.tokenizer, self.tree, self.draft_vocab = model.eval(), tokenizer, tree, draft_vocab
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        max_new_tokens: int = 128,
+        decoding: str | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        stop: str | Sequence[str] = (),
+        stop_at_eos: bool = True,
+        draft_vocab: bool = False,
+        heads_used: int | None = None,
+        compile_step: bool = False,
+        cuda_graphs: bool = False,
+        stream: Callable[[str], None] | None = None,
+    ) -> Generation | list[Generation]:
+        """Continue `prompt` (one string, or a batch of them: then a list comes back, one per prompt).
+
+        decoding: "plain", "chain" (heads 2..k draft, head 1 verifies; `heads_used` = k) or "tree" (the
+        calibrated tree); the default is the tree if there is one, else the chain if the model has extra
+        heads, else plain. Greedy (temperature 0) output is the same whichever decoding; sampling
+        (temperature, top_k, top_p, drawn from `seed`) keeps the model's distribution exactly. `stop`: cut
+        the text before the first of these strings. `draft_vocab`: draft among the draft vocabulary's
+        tokens only. `stream(text)`: called with each new piece of text as it is accepted (one prompt only; it
+        sees the text up to where decoding stopped, past any stop string).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if decoding is None:
+            decoding = "tree" if self.tree is not None else "chain" if self.model.cfg.n_future > 1 else "plain"
+        if decoding not in DECODINGS:
+            raise UserError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
+        if decoding == "tree" and self.tree is None:
+            raise UserError("no draft tree: calibrate one first (`multitoken calibrate RUN`) or decode with a chain")
+        if draft_vocab and self.draft_vocab is None:
+            raise UserError("no draft vocabulary: make one with `multitoken calibrate RUN --draft-vocab K`")
+        if stream is not None and len(prompts) != 1:
+            raise UserError("streaming prints one continuation as it is decoded; give one prompt")
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        sampling = SamplingConfig(temperature, top_k, top_p)
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        generator = torch.Generator(self.device).manual_seed(seed)
+        eos = self.tokenizer.eos_id if stop_at_eos else None
+        on_tokens = TextStream(self.tokenizer, stream) if stream is not None else None
+        if decoding == "plain" and not (compile_step or cuda_graphs):
+            result = plain_generate(self.model, ids, max_new_tokens, sampling, generator, eos, on_tokens=on_tokens)
+        else:  # plain decoding through the compiled or captured step is the one-head chain
+            result = speculative_generate(
+                self.model, ids, max_new_tokens,
+                heads_used=1 if decoding == "plain" else heads_used, sampling=sampling, generator=generator,
+                eos_id=eos, tree=self.tree if decoding == "tree" else None, compile_step=compile_step,
+                draft_vocab=self.draft_vocab if draft_vocab else None, cuda_graphs=cuda_graphs, on_tokens=on_tokens,
+            )  # fmt: skip
+        if on_tokens is not None:
+            on_tokens.finish()
+        stats = dict(result.stats)
+        row_forwards = stats.pop("row_forwards", None) or [result.n_forwards] * len(prompts)
+        out = []
+        for b, (text_prompt, new) in enumerate(zip(prompts, result.tokens, strict=True)):
+            text, reason = self.tokenizer.decode(new), result.stop_reasons[b]
+            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+            out.append(Generation(text_prompt, text, list(new), reason, len(new) / max(row_forwards[b], 1), stats))
+        return out[0] if isinstance(prompt, str) else out
+
+    def save(self, directory: str | Path) -> Path:
+        """Write a run directory (config, tokenizer, weights, tree, draft vocabulary) that `load` reads back."""
+        from multitoken.interop.meta import staged_dir
+
+        with staged_dir(Path(directory)) as tmp:  # the directory appears complete or not at all
+            write_run_config(tmp, self.model.cfg)
+            self.tokenizer.save(tmp)
+            save_checkpoint(tmp, 0, self.model)
+            if self.tree is not None:
+                save_tree(self.tree, tmp / TREE_FILE)
+            if self.draft_vocab is not None:
+                self.draft_vocab.save(tmp / DRAFT_VOCAB_FILE)
+        return Path(directory)
+
+
+class TextStream:
+    """Calls `emit(piece)` with each new piece of one sequence's text as its tokens arrive (an `on_tokens`
+    callback of the decoders). The tokens so far are decoded again each time; a final U+FFFD, which may be half
+    of a character whose other bytes are still to come, is held back until `finish`."""
+
+    def __init__(self, tokenizer: Tokenizer, emit: Callable[[str], None]) -> None:
+        self.tokenizer, self.emit, self.ids, self.shown = tokenizer, emit, [], ""
+
+    def __call__(self, row: int, tokens: list[int]) -> None:
+        self.ids += tokens
+        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
+        if text.startswith(self.shown) and len(text) > len(self.shown):  # else wait for `finish`
+            self.emit(text[len(self.shown) :])
+            self.shown = text
+
+    def finish(self) -> None:
+        """Emit whatever was held back."""
+        text = self.tokenizer.decode(self.ids)
+        rest = text[len(self.shown) :] if text.startswith(self.shown) else "\n" + text
+        if rest:
+            self.emit(rest)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> MultiTokenLM:
+    """A model to decode with, from a run directory (`multitoken train`, `import`, `heads`, `MultiTokenLM.save`),
+    a Hugging Face Llama folder, or a GGUF file (both need the `hf` extra). `dtype`: "fp32" or "bf16" (or a
+    torch dtype); None gives float32."""
+    path = Path(path)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise UserError(f"dtype must be one of fp32, bf16, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    hf_folder = (path / "config.json").is_file() and not (path / "checkpoints").exists()
+    if path.suffix == ".gguf" or hf_folder:
+        from multitoken.interop.hf import import_hf
+
+        model, tokenizer = import_hf(path)
+        if tokenizer is None:
+            raise UserError(f"{path} has no tokenizer (tokenizer.json); import it with `multitoken import`")
+        return MultiTokenLM(cast_model(model.to(device), dtype), tokenizer)
+    run = load_run(path, device, dtype)  # a run directory, or load_run's one-line error saying what is wrong
+    tree = load_tree(path / TREE_FILE) if (path / TREE_FILE).is_file() else None
+    vocab = DraftVocab.load(path / DRAFT_VOCAB_FILE) if (path / DRAFT_VOCAB_FILE).is_file() else None
+    return MultiTokenLM(run.model, load_tokenizer(path), tree, vocab)
