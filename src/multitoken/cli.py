@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from multitoken.argtypes import COUNT, NATURAL, NONNEGATIVE, POSITIVE, PROBABILITY
 from multitoken.config import DEFAULT_PRESET, PRESETS, DemoConfig, TrainConfig
 from multitoken.errors import UserError
 
@@ -40,11 +41,40 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose help shows every option's default (subcommands inherit the class)."""
+    """An ArgumentParser whose help shows every option's default and whose errors are one line (subcommands
+    inherit the class)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """Raise the mistake for `main` to print as one line (argparse would print the usage first)."""
+        raise UsageError(self.prog, message)
+
+
+class UsageError(UserError):
+    """A command line that argparse cannot parse: `prog` names the (sub)command."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(f"{message} (see {prog} --help)")
+        self.prog = prog
+
+
+def _check_out_dir(path: Path) -> None:
+    """Refuse, before any work, an output directory that names a file."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file, not a directory; choose another --out")
+
+
+def _check_out_file(path: Path | None) -> None:
+    """Refuse, before any work, an output file whose folder does not exist or that names a directory."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UserError(f"--out {path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise UserError(f"--out {path}: folder {path.parent} does not exist")
 
 
 def _print_json(data: dict[str, Any]) -> None:
@@ -72,36 +102,36 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--preset", default=DEFAULT_PRESET, help=f"model shape: {', '.join(PRESETS)}")
     p.add_argument(
-        "--n-future", type=int, help="number of heads n, tokens predicted per position (default: the preset's)"
+        "--n-future", type=COUNT, help="number of heads n, tokens predicted per position (default: the preset's)"
     )
     p.add_argument(
         "--head-type",
         choices=["parallel", "causal", "anticausal", "linear"],
         help="head architecture (default: parallel)",
     )
-    p.add_argument("--n-layers", type=int, help="total blocks, trunk + heads (default: the preset's)")
-    p.add_argument("--dim", type=int, help="model width (default: the preset's)")
+    p.add_argument("--n-layers", type=COUNT, help="total blocks, trunk + heads (default: the preset's)")
+    p.add_argument("--dim", type=COUNT, help="model width (default: the preset's)")
     p.add_argument("--tokenizer", default="bpe", help="bpe (trained on the corpus), bytes, or a tokenizer.json")
-    p.add_argument("--bpe-vocab", type=int, default=4096, help="vocabulary size when training a BPE tokenizer")
-    p.add_argument("--time-budget", type=float, help="stop after this many seconds of training (default: none)")
+    p.add_argument("--bpe-vocab", type=COUNT, default=4096, help="vocabulary size when training a BPE tokenizer")
+    p.add_argument("--time-budget", type=POSITIVE, help="stop after this many seconds of training (default: none)")
     p.add_argument(
-        "--max-steps", type=int,
+        "--max-steps", type=COUNT,
         help=f"optimizer steps (default: {TRAIN.max_steps}; with --time-budget alone, the time decides)",
     )  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--batch-size", type=int, default=TRAIN.batch_size, help="windows per step")
-    p.add_argument("--context", type=int, default=TRAIN.context, help="input tokens per window")
-    p.add_argument("--grad-accum", type=int, default=TRAIN.grad_accum, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=TRAIN.lr, help="peak learning rate (AdamW, warmup then cosine)")
-    p.add_argument("--warmup", type=int, default=TRAIN.warmup_steps, help="warmup steps")
-    p.add_argument("--seed", type=int, default=TRAIN.seed, help="seed of the weights and of the data order")
-    p.add_argument("--eval-every", type=int, default=TRAIN.eval_every, help="steps between held-out evaluations")
-    p.add_argument("--checkpoint-every", type=int, default=TRAIN.checkpoint_every, help="steps between checkpoints")
+    p.add_argument("--batch-size", type=COUNT, default=TRAIN.batch_size, help="windows per step")
+    p.add_argument("--context", type=COUNT, default=TRAIN.context, help="input tokens per window")
+    p.add_argument("--grad-accum", type=COUNT, default=TRAIN.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=POSITIVE, default=TRAIN.lr, help="peak learning rate (AdamW, warmup then cosine)")
+    p.add_argument("--warmup", type=NATURAL, default=TRAIN.warmup_steps, help="warmup steps")
+    p.add_argument("--seed", type=NATURAL, default=TRAIN.seed, help="seed of the weights and of the data order")
+    p.add_argument("--eval-every", type=COUNT, default=TRAIN.eval_every, help="steps between held-out evaluations")
+    p.add_argument("--checkpoint-every", type=COUNT, default=TRAIN.checkpoint_every, help="steps between checkpoints")
     p.add_argument(
-        "--loss-chunk", type=int, default=TRAIN.loss_chunk, help="tokens per cross-entropy chunk (0: none)"
+        "--loss-chunk", type=NATURAL, default=TRAIN.loss_chunk, help="tokens per cross-entropy chunk (0: none)"
     )  # fmt: skip
     p.add_argument("--summed-loss", action="store_true", help="sum the head losses, one backward (no memory saving)")
-    p.add_argument("--head-weights", type=float, nargs="+", help="loss weight of each head (default all 1)")
+    p.add_argument("--head-weights", type=NONNEGATIVE, nargs="+", help="loss weight of each head (default all 1)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (falls back to eager on failure)")
     p.add_argument(
         "--parallel", choices=["auto", "ddp", "fsdp", "none"], default="auto",
@@ -112,7 +142,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--cache-dir", type=Path, help="where token stores are cached (default: .multitoken-cache beside --out)"
     )
     p.add_argument(
-        "--sample-tokens", type=int, default=DemoConfig.new_tokens,
+        "--sample-tokens", type=NATURAL, default=DemoConfig.new_tokens,
         help="tokens generated per held-out prompt after training (0: no decoding)",
     )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -123,6 +153,7 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.config import UNBOUNDED_STEPS, preset
     from multitoken.train import train
 
+    _check_out_dir(args.out)
     time_budget, max_steps = args.time_budget, args.max_steps
     if max_steps is None and not args.resume:  # a step count, so every machine trains the same model
         max_steps = UNBOUNDED_STEPS if time_budget is not None else TRAIN.max_steps
@@ -213,10 +244,12 @@ def _final_sample(run_dir: Path, new_tokens: int) -> dict[str, Any]:
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; above 0, lossless speculative sampling")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default: all)")
-    p.add_argument("--top-p", type=float, help="sample within the top-p probability mass (default: 1, all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    p.add_argument(
+        "--temperature", type=NONNEGATIVE, default=0.0, help="0 = greedy; above 0, lossless speculative sampling"
+    )
+    p.add_argument("--top-k", type=COUNT, help="sample among the k most likely tokens (default: all)")
+    p.add_argument("--top-p", type=PROBABILITY, help="sample within the top-p probability mass (default: 1, all)")
+    p.add_argument("--seed", type=NATURAL, default=0, help="seed of the sampler")
 
 
 def _add_decode_device(p: argparse.ArgumentParser) -> None:
@@ -229,6 +262,10 @@ def _decode_device(args: argparse.Namespace) -> tuple[str, Any]:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device is available")
     return device, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -260,9 +297,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data", nargs="+", action="extend", help="evaluate on these files (default: the run's held-out split)"
     )
-    p.add_argument("--batches", type=int, default=16, help="at most this many batches")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per batch")
-    p.add_argument("--context", type=int, help="window length (default: the run's training context)")
+    p.add_argument("--batches", type=COUNT, default=16, help="at most this many batches")
+    p.add_argument("--batch-size", type=COUNT, default=8, help="windows per batch")
+    p.add_argument("--context", type=COUNT, help="window length (default: the run's training context)")
     p.add_argument("--cache-dir", type=Path, help="where token stores are cached (default: beside the run)")
     p.set_defaults(func=_cmd_eval)
 
@@ -286,15 +323,15 @@ def _add_humaneval(sub: argparse._SubParsersAction) -> None:
         help="HumanEval pass@k, completions run in a sandbox (also spelled `multitoken eval humaneval RUN`)",
     )
     p.add_argument("run", type=Path, help="run directory")
-    p.add_argument("--n-samples", type=int, default=1, help="completions per problem")
-    p.add_argument("--k", type=int, nargs="+", default=[1], help="report pass@k for these k")
-    p.add_argument("--limit", type=int, help="only the first N problems (default: all 164)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per completion at most")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (use > 0 with --n-samples > 1)")
-    p.add_argument("--top-p", type=float, help="sample within the top-p probability mass (default: 1, all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    p.add_argument("--n-samples", type=COUNT, default=1, help="completions per problem")
+    p.add_argument("--k", type=COUNT, nargs="+", default=[1], help="report pass@k for these k")
+    p.add_argument("--limit", type=COUNT, help="only the first N problems (default: all 164)")
+    p.add_argument("--max-new-tokens", type=NATURAL, default=256, help="tokens per completion at most")
+    p.add_argument("--temperature", type=NONNEGATIVE, default=0.0, help="0 = greedy (use > 0 with --n-samples > 1)")
+    p.add_argument("--top-p", type=PROBABILITY, help="sample within the top-p probability mass (default: 1, all)")
+    p.add_argument("--seed", type=NATURAL, default=0, help="seed of the sampler")
     p.add_argument("--plain", action="store_true", help="plain decoding instead of self-speculative")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds per program")
+    p.add_argument("--timeout", type=POSITIVE, default=5.0, help="seconds per program")
     p.add_argument("--out", type=Path, help="write the full report (per-problem results) here as JSON (default: none)")
     p.set_defaults(func=_cmd_humaneval)
 
@@ -302,13 +339,14 @@ def _add_humaneval(sub: argparse._SubParsersAction) -> None:
 def _cmd_humaneval(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from multitoken.checkpoint import load_run
+    from multitoken.checkpoint import atomic_write_text, load_run
     from multitoken.data.tokenizers import load_tokenizer
     from multitoken.eval.humaneval import evaluate_humaneval
     from multitoken.generate.autoregressive import generate
     from multitoken.generate.sampling import SamplingConfig
     from multitoken.generate.speculative import speculative_generate
 
+    _check_out_file(args.out)  # before the evaluation runs, not after
     _set_decode_threads(None)
     run = load_run(args.run)
     tok = load_tokenizer(args.run)
@@ -334,7 +372,7 @@ def _cmd_humaneval(args: argparse.Namespace) -> dict[str, Any]:
 
     report = evaluate_humaneval(complete, args.n_samples, args.k, limit=args.limit, timeout_s=args.timeout)
     if args.out:
-        args.out.write_text(report.to_json())
+        atomic_write_text(args.out, report.to_json())
     print(" ".join(f"{k}={v:.3f}" for k, v in report.pass_at_k.items()), file=sys.stderr)
     return {
         "run": str(args.run),
@@ -359,11 +397,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--batch", type=Path, help="a file of prompts, one per line, JSON strings allowed (default: none)"
     )
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
+    p.add_argument("--max-new-tokens", type=NATURAL, default=200, help="tokens to generate at most")
     _add_sampling(p)
     p.add_argument("--stop-at-eos", action="store_true", help="stop a sequence at the end-of-text token")
     p.add_argument("--speculative", action="store_true", help="self-speculative decoding (a chain of heads by default)")
-    p.add_argument("--heads-used", type=int, help="heads k used by speculative decoding (1..n; default all)")
+    p.add_argument("--heads-used", type=COUNT, help="heads k used by speculative decoding (1..n; default all)")
     p.add_argument(
         "--tree", nargs="?", const="", metavar="TREE_JSON",
         help="draft with a tree (default: RUN/tree.json from `multitoken calibrate`)",
@@ -372,7 +410,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--draft-vocab", nargs="?", const="", metavar="VOCAB_JSON",
         help="draft only among a draft vocabulary's tokens (default: RUN/draft_vocab.json from `calibrate`)",
     )  # fmt: skip
-    p.add_argument("--threads", type=int, help="CPU threads (default 1: decode steps are too small to split)")
+    p.add_argument("--threads", type=COUNT, help="CPU threads (default 1: decode steps are too small to split)")
     p.add_argument(
         "--compile", action="store_true",
         help="run the decode step under torch.compile (the first steps pay for compiling; pays off on long outputs)",
@@ -475,9 +513,9 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         help="tree nodes per forward, the root included; auto: time decoding with trees of 2-32 nodes on this "
         "machine and keep the one with the highest expected speed",
     )  # fmt: skip
-    p.add_argument("--max-rank", type=int, default=4, help="candidates considered per head")
+    p.add_argument("--max-rank", type=COUNT, default=4, help="candidates considered per head")
     p.add_argument(
-        "--windows", type=int, default=32,
+        "--windows", type=COUNT, default=32,
         help="windows to measure on, from the first half of the held-out text (`bench generate` takes its "
         "prompts from the second)",
     )  # fmt: skip
@@ -486,9 +524,9 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         help="generated: the model's own continuations of held-out prompts (greedy, or sampled with "
         "--temperature/--top-k/--top-p), the text decoding reads; data: the held-out text itself",
     )  # fmt: skip
-    p.add_argument("--prompt-tokens", type=int, default=32, help="--on generated: prompt length of each window")
+    p.add_argument("--prompt-tokens", type=COUNT, default=32, help="--on generated: prompt length of each window")
     p.add_argument(
-        "--draft-vocab", type=int, metavar="K",
+        "--draft-vocab", type=COUNT, metavar="K",
         help="also restrict drafts to the K tokens most frequent in the training split (RUN/draft_vocab.json); "
         "the tree is then calibrated with it (default: none)",
     )  # fmt: skip
@@ -499,7 +537,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="where to write the tree (default: RUN/tree.json)")
     _add_sampling(p)  # a tree for sampling: acceptance of independent draws at these settings
     _add_decode_device(p)
-    p.add_argument("--threads", type=int, help="CPU threads (default 1, as decoding uses)")
+    p.add_argument("--threads", type=COUNT, help="CPU threads (default 1, as decoding uses)")
     p.set_defaults(func=_cmd_calibrate)
 
 
@@ -532,6 +570,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.generate.sampling import SamplingConfig
     from multitoken.generate.tree import TREE_FILE, Tree, build_tree, calibrate, calibrate_decoding, save_tree
 
+    _check_out_file(args.out)
     _set_decode_threads(args.threads)
     device, dtype = _decode_device(args)
     run = load_run(args.run, device, dtype)
@@ -600,12 +639,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     g = bench.add_parser("generate", help="plain vs chain vs tree decoding on held-out prompts of a run")
     g.add_argument("run", type=Path, help="run directory")
     g.add_argument(
-        "--prompts", type=int, default=8,
+        "--prompts", type=COUNT, default=8,
         help="prompts from the second half of the held-out text (`calibrate` reads the first)",
     )  # fmt: skip
-    g.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
-    g.add_argument("--heads-used", type=int, help="heads k the chain drafts with (1..n; default: all)")
+    g.add_argument("--prompt-tokens", type=COUNT, default=64, help="tokens per prompt")
+    g.add_argument("--max-new-tokens", type=NATURAL, default=128, help="tokens generated per prompt")
+    g.add_argument("--heads-used", type=COUNT, help="heads k the chain drafts with (1..n; default: all)")
     g.add_argument(
         "--tree",
         nargs="?",
@@ -619,8 +658,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     g.add_argument("--batch", action="store_true", help="decode the prompts as one batch (default: one at a time)")
     _add_sampling(g)
-    g.add_argument("--repeats", type=int, default=1, help="timed runs per decoder, the fastest kept")
-    g.add_argument("--threads", type=int, help="CPU threads (default 1: decode steps are too small to split)")
+    g.add_argument("--repeats", type=COUNT, default=1, help="timed runs per decoder, the fastest kept")
+    g.add_argument("--threads", type=COUNT, help="CPU threads (default 1: decode steps are too small to split)")
     g.add_argument(
         "--data", nargs="+", action="extend", help="take prompts from these files (default: the run's held-out split)"
     )
@@ -696,7 +735,7 @@ def _add_heads(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run", type=Path, help="run directory, e.g. one made by `multitoken import`")
     p.add_argument("--out", required=True, type=Path, help="run directory to write")
-    p.add_argument("--n-future", type=int, default=4, help="heads in total, the next-token head included")
+    p.add_argument("--n-future", type=COUNT, default=4, help="heads in total, the next-token head included")
     p.add_argument(
         "--mode",
         choices=["frozen", "joint"],
@@ -710,18 +749,18 @@ def _add_heads(sub: argparse._SubParsersAction) -> None:
         help="corpus text, head 1's own predictions on it (self), or the model's own continuations",
     )
     p.add_argument("--init", choices=["copy", "random"], default="copy", help="new heads: copies of the last block")
-    p.add_argument("--trunk-lr-scale", type=float, default=0.1, help="joint mode: LR of the pretrained parts")
-    p.add_argument("--generated-prompts", type=int, default=64, help="targets=generated: corpus prompts continued")
-    p.add_argument("--generated-tokens", type=int, default=96, help="targets=generated: greedy tokens per prompt")
-    p.add_argument("--generation-batch", type=int, default=32, help="targets=generated: prompts decoded at once")
+    p.add_argument("--trunk-lr-scale", type=NONNEGATIVE, default=0.1, help="joint mode: LR of the pretrained parts")
+    p.add_argument("--generated-prompts", type=COUNT, default=64, help="targets=generated: corpus prompts continued")
+    p.add_argument("--generated-tokens", type=COUNT, default=96, help="targets=generated: greedy tokens per prompt")
+    p.add_argument("--generation-batch", type=COUNT, default=32, help="targets=generated: prompts decoded at once")
     p.add_argument(
-        "--draft-vocab", type=int, metavar="K",
+        "--draft-vocab", type=COUNT, metavar="K",
         help="frozen mode: heads 2..n learn only the K most frequent tokens of their text (OUT/draft_vocab.json; "
         "decode with --draft-vocab; default: the full vocabulary)",
     )  # fmt: skip
     p.add_argument(
         "--trunk-cache-gib",
-        type=float,
+        type=NONNEGATIVE,
         default=4.0,
         help="frozen mode: keep each training window's trunk output, up to this many GiB (0: recompute every step)",
     )
@@ -734,11 +773,11 @@ def _add_heads(sub: argparse._SubParsersAction) -> None:
         help="targets=generated: draw the prompts from these sources' training split; repeat the flag for "
         "groups that get an equal share each, say code, then prose (default: --data)",
     )
-    p.add_argument("--time-budget", type=float, default=600.0, help="seconds of training")
-    p.add_argument("--max-steps", type=int, help="optimizer steps at most (default: the time budget alone decides)")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per step")
-    p.add_argument("--context", type=int, default=256, help="tokens per window")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    p.add_argument("--time-budget", type=POSITIVE, default=600.0, help="seconds of training")
+    p.add_argument("--max-steps", type=COUNT, help="optimizer steps at most (default: the time budget alone decides)")
+    p.add_argument("--batch-size", type=COUNT, default=4, help="windows per step")
+    p.add_argument("--context", type=COUNT, default=256, help="tokens per window")
+    p.add_argument("--lr", type=POSITIVE, default=3e-4, help="peak learning rate")
     p.add_argument("--cache-dir", type=Path, help="where token stores are cached (default: beside --out)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_heads)  # fmt: skip
@@ -747,6 +786,7 @@ def _add_heads(sub: argparse._SubParsersAction) -> None:
 def _cmd_heads(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.heads import HeadsConfig, default_heads_train_config, train_heads
 
+    _check_out_dir(args.out)
     heads = HeadsConfig(
         n_future=args.n_future, mode=args.mode, targets=args.targets, init=args.init,
         trunk_lr_scale=args.trunk_lr_scale, generated_prompts=args.generated_prompts,
@@ -772,13 +812,13 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", choices=list(EXPERIMENTS), help="; ".join(f"{k}: {v}" for k, v in EXPERIMENTS.items()))
     p.add_argument("--full", action="store_true", help="the full setting (a GPU or a long CPU run)")
     p.add_argument("--out", type=Path, help="report folder (default docs/results/NAME)")
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds of each arm (default: the setting's)")
+    p.add_argument("--seeds", type=NATURAL, nargs="+", help="seeds of each arm (default: the setting's)")
     p.add_argument(
         "--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
         help="change one field of the setting, e.g. --set steps=2000 (repeatable; default: none)",
     )  # fmt: skip
     p.add_argument(
-        "--threads", type=int, help="CPU threads (default: torch's; on a shared machine 1 avoids OpenMP stalls)"
+        "--threads", type=COUNT, help="CPU threads (default: torch's; on a shared machine 1 avoids OpenMP stalls)"
     )
     p.set_defaults(func=_cmd_experiment)
 
@@ -813,8 +853,8 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
         default="hf",
         help="hf: a Hugging Face folder or GGUF; meta: the official release",
     )
-    p.add_argument("--n-future", type=int, default=1, help="heads; heads 2..n start as copies of the last block")
-    p.add_argument("--max-seq-len", type=int, help="context length to use (default: the model's)")
+    p.add_argument("--n-future", type=COUNT, default=1, help="heads; heads 2..n start as copies of the last block")
+    p.add_argument("--max-seq-len", type=COUNT, help="context length to use (default: the model's)")
     p.add_argument("--allow-missing-tokenizer", action="store_true", help="import the weights even without a tokenizer")
     p.set_defaults(func=_cmd_import)
 
@@ -822,6 +862,7 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
 def _cmd_import(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.interop.hf import import_to_run
 
+    _check_out_dir(args.out)
     out = import_to_run(
         args.src,
         args.out,
@@ -847,13 +888,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.interop.hf import export_run
 
+    _check_out_dir(args.out)
     return {"out": str(export_run(args.run, args.out, args.format)), "format": args.format}
 
 
 def _add_consolidate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("consolidate", help="gather a sharded (FSDP2) checkpoint into model.safetensors")
     p.add_argument("run", type=Path, help="run directory")
-    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--step", type=NATURAL, help="checkpoint step (default: the latest)")
     p.set_defaults(func=_cmd_consolidate)
 
 
@@ -892,7 +934,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["eval", "humaneval"]:  # `multitoken eval humaneval RUN`, as users spell it
         argv = ["eval-humaneval", *argv[2:]]
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(f"{e.prog}: error: {e}", file=sys.stderr)
+        return 2
     try:
         out = args.func(args)
     except UserError as e:

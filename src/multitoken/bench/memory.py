@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from multitoken.argtypes import COUNT, NATURAL, integer_list
 from multitoken.bench.flops import train_flops_per_token
 from multitoken.config import ModelConfig, TrainConfig
 from multitoken.loss import sequential_backward, shift_targets, summed_loss
@@ -251,32 +252,27 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     return dtype
 
 
-def int_list(text: str) -> list[int]:
-    """Parse a comma-separated list of integers (argparse type)."""
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `multitoken bench memory` (defaults sized for a 2-core CPU in fp32)."""
     parser.add_argument("--part", choices=("compare", "sweep", "all"), default="all", help="which part to run")
-    parser.add_argument("--dim", type=int, default=512, help="model width (attention heads of 64 dims)")
-    parser.add_argument("--layers", type=int, default=8, help="total blocks (trunk + heads) in the comparison")
-    parser.add_argument("--vocab", type=int_list, default=[32000, 128256], help="comparison vocab sizes")
-    parser.add_argument("--n", type=int, default=4, help="heads of the multi-token models in the comparison")
-    parser.add_argument("--sweep-layers", type=int, default=12, help="total blocks in the sweep (> max n)")
-    parser.add_argument("--sweep-vocab", type=int_list, default=[256, 32000, 128256], help="sweep vocab sizes")
-    parser.add_argument("--sweep-n", type=int_list, default=[1, 2, 4, 8], help="sweep head counts")
-    parser.add_argument("--chunk", type=int, default=128, help="tokens per cross-entropy chunk (chunked)")
-    parser.add_argument("--batch", type=int, default=1, help="windows per step")
-    parser.add_argument("--context", type=int, default=512, help="tokens per window")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per process (median reported)")
-    parser.add_argument("--repeats", type=int, default=1, help="fresh processes per configuration (medians)")
+    parser.add_argument("--dim", type=COUNT, default=512, help="model width (attention heads of 64 dims)")
+    parser.add_argument("--layers", type=COUNT, default=8, help="total blocks (trunk + heads) in the comparison")
+    parser.add_argument("--vocab", type=integer_list(), default=[32000, 128256], help="comparison vocab sizes")
+    parser.add_argument("--n", type=COUNT, default=4, help="heads of the multi-token models in the comparison")
+    parser.add_argument("--sweep-layers", type=COUNT, default=12, help="total blocks in the sweep (> max n)")
+    parser.add_argument("--sweep-vocab", type=integer_list(), default=[256, 32000, 128256], help="sweep vocab sizes")
+    parser.add_argument("--sweep-n", type=integer_list(), default=[1, 2, 4, 8], help="sweep head counts")
+    parser.add_argument("--chunk", type=NATURAL, default=128, help="tokens per cross-entropy chunk (chunked)")
+    parser.add_argument("--batch", type=COUNT, default=1, help="windows per step")
+    parser.add_argument("--context", type=COUNT, default=512, help="tokens per window")
+    parser.add_argument("--warmup", type=NATURAL, default=1, help="untimed steps before the timed ones")
+    parser.add_argument("--steps", type=COUNT, default=3, help="timed steps per process (median reported)")
+    parser.add_argument("--repeats", type=COUNT, default=1, help="fresh processes per configuration (medians)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument(
         "--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on CUDA, fp32 on the CPU"
     )
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    parser.add_argument("--threads", type=NATURAL, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--plot-dir", default=None, help="write PNG plots here (default: none)")
 
 

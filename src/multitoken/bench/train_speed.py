@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from multitoken.bench.memory import StepSpec, int_list, machine_info, median_of_runs, resolve_dtype, run_worker
+from multitoken.argtypes import COUNT, NATURAL, POSITIVE, integer_list
+from multitoken.bench.memory import StepSpec, machine_info, median_of_runs, resolve_dtype, run_worker
 from multitoken.train import default_device
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name in
@@ -68,25 +69,25 @@ def peak_tflops(device: torch.device, dtype: str, override: float | None) -> tup
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `multitoken bench train` (defaults sized for a 2-core CPU in fp32)."""
-    parser.add_argument("--dim", type=int, default=256, help="model width (attention heads of 64 dims)")
-    parser.add_argument("--layers", type=int, default=12, help="total blocks (trunk + heads); must exceed max n")
-    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
-    parser.add_argument("--n-list", type=int_list, default=[1, 2, 4, 8], help="head counts n, comma-separated")
+    parser.add_argument("--dim", type=COUNT, default=256, help="model width (attention heads of 64 dims)")
+    parser.add_argument("--layers", type=COUNT, default=12, help="total blocks (trunk + heads); must exceed max n")
+    parser.add_argument("--vocab", type=COUNT, default=32000, help="vocabulary size")
+    parser.add_argument("--n-list", type=integer_list(), default=[1, 2, 4, 8], help="head counts n, comma-separated")
     parser.add_argument(
         "--method", choices=("summed", "sequential", "chunked"), default="chunked", help="how the n losses are taken"
     )
-    parser.add_argument("--chunk", type=int, default=128, help="tokens per cross-entropy chunk (chunked)")
-    parser.add_argument("--batch", type=int, default=1, help="windows per step")
-    parser.add_argument("--context", type=int, default=512, help="tokens per window")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per process (median reported)")
-    parser.add_argument("--repeats", type=int, default=2, help="fresh processes per n, round-robin (medians)")
+    parser.add_argument("--chunk", type=NATURAL, default=128, help="tokens per cross-entropy chunk (chunked)")
+    parser.add_argument("--batch", type=COUNT, default=1, help="windows per step")
+    parser.add_argument("--context", type=COUNT, default=512, help="tokens per window")
+    parser.add_argument("--warmup", type=NATURAL, default=1, help="untimed steps before the timed ones")
+    parser.add_argument("--steps", type=COUNT, default=3, help="timed steps per process (median reported)")
+    parser.add_argument("--repeats", type=COUNT, default=2, help="fresh processes per n, round-robin (medians)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument(
         "--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on CUDA, fp32 on the CPU"
     )
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: see module)")
+    parser.add_argument("--threads", type=NATURAL, default=0, help="torch threads per worker (0: torch's default)")
+    parser.add_argument("--peak-tflops", type=POSITIVE, default=None, help="MFU denominator (default: see module)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (warm-up steps compile)")
     parser.add_argument("--plot-dir", default=None, help="write the PNG plot here (default: none)")
 
