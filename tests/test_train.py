@@ -171,3 +171,42 @@ def test_sigkill_at_random_moments_resumes_from_a_complete_checkpoint(tmp_path, 
     for (n, x), (_, y) in zip(final.model.state_dict().items(), ref.model.state_dict().items(), strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0, msg=n)
     assert math.isfinite(final.state["elapsed_s"])
+
+
+def run_files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, corpus):
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    first = run_train(run_dir, corpus, cache)
+    before = run_files(run_dir)
+    again = run_train(run_dir, corpus, cache, model_cfg=None, cfg=None, resume=True)
+    assert run_files(run_dir) == before  # no second final eval, no new checkpoint
+    assert again.step == first.step and again.final_eval == first.final_eval
+
+
+def test_killed_writes_are_cleaned_on_resume(tmp_path, corpus):
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    run_train(run_dir, corpus, cache, cfg=tiny_train(max_steps=4))
+    (run_dir / "checkpoints" / ".step_000006.x1y2").mkdir()  # a checkpoint save killed half-way
+    (run_dir / "checkpoints" / ".step_000006.x1y2" / "model.safetensors").write_bytes(b"half")
+    (run_dir / ".metrics.jsonl.abc.tmp").write_text("half")  # an atomic rewrite killed before its rename
+    run_train(run_dir, corpus, cache, cfg=None, resume=True, overrides={"max_steps": 6})
+    assert not list((run_dir / "checkpoints").glob(".*")) and not list(run_dir.glob(".*.tmp"))
+    assert read_checkpoint_state(latest_checkpoint(run_dir))["step"] == 6
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_can_be_retried(tmp_path, corpus):
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+
+    def crash(step, report):
+        raise RuntimeError("killed at step 1")
+
+    with pytest.raises(RuntimeError, match="killed"):  # config, tokenizer and metrics written, no checkpoint
+        run_train(run_dir, corpus, cache, on_step=crash)
+    assert (run_dir / "config.json").is_file() and latest_checkpoint(run_dir) is None
+    result = run_train(run_dir, corpus, cache)  # the corrected retry is not refused
+    assert result.step == 8 and latest_checkpoint(run_dir) is not None
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 1 and steps.count(1) == 1  # the failed start's records are gone

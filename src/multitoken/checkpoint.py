@@ -198,6 +198,19 @@ def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def remove_stale_temps(run_dir: Path) -> list[Path]:
+    """Remove what killed writes left in a run directory: half-written checkpoint folders (`checkpoints/.step_*`)
+    and temporary files of atomic writes (`.NAME.*.tmp`). Call it only when no other process writes there."""
+    run_dir = Path(run_dir)
+    stale = [*(run_dir / CHECKPOINTS_DIR).glob(".step_*"), *run_dir.glob(".*.tmp")]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint folder, or None if the run has none yet."""
     run_dir = Path(run_dir)

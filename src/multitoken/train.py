@@ -27,12 +27,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from multitoken.checkpoint import CONFIG_FILE as RUN_CONFIG_FILE
 from multitoken.checkpoint import (
+    atomic_write_text,
     latest_checkpoint,
     load_optimizer,
     load_weights,
     read_checkpoint_state,
     read_run_config,
+    remove_stale_temps,
     save_checkpoint,
     write_run_config,
 )
@@ -45,7 +48,8 @@ from multitoken.data.dataset import (
     iter_eval_windows,
     split_documents,
 )
-from multitoken.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
+from multitoken.data.tokenizers import CONFIG_FILE as TOKENIZER_CONFIG_FILE
+from multitoken.data.tokenizers import TOKENIZER_FILE, Tokenizer, build_tokenizer, load_tokenizer
 from multitoken.dcp import is_sharded, load_sharded_checkpoint, save_sharded_checkpoint
 from multitoken.distributed import (
     DistEnv,
@@ -60,6 +64,8 @@ from multitoken.loss import LossReport, evaluate_heads, sequential_backward, shi
 from multitoken.model import MultiTokenModel
 
 METRICS_FILE = "metrics.jsonl"
+# What a new run writes before its first checkpoint; a directory holding only these is a start that failed.
+STARTED_FILES = (RUN_CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, METRICS_FILE)
 
 
 class TrainingDiverged(UserError):
@@ -270,12 +276,18 @@ def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _trim_metrics(run_dir: Path, step: int) -> None:
-    """Drop metrics logged after `step` by a run that died before checkpointing them."""
+def _trim_metrics(run_dir: Path, step: int) -> dict[str, Any] | None:
+    """Drop metrics logged after `step` by a run that died before checkpointing them (atomically: a kill
+    leaves the old file or the new one). Returns the last eval record kept at `step`, if any."""
     path = run_dir / METRICS_FILE
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+    if not path.exists():
+        return None
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    evals = [json.loads(line) for line in kept if json.loads(line).get("kind") == "eval"]
+    if evals and evals[-1]["step"] == step:
+        return {k: v for k, v in evals[-1].items() if k not in ("step", "kind")}
+    return None
 
 
 def _is_compile_error(exc: BaseException) -> bool:
@@ -388,8 +400,13 @@ def _train(
 
     def load_data() -> tuple[DataBundle, ModelConfig]:
         """Rank 0 first: it tokenises into the shared cache and creates the run directory."""
-        if env.is_main and not resume and (run_dir / "config.json").exists():
-            raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        if env.is_main and not resume and (run_dir / RUN_CONFIG_FILE).exists():
+            if latest_checkpoint(run_dir) is not None:
+                raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+            for name in STARTED_FILES:  # a start that failed before its first checkpoint: begin again
+                (run_dir / name).unlink(missing_ok=True)
+        if env.is_main and resume:
+            remove_stale_temps(run_dir)
         # Other ranks reuse the tokenizer rank 0 built (a BPE is trained once) and its token store.
         tok = load_tokenizer(run_dir) if resume or not env.is_main else tokenizer
         data = prepare_data(sources, tok, cache_dir, cfg.val_fraction, bpe_vocab_size)
@@ -449,8 +466,10 @@ def _train(
             load_optimizer(ckpt, optimizer, state)
         start_step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    resumed_eval = None  # the eval already logged at the step a resumed run starts from
     if resume and env.is_main:
-        _trim_metrics(run_dir, start_step)
+        resumed_eval = _trim_metrics(run_dir, start_step)
+    evaluated_at_start = bool(env.from_main(float(resumed_eval is not None)))  # every rank must agree
 
     bpt = bytes_per_token(data.tokenizer, data.store) if can_eval else None
     tokens_per_step = global_batch * cfg.context * cfg.grad_accum
@@ -552,6 +571,8 @@ def _train(
     # A sharded run's last checkpoint is written again with consolidated weights, for load_run.
     if step != saved_step or latest_checkpoint(run_dir) is None or par.sharded:
         checkpoint(step, final=True)
-    if can_eval and (last_eval is None or step % cfg.eval_every):
+    if step == start_step and evaluated_at_start:  # a finished run resumed: nothing new to evaluate or log
+        last_eval = resumed_eval
+    elif can_eval and (last_eval is None or step % cfg.eval_every):
         last_eval = run_eval(step)
     return RunResult(run_dir, step, total_elapsed, step * tokens_per_step, last_eval, losses)
