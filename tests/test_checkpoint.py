@@ -90,3 +90,26 @@ def test_no_checkpoint_yet(tmp_path):
     make_run(tmp_path)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_run(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        None,
+        {},
+        {"model.safetensors": {"bytes": "12"}},
+        {"model.safetensors": 3},
+        {"../outside": {"bytes": 1, "sha256": "0"}},
+    ],
+)
+def test_a_state_without_a_valid_file_table_is_refused(tmp_path, files):
+    """A state.json stripped of its file table (or with a malformed one) would skip every checksum."""
+    ckpt = save_checkpoint(tmp_path, 1, make_run(tmp_path))
+    state = json.loads((ckpt / "state.json").read_text())
+    if files is None:
+        del state["files"]
+    else:
+        state["files"] = files
+    (ckpt / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_run(tmp_path)

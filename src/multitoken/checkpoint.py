@@ -229,8 +229,17 @@ def read_checkpoint_state(ckpt: Path, verify: bool = True) -> dict[str, Any]:
         meta = json.loads((ckpt / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {ckpt} is incomplete or corrupt (state.json: {e})") from None
-    for fname, info in meta.get("files", {}).items():
+    files = meta.get("files") if isinstance(meta, dict) else None
+    well_formed = isinstance(files, dict) and files and all(
+        isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)
+        for info in files.values()
+    )
+    if not well_formed:  # without its file table nothing could be verified: refuse rather than trust
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt: state.json lists no files with sizes and checksums")
+    for fname, info in files.items():
         f = ckpt / fname
+        if ".." in Path(fname).parts or Path(fname).is_absolute():
+            raise CheckpointError(f"checkpoint {ckpt} is corrupt: state.json names a file outside it ({fname})")
         if not f.is_file() or f.stat().st_size != info["bytes"]:
             raise CheckpointError(f"checkpoint file {f} is missing or truncated")
         if verify and _sha256(f) != info["sha256"]:
