@@ -4,9 +4,11 @@ Workers are spawned processes that set torchrun's environment variables, so `tra
 setup as under torchrun. Every launch has a deadline: a hung collective fails the test instead of the run.
 """
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
+import pickle
 import shutil
 import socket
 import subprocess
@@ -101,6 +103,46 @@ def launch(world: int, out: Path, **kwargs) -> tuple[list[int], list[float] | No
     codes = [p.exitcode for p in procs]
     assert all(c is not None and c >= 0 for c in codes) or time.monotonic() < deadline, f"launch timed out: {codes}"
     return codes, json.loads(out.read_text()) if out.exists() else None
+
+
+class Payload:
+    """What an attacker pickles: unpickling it calls os.system(command)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def file_record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def test_sharded_entries_are_read_as_plain_data_only(tmp_path):
+    import io
+
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+
+    from multitoken.dcp import SafeLoadPlanner
+
+    marker = tmp_path / "pwned"
+    buffer = io.BytesIO()
+    torch.save(Payload(f"touch {marker}"), buffer)
+    buffer.seek(0)
+    planner, state = SafeLoadPlanner(), {"lr": 0.0}
+    planner.set_up_planner(state, None, False)
+    index = MetadataIndex("lr")
+    item = ReadItem(LoadItemType.BYTE_IO, index, torch.Size([0]), index, torch.Size([0]), torch.Size([0]))
+    with pytest.raises(CheckpointError, match="not plain data"):
+        planner.load_bytes(item, buffer)
+    assert not marker.exists()
+    plain = io.BytesIO()
+    torch.save(0.25, plain)
+    plain.seek(0)
+    planner.load_bytes(item, plain)
+    assert state["lr"] == 0.25
 
 
 def assert_same_weights(a: Path, b: Path, rtol: float = 1e-4, atol: float = 1e-6) -> None:
@@ -239,6 +281,22 @@ def test_fsdp_checkpoint_resumes_on_one_process_and_detects_a_missing_shard(tmp_
     (latest_checkpoint(broken) / "dcp" / "__1_0.distcp").unlink()
     with pytest.raises(CheckpointError, match="missing or truncated"):
         single(broken, corpus, cache, None, None, resume=True, overrides={"max_steps": 6})
+
+    # A hostile .metadata (with a file table that matches it, as its author would write) runs no code.
+    hostile = tmp_path / "hostile"
+    shutil.copytree(tmp_path / "run", hostile)
+    marker = tmp_path / "pwned"
+    hostile_ckpt = latest_checkpoint(hostile)
+    (hostile_ckpt / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload(f"touch {marker}")))
+    (hostile_ckpt / "model.safetensors").unlink()  # the shards alone, as consolidate and resume read them
+    forged = json.loads((hostile_ckpt / "state.json").read_text())
+    del forged["files"]["model.safetensors"]
+    forged["files"]["dcp/.metadata"] = file_record(hostile_ckpt / "dcp" / ".metadata")
+    (hostile_ckpt / "state.json").write_text(json.dumps(forged))
+    for load in (lambda: consolidate(hostile), lambda: single(hostile, corpus, cache, None, None, resume=True)):
+        with pytest.raises(CheckpointError, match="names posix.system"):
+            load()
+        assert not marker.exists()
 
     # One process continues the 2-process run: DCP reshards, and the global batch (2 x 4) is kept.
     resumed = single(tmp_path / "run", corpus, cache, None, None, resume=True, overrides={"max_steps": 6})

@@ -18,8 +18,10 @@ previous checkpoint loadable. Reading: DCP reshards, so a checkpoint saved by N 
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -29,6 +31,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -55,6 +61,66 @@ from multitoken.model import MultiTokenModel
 
 SHARDS_DIR = "dcp"
 WEIGHTS_FILE = "model.safetensors"
+
+# What a DCP `.metadata` pickle may name: its own record types and the torch values inside them. Anything else
+# (os.system, builtins.eval, a class with a hostile __reduce__) is refused before it is called.
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in ("Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "BytesStorageMetadata",
+                 "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {  # fmt: skip
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # a layout looked up by its name
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _METADATA_GLOBALS or dtype:
+            return super().find_class(module, name)
+        raise CheckpointError(f"sharded checkpoint metadata names {module}.{name}, which no checkpoint holds")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's reader, but `.metadata` is unpickled with an allowlist of DCP's own types: a crafted file cannot
+    run code (DCP's reader calls plain `pickle.load`)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except CheckpointError:
+                raise
+            except Exception as e:  # a truncated or garbled pickle
+                raise CheckpointError(f"sharded checkpoint metadata {path} is corrupt ({type(e).__name__})") from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"sharded checkpoint metadata {path} is not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, but non-tensor entries (the optimizer's hyperparameters) are read with
+    `torch.load(weights_only=True)` instead of `weights_only=False`."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            fqn = read_item.dest_index.fqn
+            raise CheckpointError(f"sharded checkpoint entry {fqn} is not plain data: {e}") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 def is_sharded(state: dict[str, Any]) -> bool:
@@ -152,8 +218,16 @@ def load_sharded_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch
             # Without a process group (one process resuming or consolidating) DCP reads every shard itself,
             # and says so in a warning on every load.
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(target, checkpoint_id=Path(ckpt) / SHARDS_DIR, no_dist=not dist.is_initialized())
+            reader = SafeFileSystemReader(Path(ckpt) / SHARDS_DIR)
+            reader.read_metadata()  # refuse a hostile or corrupt .metadata in one line, before DCP reads it
+            dcp.load(target, storage_reader=reader, planner=SafeLoadPlanner(),
+                     no_dist=not dist.is_initialized())  # fmt: skip
     except (dcp.CheckpointException, OSError, RuntimeError, KeyError) as e:
+        # DCP wraps each rank's exception: our own one-line refusals (a hostile or corrupt file) come through.
+        causes = [f[0] for f in getattr(e, "failures", {}).values() if isinstance(f, tuple) and f]
+        ours = next((c for c in causes if isinstance(c, CheckpointError)), None)
+        if ours is not None:
+            raise ours from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot load sharded checkpoint {ckpt}: {first}") from None
     if optimizer is not None:
