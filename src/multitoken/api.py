@@ -182,11 +182,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     if path.suffix == ".gguf" or hf_folder:
         from multitoken.interop.hf import import_hf
 
-        model, tokenizer = import_hf(path)
+        model, tokenizer = import_hf(path)  # with every head, when multitoken exported the folder
         if tokenizer is None:
             raise UserError(f"{path} has no tokenizer (tokenizer.json); import it with `multitoken import`")
-        return MultiTokenLM(cast_model(model.to(device), dtype), tokenizer)
-    run = load_run(path, device, dtype)  # a run directory, or load_run's one-line error saying what is wrong
-    tree = load_tree(path / TREE_FILE) if (path / TREE_FILE).is_file() else None
-    vocab = DraftVocab.load(path / DRAFT_VOCAB_FILE) if (path / DRAFT_VOCAB_FILE).is_file() else None
-    return MultiTokenLM(run.model, load_tokenizer(path), tree, vocab)
+        model = cast_model(model.to(device), dtype)
+    else:
+        run = load_run(path, device, dtype)  # a run directory, or load_run's one-line error saying what is wrong
+        model, tokenizer = run.model, load_tokenizer(path)
+    folder = path if path.is_dir() else path.parent
+    tree = load_tree(folder / TREE_FILE) if (folder / TREE_FILE).is_file() else None
+    vocab = DraftVocab.load(folder / DRAFT_VOCAB_FILE) if (folder / DRAFT_VOCAB_FILE).is_file() else None
+    return MultiTokenLM(model, tokenizer, tree, vocab)

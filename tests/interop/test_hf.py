@@ -272,3 +272,39 @@ def test_byte_tokenizer_as_hf():
     assert hf.encode(text, add_special_tokens=False).ids[:-1] == list(text.removesuffix("<|endoftext|>").encode())
     assert hf.encode(text).ids[-1] == 256 and hf.get_vocab_size() == 257
     assert hf.decode(list("ab ç".encode())) == "ab ç"
+
+
+@pytest.mark.parametrize("head_type", ["parallel", "causal", "anticausal"])
+def test_export_carries_every_head_and_imports_back_bitwise(tmp_path, head_type):
+    """transformers loads the folder as the next-token model; our import reads every head back bitwise."""
+    tok = ByteTokenizer()
+    model = make_model(head_type=head_type, vocab_size=tok.vocab_size)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if p.dim() == 1 else 0.1 * torch.randn_like(p))
+    run = tmp_path / "run"
+    write_run_config(run, model.cfg)
+    tok.save(run)
+    save_checkpoint(run, 1, model)
+    (run / "tree.json").write_text(json.dumps({"paths": [[0], [1], [0, 0]], "size": 4, "depth": 2}))
+    out = export_run(run, tmp_path / "out", "hf")
+    x = tokens(tok.vocab_size)
+    with torch.no_grad():
+        assert_same_logits(hf_logits(load_exported(out), x), model(x)[:, :, 0], model.cfg)
+    back, _ = import_hf(out)
+    assert back.cfg == model.cfg
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+    import multitoken
+
+    lm = multitoken.load(out)
+    assert lm.tree is not None and lm.tree.size == 4
+    prompt = "".join(chr(t) for t in range(40, 50))
+    assert (
+        lm.generate(prompt, max_new_tokens=8).token_ids
+        == lm.generate(prompt, max_new_tokens=8, decoding="plain").token_ids
+    )
+    with pytest.raises(UserError, match="carries 3 heads"):
+        import_hf(out, n_future=2)
+    imported = import_to_run(out, tmp_path / "imported")  # `multitoken import` keeps the heads and the tree
+    assert load_run(imported).model.cfg == model.cfg and (imported / "tree.json").is_file()

@@ -8,7 +8,9 @@ a GGUF file goes through transformers, which dequantises it (see `gguf.py`).
 
 Export writes the next-token model (the blocks that produce head 1's output, in order) as a plain
 `LlamaForCausalLM` folder: config.json, model.safetensors, and tokenizer.json + tokenizer_config.json
-that `AutoTokenizer` loads. Which blocks those are depends on the head type:
+that `AutoTokenizer` loads. The other heads travel beside it (multitoken_heads.safetensors and
+multitoken.json, with the run's tree.json and draft_vocab.json), which transformers ignores and
+`import_hf` reads back bitwise. Which blocks the Llama holds depends on the head type:
 
     parallel, causal   trunk, head 1                 (head 1 reads the trunk)
     anticausal         trunk, head n, ..., head 1    (head i reads head i+1: a deeper Llama)
@@ -21,7 +23,8 @@ The entry points for the CLI are `import_to_run` and `export_run`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +47,16 @@ from multitoken.data.tokenizers import (
     Tokenizer,
 )
 from multitoken.errors import CheckpointError, DataError, UserError
+from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE
+from multitoken.generate.tree import TREE_FILE
 from multitoken.heads import add_heads
 from multitoken.interop.gguf import load_gguf
 from multitoken.interop.meta import export_meta, import_meta, resolve_model, staged_dir
 from multitoken.model import MultiTokenModel
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+HEADS_WEIGHTS_FILE = "multitoken_heads.safetensors"  # heads beyond the next-token model, beside a Llama export
+HEADS_CONFIG_FILE = "multitoken.json"  # {"model": our full ModelConfig}
 # transformers' tensor names inside one decoder layer -> ours (both without ".weight").
 HF_BLOCK_NAMES = {
     "self_attn.q_proj": "attention.wq",
@@ -354,12 +361,33 @@ def import_hf(
     `max_seq_len` defaults to the source's max_position_embeddings.
     """
     hf_config, read_tensors, tokenizer, source = _open_source(src, gguf_file)
+    sidecar = _read_heads(Path(src)) if isinstance(src, (str, Path)) and gguf_file is None else None
+    if sidecar is not None:  # exported by multitoken: the whole model, every head as it was
+        cfg, heads = sidecar
+        if n_future not in (1, cfg.n_future):
+            raise UserError(f"{src} carries {cfg.n_future} heads; import it with n_future {cfg.n_future} (or 1)")
+        cfg = cfg.replace(max_seq_len=max_seq_len) if max_seq_len else cfg
+        model = MultiTokenModel(cfg)
+        _load_state(model, {**state_from_hf(read_tensors(), cfg), **heads}, source)
+        return model.eval(), tokenizer
     cfg = config_from_hf(hf_config, 1, max_seq_len)
     model = MultiTokenModel(cfg)
     _load_state(model, state_from_hf(read_tensors(), cfg), source)
     if n_future > 1:
         model = add_heads(model, n_future)
     return model.eval(), tokenizer
+
+
+def _read_heads(src: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]] | None:
+    """The full config and the extra heads' tensors that `export_hf` wrote beside a Llama, or None."""
+    if not (src / HEADS_CONFIG_FILE).is_file():
+        return None
+    try:
+        cfg = ModelConfig.from_dict(json.loads((src / HEADS_CONFIG_FILE).read_text())["model"])
+        heads = load_file(src / HEADS_WEIGHTS_FILE)
+    except (OSError, SafetensorError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot read the heads in {src}: {exc}") from None
+    return cfg, heads
 
 
 def import_to_run(
@@ -399,6 +427,9 @@ def import_to_run(
         if tokenizer is not None:
             tokenizer.save(tmp)
         save_checkpoint(tmp, 0, model, state={"imported_from": source})
+        for name in (TREE_FILE, DRAFT_VOCAB_FILE):  # what a multitoken export carries beside its heads
+            if src.is_dir() and (src / name).is_file():
+                shutil.copy(src / name, tmp / name)
     return Path(out_dir)
 
 
@@ -406,11 +437,19 @@ def import_to_run(
 # export
 
 
-def export_hf(model_or_run: MultiTokenModel | str | Path, out_dir: Path, tokenizer: Tokenizer | None = None) -> Path:
+def export_hf(
+    model_or_run: MultiTokenModel | str | Path,
+    out_dir: Path,
+    tokenizer: Tokenizer | None = None,
+    extra_files: Sequence[Path] = (),
+) -> Path:
     """Write the next-token model as a transformers `LlamaForCausalLM` folder; returns `out_dir`.
 
     `model_or_run` is a model or a run directory (whose tokenizer is exported with it). The folder's
-    logits equal our head-1 logits. See the module docstring for which blocks are written.
+    logits equal our head-1 logits. See the module docstring for which blocks are written. The other
+    heads go beside it, in multitoken_heads.safetensors with the full config in multitoken.json, so
+    `import_hf` and `multitoken.load` read the whole model back; `extra_files` (a draft tree, a draft
+    vocabulary) are copied in too.
     """
     model, tokenizer = resolve_model(model_or_run, tokenizer)
     cfg = model.cfg
@@ -427,18 +466,27 @@ def export_hf(model_or_run: MultiTokenModel | str | Path, out_dir: Path, tokeniz
     out = {name: t.detach().cpu().contiguous() for name, t in out.items()}
     hf_config = config_to_hf(cfg, len(blocks), tokenizer.eos_id if tokenizer is not None else None)
     hf_config["torch_dtype"] = str(state["norm.weight"].dtype).removeprefix("torch.")
+    exported = {f"{prefix}." for prefix in blocks} | {"tok_embeddings.", "norm.", "output."}
+    heads = {k: v.detach().cpu().contiguous() for k, v in state.items() if not k.startswith(tuple(exported))}
     with staged_dir(out_dir) as tmp:
         save_file(out, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if tokenizer is not None:
             _write_hf_tokenizer(tokenizer, tmp, cfg.max_seq_len)
+        if cfg.n_future > 1:  # the other heads travel beside the Llama, which transformers loads unchanged
+            save_file(heads, tmp / HEADS_WEIGHTS_FILE, metadata={"format": "pt"})
+            (tmp / HEADS_CONFIG_FILE).write_text(json.dumps({"model": cfg.to_dict()}, indent=2) + "\n")
+        for name in extra_files:
+            shutil.copy(name, tmp / Path(name).name)
     return Path(out_dir)
 
 
 def export_run(run_dir: Path, out_dir: Path, fmt: str = "hf") -> Path:
-    """Export a run directory's newest checkpoint as "hf" (`export_hf`) or "meta" (`export_meta`)."""
+    """Export a run directory's newest checkpoint as "hf" (`export_hf`, with the run's tree and draft
+    vocabulary) or "meta" (`export_meta`)."""
     if fmt == "hf":
-        return export_hf(run_dir, out_dir)
+        extra = [Path(run_dir) / name for name in (TREE_FILE, DRAFT_VOCAB_FILE) if (Path(run_dir) / name).is_file()]
+        return export_hf(run_dir, out_dir, extra_files=extra)
     if fmt == "meta":
         return export_meta(run_dir, out_dir)
     raise UserError(f"unknown export format {fmt!r}: expected 'hf' or 'meta'")
