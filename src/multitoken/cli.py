@@ -399,7 +399,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-new-tokens", type=NATURAL, default=200, help="tokens to generate at most")
     _add_sampling(p)
-    p.add_argument("--stop-at-eos", action="store_true", help="stop a sequence at the end-of-text token")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
     p.add_argument("--speculative", action="store_true", help="self-speculative decoding (a chain of heads by default)")
     p.add_argument("--heads-used", type=COUNT, help="heads k used by speculative decoding (1..n; default all)")
     p.add_argument(
@@ -479,7 +479,7 @@ def _cmd_generate(args: argparse.Namespace) -> dict[str, Any] | None:
     decoding = ("tree" if lm.tree is not None else "chain") if speculative else "plain"
     outputs = lm.generate(
         prompts, max_new_tokens=args.max_new_tokens, decoding=decoding, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_at_eos=args.stop_at_eos,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_at_eos=not args.ignore_eos,
         draft_vocab=lm.draft_vocab is not None, heads_used=args.heads_used, compile_step=args.compile,
         cuda_graphs=args.cuda_graphs, stream=stream,
     )  # fmt: skip
