@@ -66,7 +66,7 @@ class MultiTokenLM:
 
     def generate(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | list[dict[str, str]],
         *,
         max_new_tokens: int = 128,
         decoding: str | None = None,
@@ -82,7 +82,8 @@ class MultiTokenLM:
         cuda_graphs: bool = False,
         stream: Callable[[str], None] | None = None,
     ) -> Generation | list[Generation]:
-        """Continue `prompt` (one string, or a batch of them: then a list comes back, one per prompt).
+        """Continue `prompt`: one string, a batch of them (then a list comes back, one per prompt), or chat
+        messages [{"role": "user", "content": ...}], rendered under the tokenizer's chat template.
 
         decoding: "plain", "chain" (heads 2..k draft, head 1 verifies; `heads_used` = k) or "tree" (the
         calibrated tree); the default is the tree if there is one, else the chain if the model has extra
@@ -92,6 +93,9 @@ class MultiTokenLM:
         tokens only. `stream(text)`: called with each new piece of text as it is accepted (one prompt only; it
         sees the text up to where decoding stopped, past any stop string).
         """
+        chat = _is_chat(prompt)
+        if chat:  # one conversation: rendered under the chat template, its special tokens recognised
+            prompt = self.tokenizer.apply_chat_template(prompt)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if decoding is None:
             decoding = "tree" if self.tree is not None else "chain" if self.model.cfg.n_future > 1 else "plain"
@@ -105,7 +109,7 @@ class MultiTokenLM:
             raise UserError("streaming prints one continuation as it is decoded; give one prompt")
         stops = [stop] if isinstance(stop, str) else list(stop)
         sampling = SamplingConfig(temperature, top_k, top_p)
-        ids = [self.tokenizer.encode(p) for p in prompts]
+        ids = [self.tokenizer.encode(p, special_tokens=chat) for p in prompts]
         generator = torch.Generator(self.device).manual_seed(seed)
         eos = self.tokenizer.eos_id if stop_at_eos else None
         on_tokens = TextStream(self.tokenizer, stream) if stream is not None else None
@@ -130,6 +134,7 @@ class MultiTokenLM:
                 text, reason = text[:cut], "stop"
             out.append(Generation(text_prompt, text, list(new), reason, len(new) / max(row_forwards[b], 1), stats))
         return out[0] if isinstance(prompt, str) else out
+
 
     def save(self, directory: str | Path) -> Path:
         """Write a run directory (config, tokenizer, weights, tree, draft vocabulary) that `load` reads back."""
@@ -193,3 +198,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     tree = load_tree(folder / TREE_FILE) if (folder / TREE_FILE).is_file() else None
     vocab = DraftVocab.load(folder / DRAFT_VOCAB_FILE) if (folder / DRAFT_VOCAB_FILE).is_file() else None
     return MultiTokenLM(model, tokenizer, tree, vocab)
+
+
+def _is_chat(prompt: Any) -> bool:
+    """Whether `prompt` is chat messages: a list of {"role": ..., "content": ...} dicts."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) and "role" in m for m in prompt)

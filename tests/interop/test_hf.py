@@ -308,3 +308,36 @@ def test_export_carries_every_head_and_imports_back_bitwise(tmp_path, head_type)
         import_hf(out, n_future=2)
     imported = import_to_run(out, tmp_path / "imported")  # `multitoken import` keeps the heads and the tree
     assert load_run(imported).model.cfg == model.cfg and (imported / "tree.json").is_file()
+
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_chat_template_and_special_tokens_travel_and_match_transformers(tmp_path):
+    hf = BPETokenizer.train(TEXTS, 301)._hf
+    hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok = BPETokenizer(hf, "<|endoftext|>", CHATML)
+    model = make_model(vocab_size=tok.vocab_size, n_future=2)
+    run = tmp_path / "run"
+    write_run_config(run, model.cfg)
+    tok.save(run)
+    save_checkpoint(run, 1, model)
+    out = export_run(run, tmp_path / "out", "hf")
+    theirs = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add(a, b):"}]
+    expected = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)  # transformers 4 or 5
+    for ours in (load_tokenizer(run), load_tokenizer(out), import_hf(out)[1]):
+        assert ours.chat_template == CHATML
+        assert ours.encode(ours.apply_chat_template(messages), special_tokens=True) == expected
+    text = "<|im_start|>user\nhi<|im_end|>"
+    assert tok(text, special_tokens=True) == theirs(text, add_special_tokens=False)["input_ids"]
+    assert len(tok(text)) > len(tok(text, special_tokens=True))  # as plain text, the markers are several tokens
+    import multitoken
+
+    reply = multitoken.load(out).generate(messages, max_new_tokens=4, stop_at_eos=False)
+    assert reply.prompt.endswith("<|im_start|>assistant\n") and len(reply.token_ids) == 4

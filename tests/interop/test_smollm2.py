@@ -60,6 +60,28 @@ def test_tokenizer_matches(smollm2):
     plain = TEXT.split("<|im_start|>")[0]
     assert tok.encode(plain) == hf_tok(plain, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == TEXT
+    assert tok.encode(TEXT, special_tokens=True) == ids  # asked to, ours recognises them too
+
+
+@pytest.mark.slow
+def test_chat_prompt_gives_transformers_greedy_reply(smollm2, tmp_path):
+    """The imported instruct model keeps its chat template; a chat prompt decodes, self-speculatively or
+    plainly, to transformers' greedy tokens and stops at its end-of-turn token."""
+    import multitoken
+
+    hf_model, hf_tok, loaded, _ = smollm2
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    with torch.no_grad():
+        hf_out = hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, pad_token_id=0)
+    expected = hf_out[0, len(ids) :].tolist()
+    lm = multitoken.load(loaded.checkpoint.parents[1])
+    assert lm.tokenizer.chat_template == hf_tok.chat_template
+    reply = lm.generate(messages, max_new_tokens=24, decoding="plain")
+    assert lm.tokenizer.encode(reply.prompt, special_tokens=True) == ids
+    assert reply.token_ids == expected[: len(reply.token_ids)] and reply.stop_reason in ("eos", "length")
+    assert "Paris" in reply.text
 
 
 @pytest.mark.slow

@@ -32,9 +32,37 @@ class Tokenizer(ABC):
     vocab_size: int
     eos_id: int
 
+    chat_template: str | None = None  # a Jinja template (transformers' format) that renders chat messages
+
     @abstractmethod
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; no end-of-document id is added."""
+    def encode(self, text: str, special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; no end-of-document id is added. With `special_tokens`, a special token's text
+        (`<|im_start|>`, `<|endoftext|>`) becomes its id, as transformers does; otherwise it is plain text."""
+
+    def __call__(self, text: str, special_tokens: bool = False) -> list[int]:
+        return self.encode(text, special_tokens)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The text of `messages` ([{"role": ..., "content": ...}]) under the tokenizer's chat template, rendered
+        in a sandboxed Jinja environment (a template from a file can read only what it is given); encode it with
+        `special_tokens=True`."""
+        if self.chat_template is None:
+            raise DataError("this tokenizer has no chat template; give a plain text prompt")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:  # transformers' templates call it to reject bad input
+            raise DataError(f"the chat template refused the messages: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt,
+                eos_token=getattr(self, "eos_token", EOS_TOKEN), bos_token="",
+            )  # fmt: skip
+        except TemplateError as exc:
+            raise DataError(f"cannot render the chat template: {exc}") from None
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text (subclasses override with a faster path)."""
@@ -61,9 +89,12 @@ class ByteTokenizer(Tokenizer):
     vocab_size = 257
     eos_id = 256
 
-    def encode(self, text: str) -> list[int]:
-        """UTF-8 bytes of `text`."""
-        return list(text.encode("utf-8"))
+    def encode(self, text: str, special_tokens: bool = False) -> list[int]:
+        """UTF-8 bytes of `text`; with `special_tokens`, each `<|endoftext|>` is the end-of-text id."""
+        if not special_tokens:
+            return list(text.encode("utf-8"))
+        pieces = [list(piece.encode("utf-8")) for piece in text.split(EOS_TOKEN)]
+        return [t for i, piece in enumerate(pieces) for t in ([self.eos_id] if i else []) + piece]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of the byte ids; each `eos_id` is rendered as `<|endoftext|>`."""
@@ -99,9 +130,12 @@ class BPETokenizer(Tokenizer):
 
     kind = "bpe"
 
-    def __init__(self, hf_tokenizer: HFTokenizer, eos_token: str | None = None) -> None:
+    def __init__(
+        self, hf_tokenizer: HFTokenizer, eos_token: str | None = None, chat_template: str | None = None
+    ) -> None:
         """Wrap `hf_tokenizer`; `eos_token` defaults to the first of `EOS_CANDIDATES` it knows."""
         self._hf = hf_tokenizer
+        self.chat_template = chat_template
         # A literal "<|endoftext|>" inside a source file is text, not a document boundary: only the
         # token store inserts separators, exactly as the byte tokenizer does.
         self._hf.encode_special_tokens = True
@@ -141,7 +175,7 @@ class BPETokenizer(Tokenizer):
         return cls(hf, EOS_TOKEN)
 
     @classmethod
-    def from_file(cls, path: Path, eos_token: str | None = None) -> BPETokenizer:
+    def from_file(cls, path: Path, eos_token: str | None = None, chat_template: str | None = None) -> BPETokenizer:
         """Load a `tokenizer.json` (trained here or from a pretrained model)."""
         path = Path(path)
         if not path.is_file():
@@ -150,11 +184,18 @@ class BPETokenizer(Tokenizer):
             hf = HFTokenizer.from_file(str(path))
         except Exception as exc:  # the Rust side raises a bare Exception on any parse error
             raise DataError(f"cannot read tokenizer {path}: {exc}") from exc
-        return cls(hf, eos_token)
+        return cls(hf, eos_token, chat_template)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without a pretrained tokenizer's BOS/EOS decorations."""
-        return self._hf.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`, without a pretrained tokenizer's BOS/EOS decorations; with `special_tokens`,
+        special tokens written in the text are recognised (a chat prompt), as transformers does."""
+        if not special_tokens:
+            return self._hf.encode(text, add_special_tokens=False).ids
+        self._hf.encode_special_tokens = False
+        try:
+            return self._hf.encode(text, add_special_tokens=False).ids
+        finally:
+            self._hf.encode_special_tokens = True
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, encoded in parallel by the Rust library."""
@@ -170,6 +211,8 @@ class BPETokenizer(Tokenizer):
         directory.mkdir(parents=True, exist_ok=True)
         self._hf.save(str(directory / TOKENIZER_FILE))
         config = {"kind": self.kind, "eos_token": self.eos_token}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         (directory / CONFIG_FILE).write_text(json.dumps(config) + "\n")
 
     @property
@@ -193,7 +236,9 @@ def load_tokenizer(path: Path) -> Tokenizer:
         if kind == ByteTokenizer.kind:
             return ByteTokenizer()
         if kind == BPETokenizer.kind:
-            return BPETokenizer.from_file(path / TOKENIZER_FILE, config.get("eos_token"))
+            template = config.get("chat_template")
+            template = template if isinstance(template, str) else None
+            return BPETokenizer.from_file(path / TOKENIZER_FILE, config.get("eos_token"), template)
         raise DataError(f"unknown tokenizer kind {kind!r} in {config_path}")
     if (path / TOKENIZER_FILE).is_file():
         return BPETokenizer.from_file(path / TOKENIZER_FILE)

@@ -269,7 +269,20 @@ def _read_hf_tokenizer(src_dir: Path, hf_config: Mapping[str, Any]) -> BPETokeni
         tok = HFTokenizer.from_file(str(path))
     except Exception as exc:  # the Rust side raises a bare Exception on any parse error
         raise DataError(f"cannot read tokenizer {path}: {exc}") from exc
-    return BPETokenizer(tok, _eos_token(src_dir, hf_config, tok))
+    return BPETokenizer(tok, _eos_token(src_dir, hf_config, tok), _chat_template(src_dir))
+
+
+def _chat_template(src_dir: Path) -> str | None:
+    """tokenizer_config.json's chat template (or its "default" one, where it lists several), else None."""
+    path = src_dir / TOKENIZER_CONFIG_FILE
+    try:
+        template = json.loads(path.read_text()).get("chat_template") if path.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    if isinstance(template, list):  # [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default", next(iter(named.values()), None))
+    return template if isinstance(template, str) else None
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -314,6 +327,8 @@ def _write_hf_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_len: int) -> No
         "clean_up_tokenization_spaces": False,
         "kind": tokenizer.kind,  # for multitoken's own loader
     }
+    if tokenizer.chat_template is not None:
+        config["chat_template"] = tokenizer.chat_template
     (out_dir / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -335,7 +350,7 @@ def _open_source(
         path = Path(gguf_file) if Path(gguf_file).is_absolute() else path / gguf_file
     if path.suffix == ".gguf":
         hf_model, hf_tok = load_gguf(path)
-        tokenizer = BPETokenizer(hf_tok.backend_tokenizer, hf_tok.eos_token)
+        tokenizer = BPETokenizer(hf_tok.backend_tokenizer, hf_tok.eos_token, getattr(hf_tok, "chat_template", None))
         return hf_model.config.to_dict(), hf_model.state_dict, tokenizer, str(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is neither a Hugging Face model folder (config.json) nor a .gguf file")
