@@ -15,7 +15,7 @@ from multitoken.errors import UserError
 from multitoken.generate.autoregressive import generate
 from multitoken.interop import gguf
 from multitoken.interop.hf import import_to_run
-from tests.tolerance import model_atol
+from tests.tolerance import twin_atol
 
 PROMPT = "def fibonacci(n):\n    "
 TEXT = "The quick brown fox jumps over the lazy dog. <|im_start|>user\nHi there!<|im_end|>\n"
@@ -92,7 +92,7 @@ def test_logits_and_greedy_match_transformers(smollm2):
     x = torch.tensor([prompt])
     with torch.no_grad():
         ours, theirs = model(x)[:, :, 0], hf_model(x).logits
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=model_atol(theirs, model.cfg))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=twin_atol(lambda m: m(x)[:, :, 0], model))
     n_new = 24
     with torch.no_grad():
         hf_out = hf_model.generate(x, max_new_tokens=n_new, do_sample=False, eos_token_id=None, pad_token_id=0)
