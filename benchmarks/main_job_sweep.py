@@ -1,6 +1,6 @@
 """Held-out loss reached per CPU-minute by candidate settings of the main job (`multitoken train`).
 
-    python benchmarks/main_job_sweep.py [--seconds 110] [--arms bytes-demo bpe4k-demo ...]
+    python benchmarks/main_job_sweep.py [--seconds 150] [--arms ARM ...]
 
 Each arm trains on the default corpus (this Python's standard library) for the same wall-clock budget, one
 arm at a time (never beside other load), and is scored by head 1's held-out bits per byte: a unit that
@@ -20,39 +20,33 @@ import time
 from pathlib import Path
 
 BPE2K = ["--tokenizer", "bpe", "--bpe-vocab", "2048"]
+BPE4K = ["--tokenizer", "bpe", "--bpe-vocab", "4096"]
+D192L10 = ["--preset", "demo"]  # dim 192, 6 trunk blocks + 4 heads
 D128 = ["--preset", "induction-1m", "--n-future", "4"]  # dim 128, 4 attention heads
+
+
+def shape(batch: int, context: int, lr: float) -> list[str]:
+    """Every arm names its batch, context, learning rate and warmup: no arm depends on TrainConfig's defaults."""
+    return ["--batch-size", str(batch), "--context", str(context), "--lr", str(lr), "--warmup", "30"]
+
+
 ARMS: dict[str, list[str]] = {
-    "bytes-d192L10-b16c256": ["--tokenizer", "bytes", "--preset", "demo"],
-    "bpe2k-d192L10-b16c256": [*BPE2K, "--preset", "demo"],
-    "bpe2k-d192L10-b8c256": [*BPE2K, "--preset", "demo", "--batch-size", "8"],
-    "bpe2k-d192L10-b8c256-lr4e-3": [*BPE2K, "--preset", "demo", "--batch-size", "8", "--lr", "4e-3"],
-    "bpe2k-d192L10-b8c128": [*BPE2K, "--preset", "demo", "--batch-size", "8", "--context", "128"],
-    "bpe2k-d128L8-b8c128-lr3e-3": [*BPE2K, *D128, "--n-layers", "8", "--batch-size", "8", "--context", "128",
-                                   "--lr", "3e-3"],
-    "bpe2k-d128L10-b8c128-lr3e-3": [*BPE2K, *D128, "--n-layers", "10", "--batch-size", "8", "--context", "128",
-                                    "--lr", "3e-3"],
-    "bpe2k-d128L10-b16c128-lr3e-3": [*BPE2K, *D128, "--n-layers", "10", "--batch-size", "16", "--context", "128",
-                                     "--lr", "3e-3"],
-    "bpe4k-d128L10-b8c128-lr3e-3": ["--tokenizer", "bpe", "--bpe-vocab", "4096", *D128, "--n-layers", "10",
-                                    "--batch-size", "8", "--context", "128", "--lr", "3e-3"],
-    "bpe2k-d128L8-b4c128-lr3e-3": [*BPE2K, *D128, "--n-layers", "8", "--batch-size", "4", "--context", "128",
-                                   "--lr", "3e-3"],
-    "bpe2k-d128L8-b8c128-lr5e-3": [*BPE2K, *D128, "--n-layers", "8", "--batch-size", "8", "--context", "128",
-                                   "--lr", "5e-3"],
-    "bpe4k-d128L8-b8c128-lr3e-3": ["--tokenizer", "bpe", "--bpe-vocab", "4096", *D128, "--n-layers", "8",
-                                   "--batch-size", "8", "--context", "128", "--lr", "3e-3"],
-    "bpe2k-d128L8-b8c256-lr3e-3": [*BPE2K, *D128, "--n-layers", "8", "--batch-size", "8", "--context", "256",
-                                   "--lr", "3e-3"],
-    "bpe2k-d128L8-b4c256-lr3e-3": [*BPE2K, *D128, "--n-layers", "8", "--batch-size", "4", "--context", "256",
-                                   "--lr", "3e-3"],
-    "bpe2k-d128L8-b2c128-lr3e-3": [*BPE2K, *D128, "--n-layers", "8", "--batch-size", "2", "--context", "128",
-                                   "--lr", "3e-3"],
-    "bpe2k-d128L8-b4c128-lr5e-3": [*BPE2K, *D128, "--n-layers", "8", "--batch-size", "4", "--context", "128",
-                                   "--lr", "5e-3"],
-    "bpe4k-d128L8-b4c128-lr3e-3": ["--tokenizer", "bpe", "--bpe-vocab", "4096", *D128, "--n-layers", "8",
-                                   "--batch-size", "4", "--context", "128", "--lr", "3e-3"],
+    "bytes-d192L10-b16c256-lr2e-3": ["--tokenizer", "bytes", *D192L10, *shape(16, 256, 2e-3)],
+    "bpe2k-d192L10-b16c256-lr2e-3": [*BPE2K, *D192L10, *shape(16, 256, 2e-3)],
+    "bpe2k-d192L10-b8c256-lr2e-3": [*BPE2K, *D192L10, *shape(8, 256, 2e-3)],
+    "bpe2k-d192L10-b8c256-lr4e-3": [*BPE2K, *D192L10, *shape(8, 256, 4e-3)],
+    "bpe2k-d192L10-b8c128-lr2e-3": [*BPE2K, *D192L10, *shape(8, 128, 2e-3)],
+    "bpe2k-d128L10-b16c128-lr3e-3": [*BPE2K, *D128, "--n-layers", "10", *shape(16, 128, 3e-3)],
+    "bpe2k-d128L10-b8c128-lr3e-3": [*BPE2K, *D128, "--n-layers", "10", *shape(8, 128, 3e-3)],
+    "bpe4k-d128L10-b8c128-lr3e-3": [*BPE4K, *D128, "--n-layers", "10", *shape(8, 128, 3e-3)],
+    "bpe2k-d128L8-b8c128-lr3e-3": [*BPE2K, *D128, "--n-layers", "8", *shape(8, 128, 3e-3)],
+    "bpe2k-d128L8-b2c128-lr3e-3": [*BPE2K, *D128, "--n-layers", "8", *shape(2, 128, 3e-3)],
+    "bpe2k-d128L8-b4c256-lr3e-3": [*BPE2K, *D128, "--n-layers", "8", *shape(4, 256, 3e-3)],
+    "bpe2k-d128L8-b4c128-lr5e-3": [*BPE2K, *D128, "--n-layers", "8", *shape(4, 128, 5e-3)],
+    "bpe2k-d128L8-b4c128-lr3e-3": [*BPE2K, *D128, "--n-layers", "8", *shape(4, 128, 3e-3)],
+    "bpe4k-d128L8-b4c128-lr3e-3": [*BPE4K, *D128, "--n-layers", "8", *shape(4, 128, 3e-3)],
     "bpe8k-d128L8-b4c128-lr3e-3": ["--tokenizer", "bpe", "--bpe-vocab", "8192", *D128, "--n-layers", "8",
-                                   "--batch-size", "4", "--context", "128", "--lr", "3e-3"],
+                                   *shape(4, 128, 3e-3)],
 }  # fmt: skip
 
 
@@ -90,7 +84,7 @@ def run_arm(name: str, flags: list[str], seconds: float, root: Path, cache: Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=110.0, help="training seconds per arm (default 110)")
+    parser.add_argument("--seconds", type=float, default=150.0, help="training seconds per arm (default 150)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="default: all")
     args = parser.parse_args()
     rows = []

@@ -112,6 +112,7 @@ def error_of(argv, capsys) -> str:
         (["--data", "/no/such/path"], "no such file or folder"),
         (["--n-future", "0"], "--n-future: must be an integer >= 1, got 0"),
         (["--n-future", "4"], "needs n_layers > n_future"),
+        (["--sample-tokens", "600"], "--sample-tokens 600 + a 48-token prompt exceed"),
         (["--preset", "enormous"], "unknown preset"),
         (["--dim", "30"], "not divisible by n_heads"),
         (["--context", "1000"], "exceeds the model's max_seq_len"),

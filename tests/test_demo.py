@@ -46,3 +46,20 @@ def test_showcase_on_a_tiny_model(tmp_path):
     shown = format_showcase(result)
     assert result["prompts"][0].rstrip("\n") in shown
     assert "calibrated tree" in shown and "sampled at temperature" in shown
+
+
+def test_code_prompts_reach_the_first_line_and_async_functions():
+    assert code_prompts(["a = 1\nb = 2\nc = 3\ndef f(x):\n    pass\n"], 1, context_lines=6) == [
+        "a = 1\nb = 2\nc = 3\ndef f("
+    ]
+    assert code_prompts(["x = 1\n\nasync def g(y):\n"], 1, context_lines=4) == ["x = 1\n\nasync def g("]
+
+
+def test_a_next_token_model_shows_plain_decoding_only(tmp_path):
+    tok = ByteTokenizer()
+    tokens = np.array(tok.encode(("x = 1\ny = 2\nz = 3\nw = 4\n" + SOURCE) * 3), dtype=np.int64)
+    model = make_model(vocab_size=257, n_future=1, n_layers=3, max_seq_len=256)
+    cfg = DemoConfig(prompts=1, new_tokens=8, calibration_windows=2, calibration_tokens=32)
+    shown = format_showcase(decode_showcase(model, tok, tokens, tokens, tmp_path, cfg))
+    assert "chain" not in shown and "tree" not in shown and "plain decoding:" in shown
+    assert not (tmp_path / "tree.json").exists()

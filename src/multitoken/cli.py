@@ -184,6 +184,11 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         overrides = None
         if cfg.context > model_cfg.max_seq_len:  # fail before tokenizing anything
             raise UserError(f"context {cfg.context} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
+        if args.sample_tokens and DemoConfig.prompt_tokens + args.sample_tokens >= model_cfg.max_seq_len:
+            raise UserError(
+                f"--sample-tokens {args.sample_tokens} + a {DemoConfig.prompt_tokens}-token prompt exceed the model's "
+                f"max_seq_len {model_cfg.max_seq_len}; ask for fewer"
+            )
     result = train(
         args.out,
         model_cfg,
@@ -234,9 +239,11 @@ def _final_sample(run_dir: Path, new_tokens: int) -> dict[str, Any]:
     run = load_run(run_dir)
     held = load_heldout(run_dir, run.config)
     cfg = DemoConfig(new_tokens=new_tokens)
-    tokens = held.tokens if len(held.tokens) > 4 * cfg.prompt_tokens else held.train_tokens  # tiny corpora: no val
+    held_out = len(held.tokens) > 4 * cfg.prompt_tokens
+    tokens = held.tokens if held_out else held.train_tokens  # a tiny corpus has no held-out split to speak of
+    source = "held-out" if held_out else "training-text (the corpus has no held-out split)"
     calibration_tokens, evaluation_tokens = split_heldout(tokens)
-    result = decode_showcase(run.model, held.tokenizer, calibration_tokens, evaluation_tokens, run_dir, cfg)
+    result = decode_showcase(run.model, held.tokenizer, calibration_tokens, evaluation_tokens, run_dir, cfg, source)
     print("\n" + format_showcase(result))
     if any(r["exact"] < 1 for r in result["greedy"]["decoders"].values()):  # fp32 on the CPU must agree
         print("note: speculative output differs from plain greedy decoding (reduced precision?)", file=sys.stderr)
@@ -245,7 +252,7 @@ def _final_sample(run_dir: Path, new_tokens: int) -> dict[str, Any]:
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--temperature", type=NONNEGATIVE, default=0.0, help="0 = greedy; above 0, lossless speculative sampling"
+        "--temperature", type=NONNEGATIVE, default=0.0, help="0 = greedy; above 0: sampling (lossless when speculative)"
     )
     p.add_argument("--top-k", type=COUNT, help="sample among the k most likely tokens (default: all)")
     p.add_argument("--top-p", type=PROBABILITY, help="sample within the top-p probability mass (default: 1, all)")
@@ -404,11 +411,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heads-used", type=COUNT, help="heads k used by speculative decoding (1..n; default all)")
     p.add_argument(
         "--tree", nargs="?", const="", metavar="TREE_JSON",
-        help="draft with a tree (default: RUN/tree.json from `multitoken calibrate`)",
+        help="draft with a tree (alone: RUN/tree.json from `multitoken calibrate`; default: no tree)",
     )  # fmt: skip
     p.add_argument(
         "--draft-vocab", nargs="?", const="", metavar="VOCAB_JSON",
-        help="draft only among a draft vocabulary's tokens (default: RUN/draft_vocab.json from `calibrate`)",
+        help="draft only among a draft vocabulary's tokens (alone: RUN/draft_vocab.json; default: all tokens)",
     )  # fmt: skip
     p.add_argument("--threads", type=COUNT, help="CPU threads (default 1: decode steps are too small to split)")
     p.add_argument(
@@ -524,7 +531,10 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         help="generated: the model's own continuations of held-out prompts (greedy, or sampled with "
         "--temperature/--top-k/--top-p), the text decoding reads; data: the held-out text itself",
     )  # fmt: skip
-    p.add_argument("--prompt-tokens", type=COUNT, default=32, help="--on generated: prompt length of each window")
+    p.add_argument(
+        "--prompt-tokens", type=COUNT, default=32,
+        help="prompt length of each generated window (--on generated), and of the timing prompt (--budget auto)",
+    )  # fmt: skip
     p.add_argument(
         "--draft-vocab", type=COUNT, metavar="K",
         help="also restrict drafts to the K tokens most frequent in the training split (RUN/draft_vocab.json); "

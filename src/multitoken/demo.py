@@ -30,7 +30,7 @@ from multitoken.model import MultiTokenModel
 
 SAMPLED_TREE_FILE = "tree-sampled.json"
 LOOP_SHARE = 0.5  # a continuation most of whose 3-token runs repeat earlier ones is reported as a loop
-SIGNATURE = re.compile(r"^[ \t]*def [A-Za-z_]\w*\(", re.MULTILINE)
+SIGNATURE = re.compile(r"^[ \t]*(?:async )?def [A-Za-z_]\w*\(", re.MULTILINE)
 
 
 def code_prompts(documents: list[str], n: int, context_lines: int) -> list[str]:
@@ -41,11 +41,10 @@ def code_prompts(documents: list[str], n: int, context_lines: int) -> list[str]:
     for doc in documents:
         for match in SIGNATURE.finditer(doc):
             start = match.start()
-            for _ in range(context_lines):  # back up whole lines
-                previous = doc.rfind("\n", 0, max(start - 1, 0))
-                if previous < 0:
+            for _ in range(context_lines):  # back up whole lines, at most to the document's start
+                if start == 0:
                     break
-                start = previous + 1
+                start = doc.rfind("\n", 0, start - 1) + 1
             if doc.count("\n", start, match.start()) >= context_lines // 2:  # enough code before it
                 candidates.append(doc[start : match.end()].lstrip("\n"))
     if len(candidates) < n:
@@ -89,13 +88,14 @@ def decode_showcase(
     evaluation_tokens: np.ndarray,
     run_dir: Path,
     cfg: DemoConfig | None = None,
+    prompt_source: str = "held-out",
 ) -> dict[str, Any]:
     """Decode held-out code prompts plainly, with the chain and with calibrated trees, greedy and sampled.
 
     Returns {"prompts": [text], "greedy"/"sampled": {"decoders": pooled rows, "texts": {decoder: [text]},
     "per_prompt": [{decoder: tokens_per_forward}], "repeated_share": [per prompt], "tree_choice": [row per
-    timed tree size]}, "config": ...}; the
-    trees are written to RUN/tree.json and RUN/tree-sampled.json.
+    timed tree size]}, "config": ..., "n_future", "prompt_source"}; the trees are written to RUN/tree.json and
+    RUN/tree-sampled.json. `prompt_source` names where the prompts come from, as printed.
     """
     cfg = cfg or DemoConfig()
     ids = evaluation_tokens.tolist()
@@ -114,7 +114,8 @@ def decode_showcase(
     if max(len(p) for p in prompts) + cfg.new_tokens >= limit:
         raise UserError(f"prompts of {max(map(len, prompts))} tokens + {cfg.new_tokens} new exceed the context {limit}")
     sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p)
-    out: dict[str, Any] = {"prompts": prompts_text, "config": asdict(cfg)}
+    out: dict[str, Any] = {"prompts": prompts_text, "config": asdict(cfg), "n_future": model.cfg.n_future,
+                           "prompt_source": prompt_source}  # fmt: skip
     modes = {"greedy": (SamplingConfig(), TREE_FILE), "sampled": (sampling, SAMPLED_TREE_FILE)}
     for mode, (how, tree_file) in modes.items():
         tree, choice = None, []
@@ -136,45 +137,46 @@ def decode_showcase(
 
 def format_showcase(result: dict[str, Any]) -> str:
     """The prompts, their continuations and a speed table, as the main job prints them."""
-    cfg = result["config"]
-    lines = []
-    rule = "-" * 72
+    cfg, greedy, sampled = result["config"], result["greedy"], result["sampled"]
+    speculative = "chain" in greedy["per_prompt"][0] and result["n_future"] > 1
+    exact = all(r["exact"] == 1 for r in greedy["decoders"].values())
+    lines, rule = [], "-" * 72
     for i, prompt in enumerate(result["prompts"]):
-        lines += [rule, f"held-out prompt {i + 1} of {len(result['prompts'])}:", prompt.rstrip("\n")]
-        for mode in ("greedy", "sampled"):
-            r = result[mode]
-            per = r["per_prompt"][i]
-            speeds = ", ".join(f"{k} {v:.2f}" for k, v in per.items() if k != "plain")
-            what = "greedy (plain = chain = tree)" if mode == "greedy" else (
-                f"sampled at temperature {cfg['temperature']}, top-p {cfg['top_p']} (the {r['shown']}'s draw)"
-            )  # fmt: skip
+        lines += [rule, f"{result['prompt_source']} prompt {i + 1} of {len(result['prompts'])}:", prompt.rstrip("\n")]
+        for mode, r in (("greedy", greedy), ("sampled", sampled)):
+            if mode == "greedy":
+                same = "plain = chain = tree" if exact else "plain; the others differ"
+                what = f"greedy ({same})" if speculative else "greedy"
+            else:
+                what = f"sampled at temperature {cfg['temperature']}, top-p {cfg['top_p']}"
+                what += f" (the {r['shown']}'s draw)" if speculative else ""
+            speeds = ", ".join(f"{k} {v:.2f}" for k, v in r["per_prompt"][i].items() if k != "plain")
             share = r["repeated_share"][i]
             note = f"; LOOPS: {share:.0%} of its 3-token runs repeat earlier ones" if share > LOOP_SHARE else ""
-            lines += [f"---- {what}; tokens per forward: {speeds}{note} ----", r["texts"][r["shown"]][i].rstrip("\n")]
+            speeds = f"; tokens per forward: {speeds}" if speculative else ""
+            lines += [f"---- {what}{speeds}{note} ----", r["texts"][r["shown"]][i].rstrip("\n")]
     lines.append(rule)
     n, new = len(result["prompts"]), cfg["new_tokens"]
     lines.append(f"decoding these {n} prompts x {new} tokens, batch 1, one at a time (pooled):")
-    header = f"{'decoder':<18} {'greedy: tok/fwd':>15} {'speedup':>8}   {'sampled: tok/fwd':>16} {'speedup':>8}"
-    lines += [header]
-    greedy, sampled = result["greedy"]["decoders"], result["sampled"]["decoders"]
-    names = {"plain": "plain", "chain": "chain of heads"}
-    if "tree" in greedy:
+    lines.append(f"{'decoder':<18} {'greedy: tok/fwd':>15} {'speedup':>8}   {'sampled: tok/fwd':>16} {'speedup':>8}")
+    names = {"plain": "plain"} | ({"chain": "chain of heads"} if speculative else {})
+    if speculative and "tree" in greedy["decoders"]:
         names["tree"] = "calibrated tree"
     for key, name in names.items():
-        g, s = greedy[key], sampled[key]
+        g, s = greedy["decoders"][key], sampled["decoders"][key]
         lines.append(
             f"{name:<18} {g['tokens_per_forward']:>15.2f} {g['speedup']:>7.2f}x   "
             f"{s['tokens_per_forward']:>16.2f} {s['speedup']:>7.2f}x"
         )
-    if "tree" in greedy:
-        lines.append(
-            f"trees of {result['greedy']['tree_size']} (greedy) and {result['sampled']['tree_size']} (sampled) nodes: "
-            "the sizes whose decoding steps, timed here, promised the most speed"
-        )
-    plain_g, plain_s = greedy["plain"]["tokens_per_second"], sampled["plain"]["tokens_per_second"]
-    exact = all(r["exact"] == 1 for r in greedy.values())
-    lines.append(
-        f"plain decoding: {plain_g:.0f} tokens/s greedy, {plain_s:.0f} sampled; greedy outputs identical to plain: "
-        f"{'yes' if exact else 'no'}"
-    )
+    if "tree" in names:
+        best = max(row["expected_speedup"] for mode in (greedy, sampled) for row in mode["tree_choice"])
+        why = "the sizes whose decoding steps, timed here, promised the most speed"
+        why += "" if best >= 1 else " (none promised to beat plain decoding)"
+        lines.append(f"trees of {greedy['tree_size']} (greedy) and {sampled['tree_size']} (sampled) nodes: {why}")
+    if speculative:
+        lines.append("sampled rows: each decoder's speed on its own draw (same law; the texts are in the JSON line)")
+    plain_g = greedy["decoders"]["plain"]["tokens_per_second"]
+    plain_s = sampled["decoders"]["plain"]["tokens_per_second"]
+    same = f"; greedy outputs identical to plain: {'yes' if exact else 'no'}" if speculative else ""
+    lines.append(f"plain decoding: {plain_g:.0f} tokens/s greedy, {plain_s:.0f} sampled{same}")
     return "\n".join(lines)

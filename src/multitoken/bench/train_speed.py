@@ -87,7 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on CUDA, fp32 on the CPU"
     )
     parser.add_argument("--threads", type=NATURAL, default=0, help="torch threads per worker (0: torch's default)")
-    parser.add_argument("--peak-tflops", type=POSITIVE, default=None, help="MFU denominator (default: see module)")
+    parser.add_argument(
+        "--peak-tflops", type=POSITIVE, default=None,
+        help="MFU denominator (default: a known GPU's bf16 peak, else a large matmul measured here)",
+    )  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (warm-up steps compile)")
     parser.add_argument("--plot-dir", default=None, help="write the PNG plot here (default: none)")
 

@@ -1,6 +1,6 @@
 """The decode step as a CUDA graph: one replay per step instead of a launch per kernel.
 
-A small model decodes launch-bound on a GPU: the naive eager loop of DESIGN.md §5 accepted 3.39 bytes per
+A small model decodes launch-bound on a GPU: a naive eager loop (a 128M byte model, n = 8) accepted 3.39 bytes per
 forward on an H200 and still ran at 0.89x plain decoding, because each verify forward launched hundreds of
 tiny kernels from Python. A CUDA graph records those launches once and replays them with one call.
 

@@ -1,4 +1,4 @@
-"""Where self-speculative greedy decoding departs from plain greedy decoding, and why (DESIGN.md §5).
+"""Where self-speculative greedy decoding departs from plain greedy decoding, and why (bf16 near-ties).
 
 In float32 on the CPU the two decoders agree token for token. In bf16 (typically on a GPU) they need not:
 a verify forward over a block of k tokens and a one-token forward run different kernels, which round
