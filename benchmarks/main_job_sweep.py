@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from multitoken.experiments.common import cpu_model
 
 BPE2K = ["--tokenizer", "bpe", "--bpe-vocab", "2048"]
 BPE4K = ["--tokenizer", "bpe", "--bpe-vocab", "4096"]
@@ -48,16 +49,6 @@ ARMS: dict[str, list[str]] = {
     "bpe8k-d128L8-b4c128-lr3e-3": ["--tokenizer", "bpe", "--bpe-vocab", "8192", *D128, "--n-layers", "8",
                                    *shape(4, 128, 3e-3)],
 }  # fmt: skip
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_arm(name: str, flags: list[str], seconds: float, root: Path, cache: Path) -> dict:
@@ -98,7 +89,7 @@ def main() -> None:
                   flush=True)  # fmt: skip
     best = min(rows, key=lambda r: r["bits_per_byte"][0])
     print(f"best head-1 bits/byte after {args.seconds:.0f} s: {best['arm']} ({best['bits_per_byte'][0]:.3f})")
-    print(json.dumps({"cpu": cpu_name(), "seconds": args.seconds, "arms": rows, "best": best["arm"]}))
+    print(json.dumps({"cpu": cpu_model(), "seconds": args.seconds, "arms": rows, "best": best["arm"]}))
 
 
 if __name__ == "__main__":

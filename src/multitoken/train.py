@@ -101,13 +101,15 @@ def prepare_data(
     cache_dir: Path,
     val_fraction: float,
     bpe_vocab_size: int = 8192,
+    report_skipped: bool = True,
 ) -> DataBundle:
     """Load the corpus, build (or reuse) the tokenizer, and tokenise once into a memory-mapped store.
 
-    A BPE tokenizer is trained on the training split only, so validation text stays unseen.
+    A BPE tokenizer is trained on the training split only, so validation text stays unseen. Files that are not
+    text are skipped, and said so on stderr unless `report_skipped` is False (a second pass over a corpus).
     """
     corpus = load_corpus(sources)
-    if corpus.skipped:
+    if corpus.skipped and report_skipped:
         # Skipped, not fatal: a folder of code often holds a few binaries; say so, with an example.
         path, reason = corpus.skipped[0]
         print(f"skipped {corpus.n_skipped} file(s) that are not usable text (e.g. {path}: {reason})", file=sys.stderr)

@@ -213,6 +213,14 @@ def test_import_to_run_without_tokenizer(tmp_path):
     assert not any(p.name.startswith(".run.") for p in tmp_path.iterdir())  # no staging folder left behind
 
 
+def save_run(run: Path, model: torch.nn.Module, tok) -> Path:
+    """A run directory holding `model` (checkpoint step 1) and its tokenizer."""
+    write_run_config(run, model.cfg)
+    tok.save(run)
+    save_checkpoint(run, 1, model)
+    return run
+
+
 def load_exported(out: Path) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
 
@@ -251,10 +259,7 @@ def test_export_refuses_linear_heads(tmp_path):
 def test_export_run_with_tokenizer(tmp_path, kind):
     tok = BPETokenizer.train(TEXTS, 301) if kind == "bpe" else ByteTokenizer()
     model = make_model(vocab_size=tok.vocab_size)
-    run = tmp_path / "run"
-    write_run_config(run, model.cfg)
-    tok.save(run)
-    save_checkpoint(run, 1, model)
+    run = save_run(tmp_path / "run", model, tok)
     out = export_run(run, tmp_path / "out", "hf")
     hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == tok.eos_id
@@ -284,10 +289,7 @@ def test_export_carries_every_head_and_imports_back_bitwise(tmp_path, head_type)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(1 + 0.2 * torch.randn_like(p) if p.dim() == 1 else 0.1 * torch.randn_like(p))
-    run = tmp_path / "run"
-    write_run_config(run, model.cfg)
-    tok.save(run)
-    save_checkpoint(run, 1, model)
+    run = save_run(tmp_path / "run", model, tok)
     (run / "tree.json").write_text(json.dumps({"paths": [[0], [1], [0, 0]], "size": 4, "depth": 2}))
     out = export_run(run, tmp_path / "out", "hf")
     x = tokens(tok.vocab_size)
@@ -324,10 +326,7 @@ def test_chat_template_and_special_tokens_travel_and_match_transformers(tmp_path
     hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     tok = BPETokenizer(hf, "<|endoftext|>", CHATML)
     model = make_model(vocab_size=tok.vocab_size, n_future=2)
-    run = tmp_path / "run"
-    write_run_config(run, model.cfg)
-    tok.save(run)
-    save_checkpoint(run, 1, model)
+    run = save_run(tmp_path / "run", model, tok)
     out = export_run(run, tmp_path / "out", "hf")
     theirs = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add(a, b):"}]

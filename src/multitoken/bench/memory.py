@@ -262,18 +262,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-layers", type=COUNT, default=12, help="total blocks in the sweep (> max n)")
     parser.add_argument("--sweep-vocab", type=integer_list(), default=[256, 32000, 128256], help="sweep vocab sizes")
     parser.add_argument("--sweep-n", type=integer_list(), default=[1, 2, 4, 8], help="sweep head counts")
+    add_step_arguments(parser, repeats=1)
+    parser.add_argument("--plot-dir", default=None, help="write PNG plots here (default: none)")
+
+
+def add_step_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
+    """The flags both training benchmarks share: how each measured step is shaped, run and repeated."""
     parser.add_argument("--chunk", type=NATURAL, default=128, help="tokens per cross-entropy chunk (chunked)")
     parser.add_argument("--batch", type=COUNT, default=1, help="windows per step")
     parser.add_argument("--context", type=COUNT, default=512, help="tokens per window")
     parser.add_argument("--warmup", type=NATURAL, default=1, help="untimed steps before the timed ones")
     parser.add_argument("--steps", type=COUNT, default=3, help="timed steps per process (median reported)")
-    parser.add_argument("--repeats", type=COUNT, default=1, help="fresh processes per configuration (medians)")
+    parser.add_argument("--repeats", type=COUNT, default=repeats, help="fresh processes per setting, round-robin")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument(
         "--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on CUDA, fp32 on the CPU"
     )
     parser.add_argument("--threads", type=NATURAL, default=0, help="torch threads per worker (0: torch's default)")
-    parser.add_argument("--plot-dir", default=None, help="write PNG plots here (default: none)")
 
 
 def _measure_all(specs: list[StepSpec], repeats: int) -> list[dict[str, Any]]:

@@ -20,8 +20,15 @@ from typing import Any
 
 import torch
 
-from multitoken.argtypes import COUNT, NATURAL, POSITIVE, integer_list
-from multitoken.bench.memory import StepSpec, machine_info, median_of_runs, resolve_dtype, run_worker
+from multitoken.argtypes import COUNT, POSITIVE, integer_list
+from multitoken.bench.memory import (
+    StepSpec,
+    add_step_arguments,
+    machine_info,
+    median_of_runs,
+    resolve_dtype,
+    run_worker,
+)
 from multitoken.train import default_device
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name in
@@ -76,17 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method", choices=("summed", "sequential", "chunked"), default="chunked", help="how the n losses are taken"
     )
-    parser.add_argument("--chunk", type=NATURAL, default=128, help="tokens per cross-entropy chunk (chunked)")
-    parser.add_argument("--batch", type=COUNT, default=1, help="windows per step")
-    parser.add_argument("--context", type=COUNT, default=512, help="tokens per window")
-    parser.add_argument("--warmup", type=NATURAL, default=1, help="untimed steps before the timed ones")
-    parser.add_argument("--steps", type=COUNT, default=3, help="timed steps per process (median reported)")
-    parser.add_argument("--repeats", type=COUNT, default=2, help="fresh processes per n, round-robin (medians)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument(
-        "--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on CUDA, fp32 on the CPU"
-    )
-    parser.add_argument("--threads", type=NATURAL, default=0, help="torch threads per worker (0: torch's default)")
+    add_step_arguments(parser, repeats=2)
     parser.add_argument(
         "--peak-tflops", type=POSITIVE, default=None,
         help="MFU denominator (default: a known GPU's bf16 peak, else a large matmul measured here)",

@@ -33,7 +33,7 @@ def load_heldout(
         raise UserError(f"{run_dir} records no data sources; pass --data")
     cache_dir = Path(cache_dir) if cache_dir else Path(run_dir).parent / ".multitoken-cache"
     val_fraction = 0.0 if data else config.get("train", {}).get("val_fraction", 0.05)
-    bundle = prepare_data(sources, tok, cache_dir, val_fraction)
+    bundle = prepare_data(sources, tok, cache_dir, val_fraction, report_skipped=bool(data))  # training said it
     tokens = bundle.store.train if data else bundle.store.val  # val_fraction 0 puts everything in "train"
     bpt = bytes_per_token(tok, bundle.store) if len(bundle.store.val) else (1.0 if tok.kind == "bytes" else None)
     return HeldOut(tok, tokens, bpt, bundle.store.train)
