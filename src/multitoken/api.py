@@ -125,7 +125,7 @@ class MultiTokenLM:
         if on_tokens is not None:
             on_tokens.finish()
         stats = dict(result.stats)
-        row_forwards = stats.pop("row_forwards", None) or [result.n_forwards] * len(prompts)
+        row_forwards = stats.pop("row_forwards")  # both decoders count each sequence's forwards
         out = []
         for b, (text_prompt, new) in enumerate(zip(prompts, result.tokens, strict=True)):
             text, reason = self.tokenizer.decode(new), result.stop_reasons[b]
@@ -134,7 +134,6 @@ class MultiTokenLM:
                 text, reason = text[:cut], "stop"
             out.append(Generation(text_prompt, text, list(new), reason, len(new) / max(row_forwards[b], 1), stats))
         return out[0] if isinstance(prompt, str) else out
-
 
     def save(self, directory: str | Path) -> Path:
         """Write a run directory (config, tokenizer, weights, tree, draft vocabulary) that `load` reads back."""

@@ -497,7 +497,7 @@ def _cmd_generate(args: argparse.Namespace) -> dict[str, Any] | None:
             print(f"note: prompt {b} reached the model's context limit ({limit} tokens)", file=sys.stderr)
     if not args.stats:
         return None
-    stats = {k: v for k, v in outputs[0].stats.items() if k != "row_forwards"}
+    stats = outputs[0].stats
     return {
         "decoder": decoding, **stats,
         "generated_token_ids": [o.token_ids for o in outputs], "stop_reasons": [o.stop_reason for o in outputs],

@@ -122,13 +122,14 @@ def decode_showcase(
         if model.cfg.n_future > 1:
             tree, choice = calibrated_tree(model, calibration_tokens, cfg, how, Path(run_dir) / tree_file)
         bench = bench_one_at_a_time(model, prompts, cfg.new_tokens, tree=tree, sampling=how, seed=cfg.seed)
-        shown = "tree" if tree is not None else "plain"  # the sampled text printed is the tree's own draw
+        # Greedy decoders agree, so plain's text stands for all; a sampled text printed is the tree's own draw.
+        shown = "tree" if tree is not None and mode == "sampled" else "plain"
         out[mode] = {
             "decoders": bench["decoders"],
             "texts": {name: [tokenizer.decode(t) for t in tokens] for name, tokens in bench["outputs"].items()},
             "per_prompt": bench["per_prompt"],
-            "repeated_share": [repeated_share(t) for t in bench["outputs"][shown if mode == "sampled" else "plain"]],
-            "shown": shown if mode == "sampled" else "plain",
+            "repeated_share": [repeated_share(t) for t in bench["outputs"][shown]],
+            "shown": shown,
             "tree_size": None if tree is None else tree.size,
             "tree_choice": choice,
         }

@@ -284,9 +284,10 @@ def _trim_metrics(run_dir: Path, step: int) -> dict[str, Any] | None:
     path = run_dir / METRICS_FILE
     if not path.exists():
         return None
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
-    evals = [json.loads(line) for line in kept if json.loads(line).get("kind") == "eval"]
+    records = [(line, json.loads(line)) for line in path.read_text().splitlines() if line]
+    kept = [(line, record) for line, record in records if record["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line, _ in kept))
+    evals = [record for _, record in kept if record.get("kind") == "eval"]
     if evals and evals[-1]["step"] == step:
         return {k: v for k, v in evals[-1].items() if k not in ("step", "kind")}
     return None
