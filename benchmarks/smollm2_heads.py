@@ -38,9 +38,9 @@ from multitoken.checkpoint import load_run
 from multitoken.data.heldout import code_and_prose, held_out_prompts
 from multitoken.data.tokenizers import load_tokenizer
 from multitoken.generate.autoregressive import generate
+from multitoken.generate.calibration import build_tree, calibrate, decoding_windows
 from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
 from multitoken.generate.speculative import speculative_generate
-from multitoken.generate.tree import build_tree, calibrate, decoding_windows
 from multitoken.heads import (
     HeadsConfig,
     configure_trainable,

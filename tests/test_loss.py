@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from multitoken.head_kinds import HEAD_TYPES
 from multitoken.loss import (
     IGNORE_INDEX,
     chunked_cross_entropy_backward,
@@ -13,7 +14,6 @@ from multitoken.loss import (
 from tests.conftest import make_model
 from tests.tolerance import loss_tolerance, model_atol, network_atol, sum_rtol
 
-HEAD_TYPES = ["parallel", "causal", "anticausal", "linear"]
 X = IGNORE_INDEX
 
 

@@ -4,12 +4,11 @@ import torch.nn.functional as F
 
 from multitoken.config import PRESETS, ModelConfig, param_count, preset
 from multitoken.errors import UserError
+from multitoken.head_kinds import HEAD_TYPES
 from multitoken.kv_cache import causal_mask
 from multitoken.model import FEW_ROWS, FEW_ROWS_THREADED, LARGE_WEIGHT, Linear, MultiTokenModel
 from tests.conftest import make_model
 from tests.tolerance import assert_within, dot_bound, twin_atol
-
-HEAD_TYPES = ["parallel", "causal", "anticausal", "linear"]
 
 
 def plain_lm_logits(model: MultiTokenModel, tokens: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ import torch
 
 from multitoken.checkpoint import latest_checkpoint, load_run, read_checkpoint_state
 from multitoken.config import ModelConfig, TrainConfig
-from multitoken.train import TrainingDiverged, lr_at, train
+from multitoken.loop import lr_at
+from multitoken.train import TrainingDiverged, train
 
 CORPUS = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(300))
 

@@ -19,10 +19,11 @@ import torch
 from multitoken.checkpoint import cast_model, load_run, save_checkpoint, write_run_config
 from multitoken.data.tokenizers import Tokenizer, load_tokenizer
 from multitoken.errors import UserError
-from multitoken.generate.autoregressive import generate as plain_generate
+from multitoken.generate.autoregressive import NextToken
 from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
 from multitoken.generate.sampling import SamplingConfig
-from multitoken.generate.speculative import speculative_generate
+from multitoken.generate.session import Drafter, decode
+from multitoken.generate.speculative import HeadDrafter
 from multitoken.generate.tree import TREE_FILE, Tree, load_tree, save_tree
 from multitoken.model import MultiTokenModel
 
@@ -113,15 +114,15 @@ class MultiTokenLM:
         generator = torch.Generator(self.device).manual_seed(seed)
         eos = self.tokenizer.eos_id if stop_at_eos else None
         on_tokens = TextStream(self.tokenizer, stream) if stream is not None else None
-        if decoding == "plain" and not (compile_step or cuda_graphs):
-            result = plain_generate(self.model, ids, max_new_tokens, sampling, generator, eos, on_tokens=on_tokens)
-        else:  # plain decoding through the compiled or captured step is the one-head chain
-            result = speculative_generate(
-                self.model, ids, max_new_tokens,
-                heads_used=1 if decoding == "plain" else heads_used, sampling=sampling, generator=generator,
-                eos_id=eos, tree=self.tree if decoding == "tree" else None, compile_step=compile_step,
-                draft_vocab=self.draft_vocab if draft_vocab else None, cuda_graphs=cuda_graphs, on_tokens=on_tokens,
-            )  # fmt: skip
+        if decoding == "plain":
+            drafter: Drafter = NextToken()
+        else:
+            tree = self.tree if decoding == "tree" else None
+            drafter = HeadDrafter(heads_used, tree, self.draft_vocab if draft_vocab else None)
+        result = decode(
+            self.model, ids, max_new_tokens, drafter, sampling=sampling, generator=generator, eos_id=eos,
+            on_tokens=on_tokens, compile_step=compile_step, cuda_graphs=cuda_graphs,
+        )  # fmt: skip
         if on_tokens is not None:
             on_tokens.finish()
         stats = dict(result.stats)

@@ -367,10 +367,12 @@ def _cmd_humaneval(args: argparse.Namespace) -> dict[str, Any]:
         max_new = min(args.max_new_tokens, limit - len(ids))
         prompts = [ids] * n
         if args.plain:
-            result = generate(run.model, prompts, max_new, sampling, gen, tok.eos_id)
+            result = generate(run.model, prompts, max_new, sampling=sampling, generator=gen, eos_id=tok.eos_id)
             forwards = result.n_forwards * n
         else:
-            result = speculative_generate(run.model, prompts, max_new, None, sampling, gen, tok.eos_id)
+            result = speculative_generate(
+                run.model, prompts, max_new, sampling=sampling, generator=gen, eos_id=tok.eos_id
+            )
             forwards = result.n_generated / result.stats["tokens_per_forward"]
         totals["tokens"] += result.n_generated
         totals["forwards"] += forwards
@@ -576,9 +578,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.checkpoint import load_run
     from multitoken.eval.heldout import load_heldout, split_heldout, windows_tensor
     from multitoken.generate.bench import choose_tree_by_speed
+    from multitoken.generate.calibration import build_tree, calibrate, calibrate_decoding
     from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
     from multitoken.generate.sampling import SamplingConfig
-    from multitoken.generate.tree import TREE_FILE, Tree, build_tree, calibrate, calibrate_decoding, save_tree
+    from multitoken.generate.tree import TREE_FILE, Tree, save_tree
 
     _check_out_file(args.out)
     _set_decode_threads(args.threads)
@@ -700,7 +703,7 @@ def _cmd_bench_generate(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.eval.heldout import load_heldout, prompt_windows, split_heldout
     from multitoken.generate.bench import bench_generate, bench_one_at_a_time
     from multitoken.generate.sampling import SamplingConfig
-    from multitoken.generate.speculative import check_cuda_graphs
+    from multitoken.generate.session import check_cuda_graphs
 
     _set_decode_threads(args.threads)
     device, dtype = _decode_device(args)

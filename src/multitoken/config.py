@@ -12,9 +12,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from multitoken import head_kinds
 from multitoken.errors import UserError
-
-HEAD_TYPES = ("parallel", "causal", "anticausal", "linear")
+from multitoken.head_kinds import HeadKind
 
 
 @dataclass
@@ -45,14 +45,13 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise `UserError` (a ValueError) naming the first inconsistent field."""
-        if self.head_type not in HEAD_TYPES:
-            raise UserError(f"unknown head type {self.head_type!r}; choose one of {', '.join(HEAD_TYPES)}")
+        kind = head_kinds.head_kind(self.head_type)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_future < 1:
             raise UserError(f"n_future must be >= 1, got {self.n_future}")
-        if self.head_type != "linear" and self.n_future >= self.n_layers:
+        if kind.owns_blocks and self.n_future >= self.n_layers:
             raise UserError(
                 f"n_future={self.n_future} needs n_layers > n_future (each head takes one of the "
                 f"{self.n_layers} blocks and the trunk needs at least one)"
@@ -65,13 +64,18 @@ class ModelConfig:
             raise UserError(f"head dim {self.head_dim} must be even for rotary embeddings")
 
     @property
+    def head_kind(self) -> HeadKind:
+        """The head kind (head_kinds.py) that `head_type` names."""
+        return head_kinds.head_kind(self.head_type)
+
+    @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
     @property
     def n_head_blocks(self) -> int:
         """Blocks owned by the heads (0 for linear heads)."""
-        return 0 if self.head_type == "linear" else self.n_future
+        return self.n_future if self.head_kind.owns_blocks else 0
 
     @property
     def n_trunk_layers(self) -> int:
@@ -97,9 +101,7 @@ def param_count(cfg: ModelConfig, *, embeddings: bool = True) -> int:
     """Number of parameters of a model of this shape, computed from the config alone."""
     d, kv = cfg.dim, cfg.n_kv_heads * cfg.head_dim
     block = d * d * 2 + d * kv * 2 + 3 * d * cfg.ffn_dim + 2 * d  # wq, wo, wk, wv, SwiGLU, two norms
-    blocks = cfg.n_trunk_layers * block + cfg.n_head_blocks * block
-    if cfg.head_type == "linear":
-        blocks += cfg.n_future * d * d
+    blocks = cfg.n_trunk_layers * block + cfg.n_head_blocks * block + cfg.head_kind.extra_parameters(cfg)
     total = blocks + d  # final norm
     if embeddings:
         total += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)

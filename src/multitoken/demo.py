@@ -24,8 +24,9 @@ from multitoken.data.tokenizers import Tokenizer
 from multitoken.errors import UserError
 from multitoken.eval.heldout import prompt_windows, windows_tensor
 from multitoken.generate.bench import bench_one_at_a_time, choose_tree_by_speed
+from multitoken.generate.calibration import calibrate_decoding
 from multitoken.generate.sampling import SamplingConfig
-from multitoken.generate.tree import TREE_FILE, Tree, calibrate_decoding, save_tree
+from multitoken.generate.tree import TREE_FILE, Tree, save_tree
 from multitoken.model import MultiTokenModel
 
 SAMPLED_TREE_FILE = "tree-sampled.json"

@@ -315,7 +315,7 @@ class FSDPParallel(Parallelism):
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         kw = {"mp_policy": mp} if self.mixed_precision else {}
-        chained = model.cfg.head_type in ("causal", "anticausal")
+        chained = model.cfg.head_kind.chained
         for block in model.trunk:
             fully_shard(block, **kw)
         for head in model.heads:

@@ -54,7 +54,9 @@ from multitoken.data.tokenizers import load_tokenizer
 from multitoken.errors import UserError
 from multitoken.generate.autoregressive import generate
 from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
+from multitoken.head_kinds import HEAD_KINDS
 from multitoken.interop.meta import staged_dir
+from multitoken.loop import training_loop
 from multitoken.loss import (
     IGNORE_INDEX,
     LossReport,
@@ -63,7 +65,7 @@ from multitoken.loss import (
     shift_targets,
 )
 from multitoken.model import AttentionContext, MultiTokenModel
-from multitoken.train import METRICS_FILE, evaluate, lr_at, prepare_data
+from multitoken.train import METRICS_FILE, evaluate, prepare_data
 
 MODES = ("frozen", "joint")
 TARGETS = ("corpus", "self", "generated")
@@ -96,11 +98,13 @@ def add_heads(model: MultiTokenModel, n_future: int, init: str = "copy", seed: i
         raise UserError(f"unknown head init {init!r}; choose one of {', '.join(INITS)}")
     if n_future < m:
         raise UserError(f"the model already has {m} heads; cannot reduce it to {n_future}")
-    if m > 1 and cfg.head_type not in ("parallel", "linear"):
-        raise UserError(f"cannot add heads to {cfg.head_type} heads: only parallel (or linear) heads are independent")
-    head_type = cfg.head_type if cfg.head_type == "linear" else "parallel"
-    extra_blocks = 0 if head_type == "linear" else n_future - m  # n_layers counts every block
-    new_cfg = cfg.replace(n_future=n_future, n_layers=cfg.n_layers + extra_blocks, head_type=head_type)
+    kind = cfg.head_kind
+    if m > 1 and not kind.independent:
+        raise UserError(f"cannot add heads to {kind.name} heads: their heads read each other (add to parallel heads)")
+    if not kind.independent:  # one head reads the trunk whatever its kind
+        kind = HEAD_KINDS["parallel"]
+    extra_blocks = n_future - m if kind.owns_blocks else 0  # n_layers counts every block
+    new_cfg = cfg.replace(n_future=n_future, n_layers=cfg.n_layers + extra_blocks, head_type=kind.name)
     device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
     new = MultiTokenModel(new_cfg)
     if init == "random":
@@ -254,8 +258,10 @@ def frozen_trunk(
 
     targets None: the self-distilled ones, from head 1 on that trunk output (`self_distilled_targets`).
     """
-    if model.cfg.head_type not in ("parallel", "linear"):
-        raise UserError("frozen head training needs parallel (or linear) heads, which all read the trunk output")
+    if not model.cfg.head_kind.independent:
+        raise UserError(
+            f"frozen head training needs heads that all read the trunk output; {model.cfg.head_type} heads do not"
+        )
     ctx = model.attention_context(inputs.shape[1])
     h = model.embed_and_trunk(inputs, ctx)  # (B, T, D), no graph: the trunk is frozen
     if targets is None:
@@ -534,33 +540,20 @@ def train_heads(
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     metrics: list[dict[str, Any]] = []
-    step, losses, t_train = 0, [], time.perf_counter()
-    # With a time budget the step count is unknown: the bar counts steps and shows the loss.
-    bar = tqdm(total=None if cfg.time_budget_s else cfg.max_steps, unit="step", disable=not progress)
-    while step < cfg.max_steps:
-        elapsed = time.perf_counter() - t0  # generation counts against the budget
-        if cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s:
-            break
-        progress = step / cfg.max_steps
-        if cfg.time_budget_s is not None:
-            progress = max(progress, elapsed / cfg.time_budget_s)
-        lr = lr_at(progress, step, cfg)
+
+    def step_fn(step: int, lr: float) -> tuple[LossReport, float]:
         if features is not None:
             report = draft_heads_backward(model, *features.batch(step, cfg.batch_size), cfg.loss_chunk, vocab)
         else:
             report = heads_backward(model, sampler.sample(step), heads.mode, targets, cfg, vocab)
-        grad_norm = heads_update(optimizer, report, lr, cfg)
-        step += 1
-        losses.append(report.total)
-        metrics.append(
-            {"step": step, "kind": "train", "loss": report.total, "per_head": report.per_head, "lr": lr,
-             "grad_norm": grad_norm, "elapsed_s": time.perf_counter() - t0}
-        )  # fmt: skip
-        bar.update()
-        bar.set_postfix(loss=f"{report.total:.3f}")
-        if on_step is not None:
-            on_step(step, report)
-    bar.close()
+        return report, heads_update(optimizer, report, lr, cfg)
+
+    t_train = time.perf_counter()
+    loop = training_loop(
+        step_fn, cfg, tokens_per_step=cfg.batch_size * cfg.context, elapsed_before=t_train - t0,  # generation counts
+        log=metrics.append, after_step=on_step, progress=progress,
+    )  # fmt: skip
+    step, losses = loop.step, loop.losses
     train_s = time.perf_counter() - t_train
     configure_trainable(model, "joint")  # leave an ordinary model behind (every parameter trainable)
     model.eval()

@@ -147,7 +147,7 @@ def sequential_backward(
     ctx = model.attention_context(inputs.shape[1])
     h = model.embed_and_trunk(inputs, ctx)  # (B, T, D)
     h_leaf = h.detach().requires_grad_()
-    chained = cfg.head_type in ("causal", "anticausal")
+    chained = cfg.head_kind.chained
     sums: dict[int, torch.Tensor] = {}
     leaves: dict[int, torch.Tensor] = {}
     pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []

@@ -193,8 +193,7 @@ class MultiTokenModel(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.trunk = nn.ModuleList(Block(cfg) for _ in range(cfg.n_trunk_layers))
-        head_cls = LinearHead if cfg.head_type == "linear" else Block
-        self.heads = nn.ModuleList(head_cls(cfg) for _ in range(cfg.n_future))
+        self.heads = nn.ModuleList(cfg.head_kind.make_head(cfg) for _ in range(cfg.n_future))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = Linear(cfg.dim, cfg.vocab_size)
         if cfg.tie_embeddings:
@@ -219,11 +218,8 @@ class MultiTokenModel(nn.Module):
                 nn.init.normal_(p, std=residual_std, generator=gen)
             else:
                 nn.init.normal_(p, std=0.02, generator=gen)
-        if self.cfg.head_type == "linear":
-            # A linear head starts as the identity, so each head starts from the trunk's own
-            # representation rather than from a random projection of it.
-            for head in self.heads:
-                nn.init.eye_(head.proj.weight)
+        for head in self.heads:
+            self.cfg.head_kind.init_head(head)
 
     # ----------------------------------------------------------------------------------------------
     # the pieces
@@ -270,26 +266,14 @@ class MultiTokenModel(nn.Module):
         return x
 
     def head_order(self, heads: Sequence[int] | None = None) -> list[int]:
-        """The heads (0-based) that must run, in the order they must run, to produce `heads`.
-
-        Parallel and linear heads are independent; causal head i needs heads < i first; anticausal
-        head i needs heads > i first (so it runs from the last head down).
-        """
-        n = self.cfg.n_future
-        wanted = list(range(n)) if heads is None else list(heads)
-        if self.cfg.head_type == "causal":
-            return list(range(max(wanted) + 1))
-        if self.cfg.head_type == "anticausal":
-            return list(range(n - 1, min(wanted) - 1, -1))
-        return wanted
+        """The heads (0-based) that must run, in the order they must run, to produce `heads` (default: all)."""
+        wanted = list(range(self.cfg.n_future)) if heads is None else list(heads)
+        return self.cfg.head_kind.order(self.cfg.n_future, wanted)
 
     def head_input(self, i: int, h: torch.Tensor, outputs: dict[int, torch.Tensor]) -> torch.Tensor:
-        """What head i reads: the trunk output, or its neighbour's output for causal/anticausal heads."""
-        if self.cfg.head_type == "causal" and i > 0:
-            return outputs[i - 1]
-        if self.cfg.head_type == "anticausal" and i < self.cfg.n_future - 1:
-            return outputs[i + 1]
-        return h
+        """What head i reads: the trunk output h, or the output of the head its kind chains it to."""
+        source = self.cfg.head_kind.source(i, self.cfg.n_future)
+        return h if source is None else outputs[source]
 
     def run_heads(
         self,
@@ -353,7 +337,7 @@ class MultiTokenModel(nn.Module):
                 batch_size, cfg.n_kv_heads, max_len, cfg.head_dim, device=p.device, dtype=dtype or p.dtype
             )
 
-        heads = [None if cfg.head_type == "linear" else new() for _ in range(cfg.n_future)]
+        heads = [new() if cfg.head_kind.owns_blocks else None for _ in range(cfg.n_future)]
         return ModelCache(trunk=[new() for _ in range(cfg.n_trunk_layers)], heads=heads)
 
     def num_parameters(self, *, embeddings: bool = True) -> int:

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from multitoken.checkpoint import CONFIG_FILE as RUN_CONFIG_FILE
 from multitoken.checkpoint import (
@@ -39,7 +38,7 @@ from multitoken.checkpoint import (
     save_checkpoint,
     write_run_config,
 )
-from multitoken.config import UNBOUNDED_STEPS, ModelConfig, TrainConfig
+from multitoken.config import ModelConfig, TrainConfig
 from multitoken.data.corpus import load_corpus
 from multitoken.data.dataset import (
     TokenStore,
@@ -60,6 +59,7 @@ from multitoken.distributed import (
     setup_distributed,
 )
 from multitoken.errors import CheckpointError, UserError
+from multitoken.loop import training_loop
 from multitoken.loss import LossReport, evaluate_heads, sequential_backward, shift_targets, summed_loss
 from multitoken.model import MultiTokenModel
 
@@ -76,10 +76,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast_context(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 elsewhere (exactness on the CPU)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast_context(device: torch.device, bf16: bool | None = None):
+    """bf16 autocast (fp32 master weights) if `bf16`, by default on CUDA only; plain fp32 elsewhere (exactness
+    on the CPU)."""
+    if device.type == "cuda" if bf16 is None else bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -132,14 +133,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=False)
 
 
-def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
-    """Linear warmup over `warmup_steps`, then cosine decay to `min_lr_ratio * lr` as progress goes 0 -> 1."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
-
-
 class RankSampler:
     """One rank's rows of the global batch of a step.
 
@@ -171,11 +164,12 @@ def train_step(
     lr: float,
     device: torch.device,
     parallel: Parallelism | None = None,
+    bf16: bool | None = None,
 ) -> tuple[LossReport, float]:
     """One optimizer step over `grad_accum` micro-batches; returns the mean loss report and grad norm.
 
     `parallel` (default: one process) reduces gradients across ranks; the returned loss is averaged over
-    ranks, so every rank sees the same report. Raises TrainingDiverged before touching the weights if the
+    ranks, so every rank sees the same report. `bf16`: autocast (`autocast_context`; default on CUDA). Raises TrainingDiverged before touching the weights if the
     loss is not finite (on every rank at once).
     """
     parallel = parallel or Parallelism(DistEnv(device=device))
@@ -185,7 +179,7 @@ def train_step(
         parallel.before_backward(last_micro_batch=micro == cfg.grad_accum - 1)
         window = sampler.sample(step * cfg.grad_accum + micro).to(device)  # (B, context + n_future)
         inputs, targets = shift_targets(window, n)
-        with autocast_context(device):
+        with autocast_context(device, bf16):
             if cfg.sequential:
                 report = sequential_backward(
                     model, inputs, targets, cfg.head_weights, cfg.loss_chunk, loss_scale=1.0 / cfg.grad_accum
@@ -516,61 +510,27 @@ def _train(
                 model.reset_iter_state()
             return train_step(*args)
 
-    t0 = time.perf_counter()
-    # With a time budget alone the step count is unknown: the bar counts steps and the postfix shows the clock.
-    bar = tqdm(
-        total=None if cfg.max_steps >= UNBOUNDED_STEPS else cfg.max_steps,
-        initial=start_step,
-        disable=not (progress and env.is_main),
-        unit="step",
-        dynamic_ncols=True,
-    )
-    step, last_eval, losses = start_step, None, []
-    window_t, window_tokens = time.perf_counter(), 0
-    while step < cfg.max_steps:
-        progress_frac = step / cfg.max_steps
-        if cfg.time_budget_s is not None:
-            # Rank 0's clock decides, so every rank uses the same learning rate and stops at the same step.
-            elapsed = env.from_main(elapsed_before + time.perf_counter() - t0)
-            if elapsed >= cfg.time_budget_s:
-                break
-            progress_frac = max(progress_frac, elapsed / cfg.time_budget_s)
-        lr = lr_at(progress_frac, step, cfg)
-        step_fn = first_step if step == start_step else train_step
-        try:
-            report, grad_norm = step_fn(model, optimizer, sampler, step, cfg, lr, device, par)
-        except TrainingDiverged:
-            bar.close()
-            raise
-        step += 1
-        losses.append(report.total)
-        window_tokens += tokens_per_step
-        now = time.perf_counter()
-        tok_s = window_tokens / max(now - window_t, 1e-9)
-        if now - window_t > 5:
-            window_t, window_tokens = now, 0
-        if env.is_main:
-            record = {
-                "step": step,
-                "kind": "train",
-                "loss": report.total,
-                "per_head": report.per_head,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_s": tok_s,
-            }
-            _append_metrics(run_dir, record)
-        bar.update(1)
-        clock = f"{elapsed:.0f}/{cfg.time_budget_s:.0f}s " if cfg.time_budget_s else ""
-        bar.set_postfix_str(f"{clock}{tok_s:,.0f} tok/s loss/head " + " ".join(f"{x:.2f}" for x in report.per_head))
+    def step_fn(step: int, lr: float) -> tuple[LossReport, float]:
+        run = first_step if step == start_step else train_step
+        return run(model, optimizer, sampler, step, cfg, lr, device, par)
+
+    def after_step(step: int, report: LossReport) -> None:
+        nonlocal last_eval
         if on_step is not None:
             on_step(step, report)
         if can_eval and step % cfg.eval_every == 0:
             last_eval = run_eval(step)
         if step % cfg.checkpoint_every == 0:
             checkpoint(step)
-    bar.close()
-    total_elapsed = elapsed_before + time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    last_eval = None
+    loop = training_loop(
+        step_fn, cfg, tokens_per_step=tokens_per_step, start_step=start_step, elapsed_before=elapsed_before,
+        shared_clock=env.from_main, log=(lambda r: _append_metrics(run_dir, r)) if env.is_main else None,
+        after_step=after_step, progress=progress and env.is_main,
+    )  # fmt: skip
+    step = loop.step
     # A sharded run's last checkpoint is written again with consolidated weights, for load_run.
     if step != saved_step or latest_checkpoint(run_dir) is None or par.sharded:
         checkpoint(step, final=True)
@@ -578,4 +538,4 @@ def _train(
         last_eval = resumed_eval
     elif can_eval and (last_eval is None or step % cfg.eval_every):
         last_eval = run_eval(step)
-    return RunResult(run_dir, step, total_elapsed, step * tokens_per_step, last_eval, losses)
+    return RunResult(run_dir, step, loop.elapsed_s, step * tokens_per_step, last_eval, loop.losses)

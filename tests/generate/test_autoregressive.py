@@ -69,7 +69,10 @@ def test_stops_at_eos():
 def test_seeded_sampling_is_reproducible():
     model = make_model()
     cfg = SamplingConfig(temperature=1.0, top_k=20, top_p=0.9)
-    runs = [generate(model, [[1, 2]], 12, cfg, torch.Generator().manual_seed(3)).tokens for _ in range(2)]
+    runs = [
+        generate(model, [[1, 2]], 12, sampling=cfg, generator=torch.Generator().manual_seed(3)).tokens
+        for _ in range(2)
+    ]
     assert runs[0] == runs[1]
 
 

@@ -8,10 +8,11 @@ import torch
 
 from multitoken.errors import UserError
 from multitoken.generate.autoregressive import generate
+from multitoken.generate.calibration import calibrate
 from multitoken.generate.draft_vocab import DraftVocab
 from multitoken.generate.sampling import SamplingConfig
 from multitoken.generate.speculative import speculative_generate
-from multitoken.generate.tree import Tree, calibrate
+from multitoken.generate.tree import Tree
 from tests.conftest import make_model
 from tests.generate.test_speculative import held_out_prompts, trained_model, word_stream
 from tests.tolerance import sum_rtol

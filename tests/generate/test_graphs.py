@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import multitoken.generate.graphs as graphs
-import multitoken.generate.speculative as speculative
+import multitoken.generate.session as decoding_session
 from multitoken.errors import UserError
 from multitoken.generate.autoregressive import generate
 from multitoken.generate.numerics import divergence_report, format_report
@@ -52,7 +52,7 @@ def test_graph_plumbing_on_the_cpu(monkeypatch, tree):
     # context limit, rows of a batch stopping at different steps.
     monkeypatch.setattr(graphs, "warm_up", lambda run: run())
     monkeypatch.setattr(graphs, "capture", fake_capture)
-    monkeypatch.setattr(speculative, "check_cuda_graphs", lambda model, sampling: None)
+    monkeypatch.setattr(decoding_session, "check_cuda_graphs", lambda model, sampling: None)
     model = trained_model()
     prompts = [*held_out_prompts(3), word_stream(90, seed=9).tolist()]  # the last one reaches the context limit
     plain = generate(model, prompts, 40)
@@ -62,13 +62,15 @@ def test_graph_plumbing_on_the_cpu(monkeypatch, tree):
         assert graphed.tokens == [plain.tokens[prompts.index(p)] for p in batch]
         assert graphed.n_forwards == eager.n_forwards and graphed.stop_reasons == eager.stop_reasons
     assert "context" in graphed.stop_reasons
+    plain_graphed = generate(model, prompts, 40, cuda_graphs=True)  # the next-token step captured the same way
+    assert plain_graphed.tokens == plain.tokens and plain_graphed.n_forwards == plain.n_forwards
 
 
 def test_a_graph_session_replays_later_generations_without_capturing(monkeypatch):
     captures = []
     monkeypatch.setattr(graphs, "warm_up", lambda run: run())
     monkeypatch.setattr(graphs, "capture", lambda run: captures.append(1) or fake_capture(run))
-    monkeypatch.setattr(speculative, "check_cuda_graphs", lambda model, sampling: None)
+    monkeypatch.setattr(decoding_session, "check_cuda_graphs", lambda model, sampling: None)
     model, prompts = trained_model(), held_out_prompts(3)
     session = graphs.GraphSession()
     for p in prompts:  # same shape: one capture, then replays; each output still exact

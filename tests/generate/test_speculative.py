@@ -14,12 +14,10 @@ from multitoken.generate.bench import bench_generate, bench_one_at_a_time, time_
 from multitoken.generate.speculative import speculative_generate
 from multitoken.generate.stats import result_json
 from multitoken.generate.tree import Tree
+from multitoken.head_kinds import HEAD_TYPES
 from multitoken.kv_cache import KVCache, ModelCache
 from multitoken.loss import sequential_backward, shift_targets
 from tests.conftest import make_model
-
-HEAD_TYPES = ["parallel", "causal", "anticausal", "linear"]
-
 
 # ------------------------------------------------------------------------------------------------
 # shared helpers (also used by test_tree.py and test_spec_sampling.py)

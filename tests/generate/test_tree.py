@@ -8,21 +8,18 @@ import torch
 from multitoken.errors import UserError
 from multitoken.generate.autoregressive import generate
 from multitoken.generate.bench import seconds_per_step
-from multitoken.generate.common import GenerationResult
-from multitoken.generate.sampling import SamplingConfig
-from multitoken.generate.speculative import speculative_generate, verify_sampled
-from multitoken.generate.tree import (
-    Calibration,
-    Tree,
-    TreeIndex,
+from multitoken.generate.calibration import (
     build_tree,
     calibrate,
     calibrate_decoding,
     choose_tree,
     decoding_windows,
     round_weights,
-    tree_mask,
 )
+from multitoken.generate.common import GenerationResult
+from multitoken.generate.sampling import SamplingConfig
+from multitoken.generate.speculative import speculative_generate, verify_sampled
+from multitoken.generate.tree import Calibration, Tree, TreeIndex, tree_mask
 from multitoken.kv_cache import causal_mask
 from tests.conftest import make_model
 from tests.generate.test_speculative import (

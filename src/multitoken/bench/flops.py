@@ -30,9 +30,7 @@ def matmul_params(cfg: ModelConfig) -> int:
     """Parameters used in a matmul per token, the unembedding counted once per head."""
     d, q, kv = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     block = d * q + 2 * d * kv + q * d + 3 * d * cfg.ffn_dim  # wq, wk, wv, wo, SwiGLU w1/w2/w3
-    blocks = (cfg.n_trunk_layers + cfg.n_head_blocks) * block
-    if cfg.head_type == "linear":
-        blocks += cfg.n_future * d * d
+    blocks = (cfg.n_trunk_layers + cfg.n_head_blocks) * block + cfg.head_kind.extra_parameters(cfg)
     return blocks + cfg.n_future * cfg.vocab_size * d
 
 

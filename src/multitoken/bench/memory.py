@@ -29,18 +29,18 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from multitoken.argtypes import COUNT, NATURAL, integer_list
 from multitoken.bench.flops import train_flops_per_token
 from multitoken.config import ModelConfig, TrainConfig
-from multitoken.loss import sequential_backward, shift_targets, summed_loss
+from multitoken.data.dataset import WindowSampler
 from multitoken.model import MultiTokenModel
-from multitoken.train import build_optimizer, compile_blocks, default_device
+from multitoken.train import build_optimizer, compile_blocks, default_device, train_step
 
 METHODS = ("summed", "sequential", "chunked")
 MIB = 2**20
@@ -119,31 +119,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, dtype: str) -> AbstractContextManager:
-    """bf16 autocast (fp32 master weights, as train.py trains) or plain fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
-
-
-def _train_step(
-    model: MultiTokenModel,
-    optimizer: torch.optim.Optimizer,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    spec: StepSpec,
-) -> None:
-    """The body of train.train_step for one micro-batch, with the method and dtype chosen by `spec`."""
-    device = inputs.device
-    with _autocast(device, spec.dtype):
-        if spec.method == "summed":
-            loss, _ = summed_loss(model, inputs, targets)
-            loss.backward()
-        else:
-            sequential_backward(model, inputs, targets, chunk=spec.chunk if spec.method == "chunked" else 0)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def measure_step(spec: StepSpec) -> dict[str, Any]:
     """Build the model and optimizer, run `warmup + steps` training steps, return memory and times.
 
@@ -161,21 +136,25 @@ def measure_step(spec: StepSpec) -> dict[str, Any]:
     model = MultiTokenModel(cfg).to(device)
     if spec.compile:
         compile_blocks(model)
-    optimizer = build_optimizer(model, TrainConfig())  # AdamW state is allocated lazily at the first step
+    train_cfg = TrainConfig(
+        batch_size=spec.batch, context=spec.context, sequential=spec.method != "summed",
+        loss_chunk=spec.chunk if spec.method == "chunked" else 0,
+    )  # fmt: skip
+    optimizer = build_optimizer(model, train_cfg)  # AdamW state is allocated lazily at the first step
     _sync(device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
     else:
         baseline = _rss_bytes()
-    gen = torch.Generator().manual_seed(spec.seed)
+    window = spec.context + cfg.n_future
+    tokens = np.random.default_rng(spec.seed).integers(0, cfg.vocab_size, size=64 * window)
+    sampler = WindowSampler(tokens, spec.batch, window, spec.seed)
     times: list[float] = []
     for i in range(spec.warmup + spec.steps):
-        window = torch.randint(0, cfg.vocab_size, (spec.batch, spec.context + cfg.n_future), generator=gen)
-        inputs, targets = shift_targets(window.to(device), cfg.n_future)  # (B, T), (B, n, T)
         _sync(device)
         start = time.perf_counter()
-        _train_step(model, optimizer, inputs, targets, spec)
+        train_step(model, optimizer, sampler, i, train_cfg, train_cfg.lr, device, bf16=spec.dtype == "bf16")
         _sync(device)
         if i >= spec.warmup:
             times.append(time.perf_counter() - start)

@@ -27,8 +27,10 @@ from multitoken.config import ModelConfig, TrainConfig
 from multitoken.data.dataset import WindowSampler
 from multitoken.data.tokenizers import Tokenizer
 from multitoken.errors import UserError
+from multitoken.loop import training_loop
+from multitoken.loss import LossReport
 from multitoken.model import MultiTokenModel
-from multitoken.train import build_optimizer, lr_at, train_step
+from multitoken.train import build_optimizer, train_step
 
 SETTINGS = ("test", "quick", "full")
 
@@ -86,16 +88,18 @@ def train_on_tokens(
         model.train()
         result.evals.append({"step": step, "tokens": step * tokens_per_step, **record})
 
-    for step in range(cfg.max_steps):
-        lr = lr_at(step / cfg.max_steps, step, cfg)
-        report, _ = train_step(model, optimizer, sampler, step, cfg, lr, device)
-        result.losses.append(report.total)
-        if evaluate is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < cfg.max_steps:
-            run_eval(step + 1)
+    def step_fn(step: int, lr: float) -> tuple[LossReport, float]:
+        return train_step(model, optimizer, sampler, step, cfg, lr, device)
+
+    def after_step(step: int, report: LossReport) -> None:
+        if evaluate is not None and eval_every and step % eval_every == 0 and step < cfg.max_steps:
+            run_eval(step)
+
+    result.losses = training_loop(step_fn, cfg, tokens_per_step=tokens_per_step, after_step=after_step).losses
     if evaluate is not None:
-        run_eval(cfg.max_steps)
+        run_eval(len(result.losses))
     result.seconds = time.perf_counter() - start
-    result.tokens_seen = cfg.max_steps * tokens_per_step
+    result.tokens_seen = len(result.losses) * tokens_per_step
     model.eval()
     return result
 

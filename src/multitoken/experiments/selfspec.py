@@ -32,7 +32,7 @@ from multitoken.experiments.common import (
     write_report,
 )
 from multitoken.generate.bench import bench_generate
-from multitoken.generate.tree import build_tree, calibrate_decoding
+from multitoken.generate.calibration import build_tree, calibrate_decoding
 
 NAME = "selfspec"
 

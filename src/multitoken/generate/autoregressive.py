@@ -1,4 +1,4 @@
-"""Plain autoregressive decoding with a static KV cache: one forward, one token per sequence.
+"""Plain autoregressive decoding: one forward, one token per sequence.
 
 Only head 1 (the next-token head) runs. This is the baseline the speculative decoder must match token
 for token when greedy.
@@ -6,68 +6,65 @@ for token when greedy.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from multitoken.generate.common import GenerationResult, TokenCallback, check_prompts, prefill
+from multitoken.generate.common import GenerationResult
 from multitoken.generate.sampling import SamplingConfig, sample
-from multitoken.generate.stats import decode_stats
+from multitoken.generate.session import decode
+from multitoken.generate.tree import Tree, TreeIndex
+from multitoken.kv_cache import ModelCache
 from multitoken.model import MultiTokenModel
 
 
-@torch.no_grad()
-def generate(
+def next_token_step(
     model: MultiTokenModel,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    sampling: SamplingConfig = SamplingConfig(),
-    generator: torch.Generator | None = None,
-    eos_id: int | None = None,
-    on_tokens: TokenCallback | None = None,
-) -> GenerationResult:
-    """Decode up to `max_new_tokens` per prompt; prompts may differ in length.
+    cache: ModelCache,
+    index: TreeIndex,
+    root: torch.Tensor,
+    pos: torch.Tensor,
+    *,
+    kv_len: int,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Feed each row's pending token root (B,) at pos (B,) and sample head 1's next one: (B, 1), ones, pos + 1."""
+    logits = model(root[:, None], heads=[0], positions=pos[:, None], cache=cache, kv_len=kv_len)  # (B, 1, 1, V)
+    return sample(logits[:, 0, 0], sampling, generator)[:, None], torch.ones_like(pos), pos + 1
 
-    A sequence stops at `eos_id` (kept in its output) or at the model's context limit. on_tokens(row,
-    [token]): called with each new token as soon as it is chosen (e.g. to stream it).
-    """
-    check_prompts(model, prompts, max_new_tokens)
-    start = time.perf_counter()
-    limit = model.cfg.max_seq_len
-    B = len(prompts)
-    cache = model.make_cache(B)
-    logits, positions = prefill(model, cache, prompts, heads=[0])  # (B, 1, V), (B,)
-    out: list[list[int]] = [[] for _ in range(B)]
-    reasons = ["length"] * B
-    active = [max_new_tokens > 0] * B
-    n_forwards = 1
-    while True:
-        tokens = sample(logits[:, 0], sampling, generator)  # (B,)
-        for b in range(B):
-            if not active[b]:
-                continue
-            out[b].append(int(tokens[b]))
-            if on_tokens is not None:
-                on_tokens(b, out[b][-1:])
-            if eos_id is not None and out[b][-1] == eos_id:
-                active[b], reasons[b] = False, "eos"
-            elif len(out[b]) == max_new_tokens:
-                active[b] = False
-            elif int(positions[b]) + 1 > limit - 1:
-                # The token just sampled sits at position `positions[b]`; feeding it fills the last slot
-                # and there would be no slot left for its successor.
-                active[b], reasons[b] = False, "context"
-        if not any(active):
-            break
-        # Finished rows keep running (static batch); clamp their position inside the cache.
-        pos = positions.clamp(max=limit - 1)
-        logits = model(
-            tokens[:, None], heads=[0], positions=pos[:, None], cache=cache, kv_len=int(pos.max()) + 1
-        )
-        logits = logits[:, 0]  # (B, 1, V)
-        positions = positions + 1
-        n_forwards += 1
-    seconds = time.perf_counter() - start
-    # Each forward (the prefill first) gives one token to every row still active.
-    return GenerationResult(out, n_forwards, reasons, seconds, decode_stats(out, [len(o) for o in out], seconds))
+
+@dataclass(frozen=True)
+class NextToken:
+    """The drafter of plain decoding: no drafts, one token per forward from head 1."""
+
+    tree: Tree = Tree.chain(1)
+    heads: tuple[int, ...] = (0,)
+    step = staticmethod(next_token_step)
+
+    def prepare(self, model: MultiTokenModel, sampling: SamplingConfig, device: torch.device) -> NextToken:
+        return self
+
+    def start(
+        self, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, tuple[()]]:
+        return sample(logits[:, 0], sampling, generator), ()
+
+    def graph_key(self) -> tuple[object, ...]:
+        return ("next-token",)
+
+    def constants(self) -> dict[str, object]:
+        return {}
+
+    def stats(self) -> dict[str, object]:
+        return dict(heads_used=1, tree_size=1, draft_vocab_size=None)
+
+
+def generate(
+    model: MultiTokenModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, **options: Any
+) -> GenerationResult:
+    """Decode up to `max_new_tokens` per prompt with head 1 alone: `decode` with `NextToken()`; `options` are
+    `decode`'s (sampling, generator, eos_id, on_tokens, compile_step, cuda_graphs, graph_session)."""
+    return decode(model, prompts, max_new_tokens, NextToken(), **options)

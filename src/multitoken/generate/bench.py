@@ -15,12 +15,13 @@ from typing import Any, TypeVar
 import torch
 
 from multitoken.generate.autoregressive import generate
+from multitoken.generate.calibration import build_tree, choose_tree
 from multitoken.generate.common import GenerationResult
 from multitoken.generate.draft_vocab import DraftVocab
 from multitoken.generate.graphs import GraphSession
 from multitoken.generate.sampling import SamplingConfig
 from multitoken.generate.speculative import speculative_generate
-from multitoken.generate.tree import Calibration, Tree, build_tree, choose_tree
+from multitoken.generate.tree import Calibration, Tree
 from multitoken.model import MultiTokenModel
 
 K = TypeVar("K")
@@ -76,7 +77,7 @@ def bench_generate(
         )
 
     decoders: dict[str, Callable[[int], GenerationResult]] = {
-        "plain": lambda n: generate(model, prompts, n, sampling, rng()),
+        "plain": lambda n: generate(model, prompts, n, sampling=sampling, generator=rng()),
         "chain": spec(heads_used=heads_used),
     }
     if tree is not None:
@@ -243,7 +244,7 @@ def choose_tree_by_speed(
 
     def decoder(tree: Tree | None) -> Callable[[int], GenerationResult]:
         if tree is None:
-            return lambda n: generate(model, [prompt], n, sampling, generator)
+            return lambda n: generate(model, [prompt], n, sampling=sampling, generator=generator)
         return lambda n: speculative_generate(
             model, [prompt], n, sampling=sampling, generator=generator, tree=tree, draft_vocab=draft_vocab
         )

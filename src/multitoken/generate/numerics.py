@@ -138,7 +138,9 @@ def divergence_report(
     """
     dtype = model_dtype(model)
     plain = generate(model, prompts, max_new_tokens)
-    spec = speculative_generate(model, prompts, max_new_tokens, heads_used, tree=tree, cuda_graphs=cuda_graphs)
+    spec = speculative_generate(
+        model, prompts, max_new_tokens, heads_used=heads_used, tree=tree, cuda_graphs=cuda_graphs
+    )
     ref: MultiTokenModel | None = None
     records = []
     for b, (prompt, a, s) in enumerate(zip(prompts, plain.tokens, spec.tokens, strict=True)):

@@ -19,25 +19,23 @@ past the accepted prefix, which the next step overwrites before any query can se
   so the second unembedding product of a step streams K rows instead of V; head 1 still judges over all V.
 
 The chain is the tree whose nodes all have rank 0, so one step function serves both. The step is a free
-function of tensors: acceptance is computed on the device and the host reads the accepted tokens once per
-step (`tolist`), which is the only sync. Sequences of a batch stand at their own positions and accept their
-own counts.
+function of tensors: acceptance is computed on the device and the decoding session (session.py) reads the
+accepted tokens once per step. Sequences of a batch stand at their own positions and accept their own counts.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from functools import partial
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from multitoken.errors import UserError
-from multitoken.generate.common import GenerationResult, TokenCallback, check_prompts, prefill
+from multitoken.generate.common import GenerationResult
 from multitoken.generate.draft_vocab import DraftVocab
-from multitoken.generate.graphs import CudaGraphStep, GraphSession
 from multitoken.generate.sampling import SamplingConfig, probabilities, residual_distribution, sample, sample_from
-from multitoken.generate.stats import AcceptanceHistogram, decode_stats
+from multitoken.generate.session import decode
 from multitoken.generate.tree import Tree, TreeIndex, tree_mask
 from multitoken.kv_cache import ModelCache
 from multitoken.model import MultiTokenModel
@@ -207,122 +205,60 @@ def resolve_tree(
     return tree
 
 
-@torch.no_grad()
+@dataclass(frozen=True, eq=False)
+class HeadDrafter:
+    """Heads 2..k draft a chain or a tree; head 1 verifies every draft in the next forward (module docstring).
+
+    heads_used: k (default: all heads or the tree's); tree: None for the chain of k heads; vocab: heads 2..k
+    propose only its tokens (draft_vocab.py), which changes what can be accepted, never the output.
+    `prepare` resolves the tree and gathers the draft vocabulary's unembedding rows once.
+    """
+
+    heads_used: int | None = None
+    tree: Tree | None = None
+    vocab: DraftVocab | None = None
+    draft_rows: torch.Tensor | None = None  # (K, D): the unembedding rows of `vocab`, set by `prepare`
+    step = staticmethod(decode_step)
+
+    @property
+    def heads(self) -> list[int]:
+        return list(range(self.tree.depth + 1))
+
+    def prepare(self, model: MultiTokenModel, sampling: SamplingConfig, device: torch.device) -> HeadDrafter:
+        tree = resolve_tree(model, self.heads_used, self.tree, sampling, self.vocab)
+        vocab = self.vocab.to(device) if self.vocab is not None and tree.depth > 0 else None
+        rows = vocab.rows(model.output.weight) if vocab is not None else None  # (K, D)
+        return HeadDrafter(tree.depth + 1, tree, vocab, rows)
+
+    def start(
+        self, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
+        root = sample(logits[:, 0], sampling, generator)
+        drafts = logits[:, 1:] if self.vocab is None else self.vocab.restrict(logits[:, 1:])
+        return root, propose(drafts, self.tree.max_rank, sampling, generator, self.vocab)
+
+    def graph_key(self) -> tuple[object, ...]:
+        return (self.heads_used, self.tree, id(self.vocab))
+
+    def constants(self) -> dict[str, object]:
+        return dict(heads=self.heads, max_rank=self.tree.max_rank, vocab=self.vocab, draft_rows=self.draft_rows)
+
+    def stats(self) -> dict[str, object]:
+        return dict(heads_used=self.tree.depth + 1, tree_size=self.tree.size,
+                    draft_vocab_size=self.vocab.size if self.vocab is not None else None)  # fmt: skip
+
+
 def speculative_generate(
     model: MultiTokenModel,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
+    *,
     heads_used: int | None = None,
-    sampling: SamplingConfig = SamplingConfig(),
-    generator: torch.Generator | None = None,
-    eos_id: int | None = None,
     tree: Tree | None = None,
-    compile_step: bool = False,
     draft_vocab: DraftVocab | None = None,
-    cuda_graphs: bool = False,
-    graph_session: GraphSession | None = None,
-    on_tokens: TokenCallback | None = None,
+    **options: Any,
 ) -> GenerationResult:
-    """Decode up to `max_new_tokens` per prompt, drafting with heads 2..k and verifying with head 1.
-
-    heads_used: k (default: all heads); k = 1 is plain decoding. tree: a draft tree, or None
-    for the chain of k heads. A sequence stops at `eos_id` (kept), after `max_new_tokens`, or when it
-    fills the context ("context"). compile_step: run the step under `torch.compile` with a full-length,
-    static-shaped cache read (the first steps pay for compilation). draft_vocab: heads 2..k propose only its
-    tokens (see draft_vocab.py); the output is unchanged, only which drafts can be accepted. cuda_graphs:
-    replay the step (eager or compiled) from a CUDA graph captured after its first run (graphs.py); CUDA
-    and greedy only. graph_session: where the graphs and their cache are kept for the next call of the same
-    shape (default: a new one, dropped at the end). on_tokens(row, tokens): called with each row's new
-    tokens as soon as they are accepted (e.g. to stream them).
-    """
-    check_prompts(model, prompts, max_new_tokens)
-    tree = resolve_tree(model, heads_used, tree, sampling, draft_vocab)
-    if cuda_graphs:
-        check_cuda_graphs(model, sampling)
-    start = time.perf_counter()
-    L, B, k = model.cfg.max_seq_len, len(prompts), tree.depth + 1
-    heads = list(range(k))
-    max_rank = tree.max_rank
-    if cuda_graphs:
-        session = graph_session if graph_session is not None else GraphSession()
-        key = (id(model), B, tree, compile_step, id(draft_vocab))
-        cache, graphs = session.prepare(key, lambda: model.make_cache(B)), session.graphs
-    else:
-        cache = model.make_cache(B)
-    device = cache.trunk[0].k.device
-    vocab = draft_vocab.to(device) if draft_vocab is not None and k > 1 else None
-    draft_rows = vocab.rows(model.output.weight) if vocab is not None else None  # (K, D), gathered once
-    indices = {tree.size: TreeIndex.build(tree, device)}  # prefixes are added near the context limit
-    step = torch.compile(decode_step) if compile_step else decode_step
-    constants = dict(sampling=sampling, generator=generator, heads=heads, max_rank=max_rank, vocab=vocab,
-                     draft_rows=draft_rows)  # fmt: skip
-    logits, pos = prefill(model, cache, prompts, heads)  # (B, k, V), (B,)
-    root = sample(logits[:, 0], sampling, generator)
-    drafts = logits[:, 1:] if vocab is None else vocab.restrict(logits[:, 1:])
-    candidates, q = propose(drafts, max_rank, sampling, generator, vocab)
-    new, n_new = root[:, None], torch.ones_like(root)
-
-    lengths = [len(p) for p in prompts]
-    out: list[list[int]] = [[] for _ in range(B)]
-    reasons = ["length"] * B
-    active = [max_new_tokens > 0] * B
-    row_forwards = [1] * B
-    histogram = AcceptanceHistogram(k - 1)
-    while True:
-        new_host, n_host = new.tolist(), n_new.tolist()  # the one host sync of the step
-        if max(row_forwards) > 1:  # a verify forward ran: count what each row active in it accepted
-            histogram.add([n_host[b] - 1 for b in range(B) if active[b]])
-        for b in range(B):
-            if not active[b]:
-                continue
-            taken = new_host[b][: n_host[b]]
-            taken = taken[: min(max_new_tokens - len(out[b]), L - lengths[b] - len(out[b]))]
-            if eos_id is not None and eos_id in taken:
-                taken = taken[: taken.index(eos_id) + 1]
-                active[b], reasons[b] = False, "eos"
-            out[b].extend(taken)
-            if on_tokens is not None and taken:
-                on_tokens(b, taken)
-            if not active[b]:
-                continue
-            if len(out[b]) == max_new_tokens:
-                active[b] = False
-            elif lengths[b] + len(out[b]) == L:
-                active[b], reasons[b] = False, "context"
-        if not any(active):
-            break
-        # The pending token of an active row is its last output, at position len(sequence) - 1. Near the
-        # context end the tree shrinks to a prefix so no scratch slot falls outside the cache.
-        last = max(lengths[b] + len(out[b]) - 1 for b in range(B) if active[b])
-        size = min(tree.size, L - last)
-        if size not in indices:
-            indices[size] = TreeIndex.build(tree.prefix(size), device)
-        # Finished rows keep running (static batch) below the active ones, so their slots stay readable.
-        inputs = (root_of(new, n_new), pos.clamp(max=last), candidates, q)
-        if cuda_graphs:
-            if size not in graphs:
-                graphs[size] = CudaGraphStep(partial(step, model, cache, indices[size], kv_len=L, **constants))
-            new, n_new, pos, candidates, q = graphs[size](*inputs)
-        else:
-            kv_len = L if compile_step else last + size  # static shapes for the compiler
-            new, n_new, pos, candidates, q = step(model, cache, indices[size], *inputs, kv_len=kv_len, **constants)
-        for b in range(B):
-            row_forwards[b] += active[b]
-    seconds = time.perf_counter() - start
-    stats = decode_stats(out, row_forwards, seconds, histogram)
-    stats.update(heads_used=k, tree_size=tree.size, draft_vocab_size=vocab.size if vocab is not None else None)
-    return GenerationResult(out, max(row_forwards), reasons, seconds, stats)
-
-
-def check_cuda_graphs(model: MultiTokenModel, sampling: SamplingConfig) -> None:
-    """Raise UserError unless the step can be captured: a model on a CUDA device, greedy decoding."""
-    if not sampling.greedy:
-        raise UserError("CUDA graphs replay greedy decoding only; sample without them")
-    device = model.tok_embeddings.weight.device
-    if device.type != "cuda":
-        raise UserError(f"CUDA graphs need the model on a CUDA device; it is on {device.type}")
-
-
-def root_of(new: torch.Tensor, n_new: torch.Tensor) -> torch.Tensor:
-    """The pending token of each row: the last of its new tokens (B,)."""
-    return new.gather(1, (n_new - 1)[:, None])[:, 0]
+    """Decode with heads 2..k drafting and head 1 verifying: `decode` with a `HeadDrafter(heads_used, tree,
+    draft_vocab)`; `options` are `decode`'s (sampling, generator, eos_id, on_tokens, compile_step, ...).
+    heads_used = 1 is plain decoding through the speculative step."""
+    return decode(model, prompts, max_new_tokens, HeadDrafter(heads_used, tree, draft_vocab), **options)

@@ -135,15 +135,13 @@ def config_from_hf(hf: Mapping[str, Any], n_future: int = 1, max_seq_len: int | 
 
 def next_token_blocks(cfg: ModelConfig) -> list[str]:
     """Our block prefixes that compute head 1's output, in the order a Llama would stack them."""
-    if cfg.head_type == "linear":
+    if not cfg.head_kind.owns_blocks:
         raise UserError(
             "linear heads have no Llama equivalent: head 1 is a d x d map before the final norm, which no "
             "Llama layer computes; only models with block heads can be exported"
         )
     trunk = [f"trunk.{i}" for i in range(cfg.n_trunk_layers)]
-    if cfg.head_type == "anticausal":
-        return trunk + [f"heads.{j}" for j in range(cfg.n_future - 1, -1, -1)]
-    return trunk + ["heads.0"]
+    return trunk + [f"heads.{j}" for j in cfg.head_kind.order(cfg.n_future, [0])]
 
 
 def config_to_hf(cfg: ModelConfig, n_layers: int, eos_id: int | None) -> dict[str, Any]:

@@ -159,7 +159,7 @@ def export_meta(model_or_run: MultiTokenModel | str | Path, out_dir: Path, token
     """
     model, tokenizer = resolve_model(model_or_run, tokenizer)
     cfg = model.cfg
-    if cfg.head_type != "parallel":
+    if not cfg.head_kind.official_layout:
         raise UserError(
             f"the official multi-token layout has only parallel heads; this model's are {cfg.head_type} "
             "(export it with --format hf instead)"
