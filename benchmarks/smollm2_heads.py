@@ -51,7 +51,7 @@ from multitoken.heads import (
     train_heads,
 )
 from multitoken.loss import shift_targets
-from multitoken.train import prepare_data
+from multitoken.pretrain import prepare_data
 
 VAL_FRACTION = 0.05  # train_heads' default split (TrainConfig.val_fraction): the prompts come from its val side
 

@@ -1,5 +1,7 @@
 """The Python API: load a model with what it came with, generate text with statistics, save it back."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from multitoken.api import MultiTokenLM, TextStream
 from multitoken.data.tokenizers import ByteTokenizer
 from multitoken.errors import UserError
 from multitoken.generate.tree import Tree
+from tests.conftest import make_model
 from tests.generate.test_speculative import trained_model
 
 
@@ -93,3 +96,35 @@ def test_text_stream_holds_back_half_a_character():
     stream(0, list(b"\xc3"))
     stream.finish()  # a character never completed is shown as it decodes
     assert "".join(pieces) == "caf\ufffd"
+
+
+def test_training_sources_are_a_list_whatever_the_user_passes():
+    from multitoken.api import _sources
+
+    assert _sources("src/") == ["src/"]  # not its characters
+    assert _sources(Path("a.txt")) == ["a.txt"]
+    assert _sources(["a", Path("b/*.py")]) == ["a", "b/*.py"]
+    assert _sources(()) == []
+
+
+def test_training_from_python_reports_mistakes_as_user_errors(tmp_path):
+    with pytest.raises(UserError):
+        multitoken.train(multitoken.TrainConfig(max_steps=1), data=tmp_path / "missing", out=tmp_path / "run")
+    with pytest.raises(UserError, match="unknown preset|preset"):
+        multitoken.train(data=tmp_path, model="enormous", out=tmp_path / "run")
+
+
+def test_heads_added_from_python_and_a_tree_calibrated_on_text(tmp_path):
+    base = MultiTokenLM(make_model(vocab_size=257, n_future=2, max_seq_len=128), ByteTokenizer()).save(tmp_path / "b")
+    text = "the cat sat on the mat; the dog ate the log. " * 200
+    (tmp_path / "corpus.txt").write_text(text)
+    lm = multitoken.add_heads(
+        base, tmp_path / "more", multitoken.HeadsConfig(n_future=4),
+        multitoken.TrainConfig(max_steps=2, context=32, batch_size=2, eval_batches=1), data=tmp_path / "corpus.txt",
+        progress=False,
+    )  # fmt: skip
+    assert lm.model.cfg.n_future == 4
+    report = lm.calibrate(text[:3000], budget=5, on="data", windows=4, length=48)
+    assert lm.tree.size == report["size"] <= 5 and len(report["acceptance"]) == 3
+    plain = lm.generate("the cat", max_new_tokens=16, decoding="plain", stop_at_eos=False)
+    assert lm.generate("the cat", max_new_tokens=16, decoding="tree", stop_at_eos=False).text == plain.text

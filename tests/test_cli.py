@@ -79,7 +79,7 @@ def test_resume_continues(run_dir, tmp_path, capsys):
 def test_train_budget_defaults(tmp_path, monkeypatch):
     """No budget given: TrainConfig's step count, the same model on every machine; one budget given: that one
     alone."""
-    import multitoken.train
+    import multitoken.pretrain
 
     seen = []
 
@@ -90,7 +90,7 @@ def test_train_budget_defaults(tmp_path, monkeypatch):
         seen.append((cfg.max_steps, cfg.time_budget_s))
         raise Stop
 
-    monkeypatch.setattr(multitoken.train, "train", fake_train)
+    monkeypatch.setattr(multitoken.pretrain, "train", fake_train)
     for extra in ([], ["--max-steps", "7"], ["--time-budget", "30"]):
         with pytest.raises(Stop):
             main(["train", "--out", str(tmp_path / "r"), *extra])
@@ -219,7 +219,7 @@ def test_speculative_generate_equals_plain_and_tree(run_dir, tmp_path, capsys):
     assert main(calibrate) == 0  # default: on the model's greedy continuations
     on_text = last_json(capsys.readouterr().out)
     assert on_data["on"] == "data" and on_text["on"] == "generated" and on_text["size"] <= 3
-    assert "--prompt-tokens must be between" in error_of([*calibrate, "--prompt-tokens", "47"], capsys)
+    assert "(--prompt-tokens) must be between" in error_of([*calibrate, "--prompt-tokens", "47"], capsys)
     sampled_tree = tmp_path / "tree-sampled.json"  # a tree for sampling, beside the greedy one
     assert main([*calibrate, "--temperature", "0.8", "--top-p", "0.9", "--out", str(sampled_tree)]) == 0
     sampled = last_json(capsys.readouterr().out)

@@ -27,7 +27,7 @@ from multitoken.dcp import consolidate
 from multitoken.distributed import FSDP_MIN_PARAMS, DDPParallel, DistEnv, resolve_strategy
 from multitoken.errors import CheckpointError, UserError
 from multitoken.loss import sequential_backward, shift_targets
-from multitoken.train import RankSampler, train
+from multitoken.pretrain import RankSampler, train
 from tests.conftest import make_model
 
 CORPUS = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(300))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from multitoken.checkpoint import cast_model, load_run, save_checkpoint, write_run_config
+from multitoken.config import DEFAULT_PRESET, ModelConfig, TrainConfig, preset
 from multitoken.data.tokenizers import Tokenizer, load_tokenizer
 from multitoken.errors import UserError
 from multitoken.generate.autoregressive import NextToken
@@ -25,6 +26,7 @@ from multitoken.generate.sampling import SamplingConfig
 from multitoken.generate.session import Drafter, decode
 from multitoken.generate.speculative import HeadDrafter
 from multitoken.generate.tree import TREE_FILE, Tree, load_tree, save_tree
+from multitoken.heads import HeadsConfig
 from multitoken.model import MultiTokenModel
 
 DECODINGS = ("plain", "chain", "tree")
@@ -65,6 +67,11 @@ class MultiTokenLM:
     def device(self) -> torch.device:
         return self.model.tok_embeddings.weight.device
 
+    @property
+    def default_decoding(self) -> str:
+        """What `generate` decodes with unless told: the tree if there is one, else the heads' chain, else plain."""
+        return "tree" if self.tree is not None else "chain" if self.model.cfg.n_future > 1 else "plain"
+
     def generate(
         self,
         prompt: str | Sequence[str] | list[dict[str, str]],
@@ -99,7 +106,7 @@ class MultiTokenLM:
             prompt = self.tokenizer.apply_chat_template(prompt)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if decoding is None:
-            decoding = "tree" if self.tree is not None else "chain" if self.model.cfg.n_future > 1 else "plain"
+            decoding = self.default_decoding
         if decoding not in DECODINGS:
             raise UserError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
         if decoding == "tree" and self.tree is None:
@@ -136,11 +143,20 @@ class MultiTokenLM:
             out.append(Generation(text_prompt, text, list(new), reason, len(new) / max(row_forwards[b], 1), stats))
         return out[0] if isinstance(prompt, str) else out
 
-    def save(self, directory: str | Path) -> Path:
-        """Write a run directory (config, tokenizer, weights, tree, draft vocabulary) that `load` reads back."""
+    def save(self, directory: str | Path, format: str = "run") -> Path:
+        """Write the model, tokenizer, tree and draft vocabulary to `directory`, which `load` reads back.
+
+        format: "run" (a run directory) or "hf" (a folder transformers' `AutoModelForCausalLM` loads as the
+        next-token model, every head, the tree and the draft vocabulary beside it). The directory appears
+        complete or not at all.
+        """
         from multitoken.interop.meta import staged_dir
 
-        with staged_dir(Path(directory)) as tmp:  # the directory appears complete or not at all
+        if format == "hf":
+            return self._save_hf(Path(directory))
+        if format != "run":
+            raise UserError(f"format must be 'run' or 'hf', got {format!r}")
+        with staged_dir(Path(directory)) as tmp:
             write_run_config(tmp, self.model.cfg)
             self.tokenizer.save(tmp)
             save_checkpoint(tmp, 0, self.model)
@@ -149,6 +165,61 @@ class MultiTokenLM:
             if self.draft_vocab is not None:
                 self.draft_vocab.save(tmp / DRAFT_VOCAB_FILE)
         return Path(directory)
+
+    def _save_hf(self, directory: Path) -> Path:
+        import tempfile
+
+        from multitoken.interop.hf import export_hf
+
+        with tempfile.TemporaryDirectory() as side:  # the tree and draft vocabulary, copied in by export_hf
+            extra = []
+            if self.tree is not None:
+                save_tree(self.tree, Path(side) / TREE_FILE)
+                extra.append(Path(side) / TREE_FILE)
+            if self.draft_vocab is not None:
+                self.draft_vocab.save(Path(side) / DRAFT_VOCAB_FILE)
+                extra.append(Path(side) / DRAFT_VOCAB_FILE)
+            return export_hf(self.model, directory, self.tokenizer, extra_files=extra)
+
+    def calibrate(
+        self,
+        text: str | Sequence[str],
+        *,
+        budget: int | str = "auto",
+        on: str = "generated",
+        windows: int = 16,
+        max_rank: int = 4,
+        prompt_tokens: int = 32,
+        length: int = 256,
+        draft_vocab: int | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+    ) -> dict[str, Any]:
+        """Fit the draft tree (and with `draft_vocab=K` a draft vocabulary of K tokens) to `text`, held-out text
+        like what will be decoded; `generate` and `save` use them from now on. Returns the calibration's report
+        (tree size, expected tokens per forward of the tree and of the chain, per-head acceptance).
+
+        budget: tree nodes, or "auto" (decoding steps timed on this machine). on: "generated" (the model's own
+        continuations of prompts from the text, what greedy decoding will meet) or "data" (the text itself).
+        Sampling settings calibrate a tree for sampled decoding with them.
+        """
+        import numpy as np
+
+        from multitoken.generate.autotune import fit_tree
+
+        texts = [text] if isinstance(text, str) else list(text)
+        tokens = np.asarray([t for piece in texts for t in self.tokenizer.encode(piece)], dtype=np.int64)
+        fitted = fit_tree(
+            self.model, tokens, length=min(length, self.model.cfg.max_seq_len), on=on, windows=windows,
+            max_rank=max_rank, prompt_tokens=prompt_tokens, budget=budget, draft_vocab=draft_vocab,
+            sampling=SamplingConfig(temperature, top_k, top_p), seed=seed,
+        )  # fmt: skip
+        self.tree = fitted.tree
+        if fitted.draft_vocab is not None:
+            self.draft_vocab = fitted.draft_vocab
+        return fitted.report()
 
 
 class TextStream:
@@ -198,6 +269,61 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     tree = load_tree(folder / TREE_FILE) if (folder / TREE_FILE).is_file() else None
     vocab = DraftVocab.load(folder / DRAFT_VOCAB_FILE) if (folder / DRAFT_VOCAB_FILE).is_file() else None
     return MultiTokenLM(model, tokenizer, tree, vocab)
+
+
+def train(
+    config: TrainConfig | None = None,
+    *,
+    data: str | Path | Sequence[str | Path] = (),
+    model: ModelConfig | str = DEFAULT_PRESET,
+    out: str | Path = "runs/model",
+    tokenizer: str = "bpe",
+    vocab_size: int = 4096,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> MultiTokenLM:
+    """Train a multi-token model into the run directory `out` and return it ready to decode.
+
+    config: the optimisation (default `TrainConfig()`, the main job's). data: a file, folder or glob, or a list
+    of them (text files, or .jsonl with a "text" field); empty: the running Python's standard library.
+    model: a `ModelConfig` or a preset name (`multitoken.config.PRESETS`); its vocabulary follows the
+    tokenizer ("bpe" of `vocab_size` tokens trained on the data, or "bytes"). resume: continue `out`.
+    """
+    from multitoken.pretrain import train as train_run
+
+    model_cfg = preset(model) if isinstance(model, str) else model
+    train_run(
+        Path(out), None if resume else model_cfg, None if resume else config or TrainConfig(), sources=_sources(data),
+        tokenizer=tokenizer, bpe_vocab_size=vocab_size, resume=resume,
+        device=torch.device(device) if device is not None else None, progress=progress,
+    )  # fmt: skip
+    return load(out, device or "cpu")
+
+
+def add_heads(
+    source: str | Path,
+    out: str | Path,
+    heads: HeadsConfig | None = None,
+    config: TrainConfig | None = None,
+    *,
+    data: str | Path | Sequence[str | Path] = (),
+    progress: bool = True,
+) -> MultiTokenLM:
+    """Give the model of `source` (a run directory, e.g. from `multitoken import`) more heads and train them
+    (`HeadsConfig`: how many, frozen or joint, which targets), into the run directory `out`; return it.
+
+    config: optimisation and budget (default `default_heads_train_config()`); data as for `train`.
+    """
+    from multitoken.heads import train_heads
+
+    train_heads(Path(source), Path(out), heads, config, _sources(data), progress=progress)
+    return load(out)
+
+
+def _sources(data: str | Path | Sequence[str | Path]) -> list[str]:
+    """Training sources as a list of strings: one path or glob is a list of one, not of its characters."""
+    return [str(data)] if isinstance(data, str | Path) else [str(d) for d in data]
 
 
 def _is_chat(prompt: Any) -> bool:

@@ -151,7 +151,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.config import UNBOUNDED_STEPS, preset
-    from multitoken.train import train
+    from multitoken.pretrain import train
 
     _check_out_dir(args.out)
     time_budget, max_steps = args.time_budget, args.max_steps
@@ -314,7 +314,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.checkpoint import load_run
     from multitoken.eval.heldout import load_heldout
-    from multitoken.train import evaluate
+    from multitoken.pretrain import evaluate
 
     run = load_run(args.run)
     held = load_heldout(args.run, run.config, args.data, args.cache_dir)
@@ -553,8 +553,6 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_calibrate)
 
 
-AUTO_BUDGETS = (2, 3, 4, 6, 8, 12, 16, 24, 32)  # the tree sizes `calibrate --budget auto` times
-AUTO_TOKENS = 48  # ... decoding this many tokens (less 16: the difference of two runs leaves out the prefill)
 
 
 def _budget(value: str) -> int | str:
@@ -573,15 +571,12 @@ def _budget(value: str) -> int | str:
 def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     from dataclasses import asdict
 
-    import torch
-
     from multitoken.checkpoint import load_run
-    from multitoken.eval.heldout import load_heldout, split_heldout, windows_tensor
-    from multitoken.generate.bench import choose_tree_by_speed
-    from multitoken.generate.calibration import build_tree, calibrate, calibrate_decoding
-    from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
+    from multitoken.eval.heldout import load_heldout, split_heldout
+    from multitoken.generate.autotune import fit_tree
+    from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE
     from multitoken.generate.sampling import SamplingConfig
-    from multitoken.generate.tree import TREE_FILE, Tree, save_tree
+    from multitoken.generate.tree import TREE_FILE, save_tree
 
     _check_out_file(args.out)
     _set_decode_threads(args.threads)
@@ -589,57 +584,33 @@ def _cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     run = load_run(args.run, device, dtype)
     held = load_heldout(args.run, run.config, args.data, args.cache_dir)
     length = min(run.config.get("train", {}).get("context", 256), run.model.cfg.max_seq_len)
-    vocab, report = None, {}
-    if args.draft_vocab is not None:
-        vocab = DraftVocab.most_frequent(held.train_tokens, run.model.cfg.vocab_size, args.draft_vocab)
-        coverage = vocab.coverage(held.tokens)
-        vocab.save(Path(args.run) / DRAFT_VOCAB_FILE, coverage)
-        report = {"draft_vocab": str(Path(args.run) / DRAFT_VOCAB_FILE), "draft_vocab_size": vocab.size,
-                  "draft_vocab_coverage": coverage}  # fmt: skip
-    tokens = split_heldout(held.tokens)[0]  # the second half is for `bench generate`'s prompts
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    if args.on == "data":
-        windows = windows_tensor(tokens, args.windows, length)
-        calibration = calibrate(run.model, windows, args.max_rank, vocab=vocab, sampling=sampling)
-    else:
-        if not 1 <= args.prompt_tokens < length - run.model.cfg.n_future:
-            raise UserError(f"--prompt-tokens must be between 1 and {length - run.model.cfg.n_future - 1}")
-        prompts = windows_tensor(tokens, args.windows, args.prompt_tokens)
-        calibration = calibrate_decoding(run.model, prompts, length, args.max_rank, vocab, sampling, generator)
-    if args.budget == "auto":
-        # Decoding steps timed on this machine, continuing a calibration prompt.
-        prompt = tokens[: args.prompt_tokens].tolist()
-        budgets = [b for b in AUTO_BUDGETS if len(prompt) + AUTO_TOKENS + b < run.model.cfg.max_seq_len]
-        tree, choices, plain = choose_tree_by_speed(
-            run.model, calibration, prompt, budgets, vocab, AUTO_TOKENS, sampling, generator
-        )
+    fitted = fit_tree(
+        run.model, split_heldout(held.tokens)[0],  # the second half is for `bench generate`'s prompts
+        length=length, on=args.on, windows=args.windows, max_rank=args.max_rank, prompt_tokens=args.prompt_tokens,
+        budget=args.budget, draft_vocab=args.draft_vocab, vocab_tokens=held.train_tokens, sampling=sampling,
+        seed=args.seed,
+    )  # fmt: skip
+    report: dict[str, Any] = {}
+    if fitted.draft_vocab is not None:
+        coverage = fitted.draft_vocab.coverage(held.tokens)
+        fitted.draft_vocab.save(Path(args.run) / DRAFT_VOCAB_FILE, coverage)
+        report = {"draft_vocab": str(Path(args.run) / DRAFT_VOCAB_FILE), "draft_vocab_size": fitted.draft_vocab.size,
+                  "draft_vocab_coverage": coverage}  # fmt: skip
+    if fitted.budget_choice:
         print(f"tree budget by expected speed ({device}, {args.dtype}; a plain decoding step: "
-              f"{plain * 1e3:.2f} ms):", file=sys.stderr)  # fmt: skip
-        for c in choices:
+              f"{fitted.plain_step_s * 1e3:.2f} ms):", file=sys.stderr)  # fmt: skip
+        for c in fitted.budget_choice:
             print(f"  {c['budget']:>3} nodes: {c['expected_tokens_per_forward']:.2f} tokens/forward, "
                   f"{c['seconds'] * 1e3:.2f} ms, expected {c['expected_speedup']:.2f}x"
                   + ("  <- chosen" if c["chosen"] else ""), file=sys.stderr)  # fmt: skip
-        report["budget_choice"] = choices
-    else:
-        tree = build_tree(calibration, args.budget)
     out = args.out or Path(args.run) / TREE_FILE
-    save_tree(tree, out, calibration)
-    acceptance = calibration.acceptance
+    save_tree(fitted.tree, out, fitted.calibration)
     columns = "candidate rank" if sampling.greedy else "draw tried"
     print(f"head acceptance (rows: heads 2..n, columns: {columns} 1..{args.max_rank}):", file=sys.stderr)
-    for i, row in enumerate(acceptance.tolist()):
+    for i, row in enumerate(fitted.calibration.acceptance.tolist()):
         print(f"  head {i + 2}: " + " ".join(f"{x:.3f}" for x in row), file=sys.stderr)
-    return {
-        "tree": str(out),
-        "on": args.on,
-        "sampling": asdict(sampling),
-        "size": tree.size,
-        "expected_tokens_per_forward": tree.expected_length(calibration),
-        "chain_expected_tokens_per_forward": Tree.chain(acceptance.shape[0] + 1).expected_length(calibration),
-        "acceptance": acceptance.tolist(),
-        **report,
-    }
+    return {"tree": str(out), "on": args.on, "sampling": asdict(sampling), **fitted.report(), **report}
 
 
 # --------------------------------------------------------------------------------------------------

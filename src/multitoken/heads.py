@@ -65,7 +65,7 @@ from multitoken.loss import (
     shift_targets,
 )
 from multitoken.model import AttentionContext, MultiTokenModel
-from multitoken.train import METRICS_FILE, evaluate, prepare_data
+from multitoken.pretrain import METRICS_FILE, evaluate, prepare_data
 
 MODES = ("frozen", "joint")
 TARGETS = ("corpus", "self", "generated")

@@ -40,7 +40,7 @@ from multitoken.bench.flops import train_flops_per_token
 from multitoken.config import ModelConfig, TrainConfig
 from multitoken.data.dataset import WindowSampler
 from multitoken.model import MultiTokenModel
-from multitoken.train import build_optimizer, compile_blocks, default_device, train_step
+from multitoken.pretrain import build_optimizer, compile_blocks, default_device, train_step
 
 METHODS = ("summed", "sequential", "chunked")
 MIB = 2**20
@@ -225,7 +225,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """`auto` is what train.py trains with: bf16 autocast on CUDA, fp32 elsewhere."""
+    """`auto` is what pretrain.py trains with: bf16 autocast on CUDA, fp32 elsewhere."""
     if dtype == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return dtype

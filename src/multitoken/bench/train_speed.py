@@ -29,7 +29,7 @@ from multitoken.bench.memory import (
     resolve_dtype,
     run_worker,
 )
-from multitoken.train import default_device
+from multitoken.pretrain import default_device
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name in
 # order (the PCIe and NVL H100s are slower than the SXM part).

@@ -12,7 +12,7 @@ import torch
 
 from multitoken.data.tokenizers import Tokenizer, load_tokenizer
 from multitoken.errors import UserError
-from multitoken.train import bytes_per_token, prepare_data
+from multitoken.pretrain import bytes_per_token, prepare_data
 
 
 @dataclass

@@ -30,7 +30,7 @@ from multitoken.errors import UserError
 from multitoken.loop import training_loop
 from multitoken.loss import LossReport
 from multitoken.model import MultiTokenModel
-from multitoken.train import build_optimizer, train_step
+from multitoken.pretrain import build_optimizer, train_step
 
 SETTINGS = ("test", "quick", "full")
 
@@ -66,7 +66,7 @@ def train_on_tokens(
 ) -> TrainedModel:
     """Train a fresh model on random windows of an in-memory token stream, with the project's own step.
 
-    The same pieces as `multitoken.train.train` (AdamW, warmup + cosine, the sequential multi-token step)
+    The same pieces as `multitoken.pretrain.train` (AdamW, warmup + cosine, the sequential multi-token step)
     without its run folder, checkpoints and tokenizer: synthetic tasks generate their tokens directly.
     `evaluate(model)` runs every `eval_every` steps (0: only at the end); the model is left in eval mode.
     Batches depend only on `cfg.seed` and the step; weights only on `cfg.seed`.
@@ -135,7 +135,7 @@ def train_corpus_model(
     from multitoken.checkpoint import load_run
     from multitoken.data.corpus import default_corpus_paths
     from multitoken.data.tokenizers import load_tokenizer
-    from multitoken.train import prepare_data, train
+    from multitoken.pretrain import prepare_data, train
 
     sources = list(sources) or [str(p) for p in default_corpus_paths()]
     cache_dir = Path(work_dir).parent / "cache"

@@ -13,7 +13,7 @@ import torch
 from multitoken.checkpoint import latest_checkpoint, load_run, read_checkpoint_state
 from multitoken.config import ModelConfig, TrainConfig
 from multitoken.loop import lr_at
-from multitoken.train import TrainingDiverged, train
+from multitoken.pretrain import TrainingDiverged, train
 
 CORPUS = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(300))
 
@@ -125,7 +125,7 @@ def test_lr_schedule():
 KILL_SCRIPT = """
 import sys, torch
 from multitoken.config import ModelConfig, TrainConfig
-from multitoken.train import train
+from multitoken.pretrain import train
 cfg = TrainConfig(batch_size=4, context=32, max_steps=int(sys.argv[4]), eval_every=1000, checkpoint_every=1,
                   warmup_steps=2, val_fraction=0.2)
 model = ModelConfig(dim=32, n_layers=3, n_heads=4, n_future=2, max_seq_len=64)

@@ -169,8 +169,8 @@ def train_step(
     """One optimizer step over `grad_accum` micro-batches; returns the mean loss report and grad norm.
 
     `parallel` (default: one process) reduces gradients across ranks; the returned loss is averaged over
-    ranks, so every rank sees the same report. `bf16`: autocast (`autocast_context`; default on CUDA). Raises TrainingDiverged before touching the weights if the
-    loss is not finite (on every rank at once).
+    ranks, so every rank sees the same report. `bf16`: autocast (`autocast_context`; default on CUDA). Raises
+    TrainingDiverged before touching the weights if the loss is not finite (on every rank at once).
     """
     parallel = parallel or Parallelism(DistEnv(device=device))
     n = model.cfg.n_future
