@@ -56,7 +56,7 @@ from multitoken.checkpoint import (
 )
 from multitoken.config import ModelConfig
 from multitoken.distributed import DistEnv
-from multitoken.errors import CheckpointError
+from multitoken.errors import CheckpointError, one_line
 from multitoken.model import MultiTokenModel
 
 SHARDS_DIR = "dcp"
@@ -228,8 +228,10 @@ def load_sharded_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch
         ours = next((c for c in causes if isinstance(c, CheckpointError)), None)
         if ours is not None:
             raise ours from None
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load sharded checkpoint {ckpt}: {first}") from None
+        cause = causes[0] if causes else e  # the first rank's own error says more than DCP's wrapper
+        text = one_line(cause)
+        detail = text if text == type(cause).__name__ else f"{type(cause).__name__}: {text}"
+        raise CheckpointError(f"cannot load sharded checkpoint {ckpt}: {detail}") from None
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
     else:

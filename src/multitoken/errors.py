@@ -16,3 +16,17 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A run directory or checkpoint that cannot be loaded."""
+
+
+class ConfigTypeError(UserError, TypeError):
+    """A config field of the wrong type. Also a TypeError, which callers that build configs from user
+    mappings already catch to name the file it came from."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for a one-line error.
+
+    Libraries (torch.load, safetensors) explain their refusals over many lines; the first says what failed.
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -8,7 +8,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from multitoken.checkpoint import load_run, save_checkpoint, write_run_config  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+import multitoken  # noqa: E402
+from multitoken.checkpoint import latest_checkpoint, load_run, save_checkpoint, write_run_config  # noqa: E402
 from multitoken.data.tokenizers import BPETokenizer, ByteTokenizer, load_tokenizer  # noqa: E402
 from multitoken.errors import CheckpointError, DataError, UserError  # noqa: E402
 from multitoken.interop.hf import (  # noqa: E402
@@ -18,6 +21,7 @@ from multitoken.interop.hf import (  # noqa: E402
     export_run,
     import_hf,
     import_to_run,
+    read_safetensors,
 )
 from tests.conftest import make_model  # noqa: E402
 from tests.tolerance import twin_atol  # noqa: E402
@@ -342,3 +346,22 @@ def test_chat_template_and_special_tokens_travel_and_match_transformers(tmp_path
 
     reply = multitoken.load(out).generate(messages, max_new_tokens=4, stop_at_eos=False)
     assert reply.prompt.endswith("<|im_start|>assistant\n") and len(reply.token_ids) == 4
+
+
+def test_bf16_in_bf16_out_and_dtype_chosen_on_import_and_export(tmp_path):
+    src, hf = random_llama(tmp_path / "a")
+    hf.to(torch.bfloat16).save_pretrained(src)  # a bf16 checkpoint, as most hub models are
+    source = read_safetensors(src)
+    run = import_to_run(src, tmp_path / "run")
+    stored = load_file(latest_checkpoint(run) / "model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}  # not doubled to fp32
+    out = export_run(run, tmp_path / "out")
+    exported = read_safetensors(out)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert set(exported) == set(source) and all(torch.equal(exported[k], source[k]) for k in source)  # bitwise
+    as_fp32 = export_run(run, tmp_path / "out32", dtype=torch.float32)
+    assert {t.dtype for t in read_safetensors(as_fp32).values()} == {torch.float32}
+    run32 = import_to_run(src, tmp_path / "run32", dtype=torch.float32)
+    assert {t.dtype for t in load_file(latest_checkpoint(run32) / "model.safetensors").values()} == {torch.float32}
+    assert multitoken.load(out).model.tok_embeddings.weight.dtype == torch.float32  # decoding default: fp32
+    assert multitoken.load(out, dtype="bf16").model.tok_embeddings.weight.dtype == torch.bfloat16

@@ -182,3 +182,14 @@ def test_run_round_trip_with_tokenizer(tmp_path):
     assert torch.equal(all_logits(loaded.model), all_logits(model))
     with pytest.raises(UserError, match="unknown export format"):
         export_run(run, tmp_path / "x", "onnx")
+
+
+def test_the_api_loads_the_official_layout_with_every_head(tmp_path):
+    import multitoken
+
+    model = make_model(vocab_size=257, n_future=3, max_seq_len=256)
+    out = export_meta(model, tmp_path / "meta", ByteTokenizer())
+    lm = multitoken.load(out)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, lm.model.state_dict()[name]), name
+    assert lm.model.cfg.n_future == 3 and lm.generate("ab", max_new_tokens=4, stop_at_eos=False).token_ids

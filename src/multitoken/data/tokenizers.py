@@ -16,6 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from multitoken.checkpoint import read_json
 from multitoken.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -228,17 +229,17 @@ def load_tokenizer(path: Path) -> Tokenizer:
         return BPETokenizer.from_file(path)
     config_path = path / CONFIG_FILE
     if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text())
-            kind = config["kind"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise DataError(f"corrupt tokenizer config {config_path}: {exc}") from exc
+        config = read_json(config_path, DataError)
+        kind = config.get("kind") if isinstance(config, dict) else None
+        if not isinstance(kind, str):
+            raise DataError(f"corrupt tokenizer config {config_path}: it names no tokenizer kind")
         if kind == ByteTokenizer.kind:
             return ByteTokenizer()
         if kind == BPETokenizer.kind:
             template = config.get("chat_template")
             template = template if isinstance(template, str) else None
-            return BPETokenizer.from_file(path / TOKENIZER_FILE, config.get("eos_token"), template)
+            eos = config.get("eos_token")
+            return BPETokenizer.from_file(path / TOKENIZER_FILE, eos if isinstance(eos, str) else None, template)
         raise DataError(f"unknown tokenizer kind {kind!r} in {config_path}")
     if (path / TOKENIZER_FILE).is_file():
         return BPETokenizer.from_file(path / TOKENIZER_FILE)

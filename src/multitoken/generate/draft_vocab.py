@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from multitoken.checkpoint import atomic_write_text
+from multitoken.checkpoint import atomic_write_text, read_json
+from multitoken.config import typed_field
 from multitoken.errors import UserError
 
 DRAFT_VOCAB_FILE = "draft_vocab.json"
@@ -111,10 +112,16 @@ class DraftVocab:
     def load(cls, path: Path) -> DraftVocab:
         """A vocabulary written by `save`; UserError if the file is missing or malformed."""
         path = Path(path)
+        remedy = "make one with `multitoken calibrate RUN --draft-vocab K`"
         if not path.is_file():
-            raise UserError(f"no draft vocabulary at {path}; make one with `multitoken calibrate RUN --draft-vocab K`")
+            raise UserError(f"no draft vocabulary at {path}; {remedy}")
+        data = read_json(path, UserError, remedy)
         try:
-            data = json.loads(path.read_text())
-            return cls(torch.tensor([int(i) for i in data["ids"]], dtype=torch.long), int(data["vocab_size"]))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{path} is not a draft vocabulary file: {e}") from None
+            if not isinstance(data, dict):
+                raise UserError("not a JSON object")
+            ids, vocab_size = typed_field(data, "ids", list[int]), typed_field(data, "vocab_size", int, minimum=1)
+            if not all(0 <= i < vocab_size for i in ids):  # before torch.tensor, which overflows past int64
+                raise UserError(f"its ids must lie in [0, {vocab_size})")
+            return cls(torch.tensor(ids, dtype=torch.long), vocab_size)
+        except UserError as e:
+            raise UserError(f"{path} is not a draft vocabulary file: {e}; {remedy}") from None

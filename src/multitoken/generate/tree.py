@@ -27,18 +27,22 @@ are calibrated on sampled continuations, with the same temperature, top-k and to
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from multitoken.checkpoint import atomic_write_json
+from multitoken.checkpoint import atomic_write_json, read_json
+from multitoken.config import typed_field
 from multitoken.errors import UserError
 from multitoken.generate.sampling import SamplingConfig
 
 TREE_FILE = "tree.json"  # a run directory's calibrated tree, read by `generate --tree`
+# A verify forward feeds every node and its mask is nodes x context, while it can accept at most depth + 1
+# tokens: calibrated trees have tens of nodes. The bound keeps a hostile tree file from allocating gigabytes
+# (the ancestor matrix alone is nodes^2) and bounds the candidates per head a tree may read.
+MAX_TREE_NODES = 1024
 
 
 @dataclass(frozen=True)
@@ -52,10 +56,12 @@ class Tree:
     paths: tuple[tuple[int, ...], ...]
 
     def __post_init__(self) -> None:
+        if len(self.paths) >= MAX_TREE_NODES:
+            raise UserError(f"a tree of {len(self.paths) + 1} nodes is too large (at most {MAX_TREE_NODES})")
         seen: set[tuple[int, ...]] = {()}
         for path in self.paths:
-            if not path or min(path) < 0:
-                raise UserError(f"tree node {path} must be a non-empty path of ranks >= 0")
+            if not path or min(path) < 0 or max(path) >= MAX_TREE_NODES:
+                raise UserError(f"tree node {path} must be a non-empty path of ranks >= 0 and < {MAX_TREE_NODES}")
             if path in seen:
                 raise UserError(f"tree node {path} is listed twice")
             if path[:-1] not in seen:
@@ -232,10 +238,14 @@ def save_tree(tree: Tree, path: Path, calibration: Calibration | None = None) ->
 def load_tree(path: Path) -> Tree:
     """A tree written by `save_tree`; UserError if the file is missing or malformed."""
     path = Path(path)
+    remedy = "make one with `multitoken calibrate RUN`"
     if not path.is_file():
-        raise UserError(f"no draft tree at {path}; make one with `multitoken calibrate RUN`")
+        raise UserError(f"no draft tree at {path}; {remedy}")
+    data = read_json(path, UserError, remedy)
     try:
-        paths = json.loads(path.read_text())["paths"]
-        return Tree(tuple(tuple(int(r) for r in p) for p in paths))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path} is not a draft tree file: {e}") from None
+        if not isinstance(data, dict):
+            raise UserError("not a JSON object")
+        paths = typed_field(data, "paths", list[list[int]])
+        return Tree(tuple(tuple(p) for p in paths))
+    except UserError as e:
+        raise UserError(f"{path} is not a draft tree file: {e}; {remedy}") from None

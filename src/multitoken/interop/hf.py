@@ -23,19 +23,29 @@ The entry points for the CLI are `import_to_run` and `export_run`.
 from __future__ import annotations
 
 import json
+import reprlib
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from multitoken.checkpoint import save_checkpoint, write_run_config
-from multitoken.config import ModelConfig
+from multitoken.checkpoint import (
+    cast_model,
+    check_tensors,
+    kept_dtype,
+    load_run,
+    load_safetensors,
+    read_json,
+    save_checkpoint,
+    stored_dtype,
+    write_run_config,
+)
+from multitoken.config import ModelConfig, typed_field
 from multitoken.data.tokenizers import (
     CONFIG_FILE as TOKENIZER_CONFIG_FILE,
 )
@@ -45,6 +55,7 @@ from multitoken.data.tokenizers import (
     BPETokenizer,
     ByteTokenizer,
     Tokenizer,
+    load_tokenizer,
 )
 from multitoken.errors import CheckpointError, DataError, UserError
 from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE
@@ -75,24 +86,30 @@ HF_BLOCK_NAMES = {
 # configs
 
 
-def _required_int(hf: Mapping[str, Any], name: str) -> int:
+def _field(hf: Mapping[str, Any], name: str, hint: Any, **kwargs: Any) -> Any:
+    """`typed_field` of a transformers config, as CheckpointError."""
     try:
-        return int(hf[name])
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"the model config has no valid {name!r}") from None
+        return typed_field(hf, name, hint, **kwargs)
+    except UserError as e:
+        raise CheckpointError(f"the model config has {e}") from None
 
 
 def config_from_hf(hf: Mapping[str, Any], n_future: int = 1, max_seq_len: int | None = None) -> ModelConfig:
-    """Our ModelConfig for a transformers config dict, or CheckpointError naming what is unsupported.
+    """Our ModelConfig for a transformers config dict, or CheckpointError naming what is unsupported or of the
+    wrong type.
 
     Accepts transformers 4 (`rope_theta`, `rope_scaling`) and 5 (`rope_parameters`) spellings.
     """
+    if not isinstance(hf, Mapping):
+        raise CheckpointError(f"the model config is not a JSON object but {reprlib.repr(hf)}")
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(f"model_type {model_type!r} is not supported (only {', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise CheckpointError(
+            f"model_type {reprlib.repr(model_type)} is not supported (only {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     problems = []
-    rope = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or {}
+    rope = _field(hf, "rope_parameters", dict[str, Any], default={})
+    scaling = _field(hf, "rope_scaling", dict[str, Any], default={})
     for rope_type in (rope.get("rope_type"), scaling.get("rope_type") or scaling.get("type")):
         if rope_type not in (None, "default"):
             problems.append(f"RoPE scaling {rope_type!r}")
@@ -104,32 +121,34 @@ def config_from_hf(hf: Mapping[str, Any], n_future: int = 1, max_seq_len: int | 
     # Mistral's sliding window changes attention; a Mistral without one is a Llama.
     if hf.get("sliding_window") is not None:
         problems.append(f"sliding_window={hf['sliding_window']}")
-    quant = hf.get("quantization_config") or {}
+    quant = _field(hf, "quantization_config", dict[str, Any], default={})
     if quant and quant.get("quant_method") != "gguf":  # transformers dequantises GGUF on load
         problems.append(f"quantized weights ({quant.get('quant_method')})")
-    dim, n_heads = _required_int(hf, "hidden_size"), _required_int(hf, "num_attention_heads")
-    head_dim = hf.get("head_dim") or dim // n_heads
+    dim = _field(hf, "hidden_size", int, minimum=1)
+    n_heads = _field(hf, "num_attention_heads", int, minimum=1)
+    head_dim = _field(hf, "head_dim", int, default=dim // n_heads)
     if dim % n_heads or head_dim != dim // n_heads:
         problems.append(f"head_dim={head_dim} != hidden_size/num_attention_heads={dim}/{n_heads}")
     if problems:
         raise CheckpointError(f"unsupported {model_type} checkpoint: {'; '.join(problems)}")
-    n_source_layers = _required_int(hf, "num_hidden_layers")
+    n_source_layers = _field(hf, "num_hidden_layers", int)
     if n_source_layers < 2:
         raise CheckpointError("a checkpoint of fewer than 2 layers cannot be split into a trunk and a head")
+    theta = _field(rope, "rope_theta", float, default=_field(hf, "rope_theta", float, default=10000.0))
     return ModelConfig(
-        vocab_size=_required_int(hf, "vocab_size"),
+        vocab_size=_field(hf, "vocab_size", int, minimum=1),
         dim=dim,
         # The last source layer becomes head 1; extra heads add blocks (n_layers counts all blocks).
         n_layers=n_source_layers - 1 + n_future,
         n_heads=n_heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-        ffn_dim=_required_int(hf, "intermediate_size"),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        max_seq_len=max_seq_len or int(hf.get("max_position_embeddings", 2048)),
+        n_kv_heads=_field(hf, "num_key_value_heads", int, default=n_heads, minimum=1),
+        ffn_dim=_field(hf, "intermediate_size", int, minimum=1),
+        norm_eps=float(_field(hf, "rms_norm_eps", float, default=1e-6)),
+        rope_theta=float(theta),
+        max_seq_len=max_seq_len or _field(hf, "max_position_embeddings", int, default=2048, minimum=1),
         n_future=n_future,
         head_type="parallel",
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_embeddings=_field(hf, "tie_word_embeddings", bool, default=False),
     )
 
 
@@ -204,24 +223,27 @@ def state_from_hf(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict
 
 
 def _load_state(model: MultiTokenModel, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load `state` after checking every shape, so a mismatch never leaves a half-loaded model."""
-    expected = model.state_dict()
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise CheckpointError(
-                f"{source}: {name} has shape {tuple(tensor.shape)}, config implies {tuple(expected[name].shape)}"
-            )
+    """Load `state` after checking every name, shape and dtype, so a mismatch never leaves a half-loaded model."""
+    check_tensors(state, model.state_dict(), source)
     model.load_state_dict(state, strict=True)
 
 
 def read_safetensors(src_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of model.safetensors or of the shards listed in model.safetensors.index.json."""
+    """Every tensor of model.safetensors or of the shards listed in model.safetensors.index.json.
+
+    Pickled weights (pytorch_model.bin) are refused, never unpickled; the index may name only files beside it.
+    """
     index = src_dir / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"corrupt {index}: {exc!r}") from None
+        data = read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        shards = list(weight_map.values()) if isinstance(weight_map, dict) else []
+        if not shards or not all(isinstance(v, str) and v == Path(v).name and v not in ("", ".", "..") for v in shards):
+            raise CheckpointError(f"{index} is corrupt: its weight_map should name shard files beside it")
+        files = sorted(set(shards))
+        missing = [name for name in files if not (src_dir / name).is_file()]
+        if missing:
+            raise CheckpointError(f"{src_dir} lacks {len(missing)} of the shards its index lists, e.g. {missing[0]}")
     elif (src_dir / "model.safetensors").is_file():
         files = ["model.safetensors"]
     elif any(src_dir.glob("*.bin")) or any(src_dir.glob("*.pt*")):
@@ -230,10 +252,7 @@ def read_safetensors(src_dir: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{src_dir} has no model.safetensors")
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
-        try:
-            tensors.update(load_file(src_dir / name))
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"cannot read {src_dir / name}: {exc}") from None
+        tensors.update(load_safetensors(src_dir / name))
     return tensors
 
 
@@ -241,22 +260,29 @@ def read_safetensors(src_dir: Path) -> dict[str, torch.Tensor]:
 # tokenizers
 
 
+def _tokenizer_config(src_dir: Path) -> dict[str, Any]:
+    """tokenizer_config.json of a source folder ({} without one), or DataError if it is not a JSON object."""
+    path = src_dir / TOKENIZER_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    data = read_json(path, DataError)
+    if not isinstance(data, dict):
+        raise DataError(f"{path} is corrupt: not a JSON object")
+    return data
+
+
 def _eos_token(src_dir: Path, hf_config: Mapping[str, Any], tok: HFTokenizer) -> str | None:
     """The source's end-of-sequence token: tokenizer_config.json's, else config.json's id, else None."""
-    path = src_dir / TOKENIZER_CONFIG_FILE
-    if path.is_file():
-        try:
-            eos = json.loads(path.read_text()).get("eos_token")
-        except (json.JSONDecodeError, AttributeError):
-            eos = None
-        if isinstance(eos, dict):  # the AddedToken form {"content": ..., ...}
-            eos = eos.get("content")
-        if isinstance(eos, str):
-            return eos
+    eos = _tokenizer_config(src_dir).get("eos_token")
+    if isinstance(eos, dict):  # the AddedToken form {"content": ..., ...}
+        eos = eos.get("content")
+    if isinstance(eos, str):
+        return eos
     eos_id = hf_config.get("eos_token_id")
     if isinstance(eos_id, list):  # several stop ids (chat models): the first is the main one
         eos_id = eos_id[0] if eos_id else None
-    return tok.id_to_token(eos_id) if isinstance(eos_id, int) else None
+    in_range = isinstance(eos_id, int) and not isinstance(eos_id, bool) and 0 <= eos_id < tok.get_vocab_size()
+    return tok.id_to_token(eos_id) if in_range else None
 
 
 def _read_hf_tokenizer(src_dir: Path, hf_config: Mapping[str, Any]) -> BPETokenizer | None:
@@ -272,11 +298,7 @@ def _read_hf_tokenizer(src_dir: Path, hf_config: Mapping[str, Any]) -> BPETokeni
 
 def _chat_template(src_dir: Path) -> str | None:
     """tokenizer_config.json's chat template (or its "default" one, where it lists several), else None."""
-    path = src_dir / TOKENIZER_CONFIG_FILE
-    try:
-        template = json.loads(path.read_text()).get("chat_template") if path.is_file() else None
-    except (json.JSONDecodeError, AttributeError):
-        return None
+    template = _tokenizer_config(src_dir).get("chat_template")
     if isinstance(template, list):  # [{"name": ..., "template": ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default", next(iter(named.values()), None))
@@ -352,10 +374,9 @@ def _open_source(
         return hf_model.config.to_dict(), hf_model.state_dict, tokenizer, str(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is neither a Hugging Face model folder (config.json) nor a .gguf file")
-    try:
-        hf_config = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"corrupt {path / 'config.json'}: {exc}") from None
+    hf_config = read_json(path / "config.json")
+    if not isinstance(hf_config, dict):
+        raise CheckpointError(f"{path / 'config.json'} is corrupt: not a JSON object")
     return hf_config, lambda: read_safetensors(path), _read_hf_tokenizer(path, hf_config), str(path)
 
 
@@ -365,15 +386,18 @@ def import_hf(
     *,
     gguf_file: str | None = None,
     max_seq_len: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[MultiTokenModel, BPETokenizer | None]:
     """(our model, its tokenizer or None) from a transformers Llama.
 
     `src` is a folder (config.json + safetensors, tokenizer.json optional), a `.gguf` file, a folder
     with `gguf_file` naming a GGUF file in it, or a loaded `LlamaForCausalLM` (no tokenizer then).
     With `n_future` > 1, heads 2..n start as copies of head 1 (the source's last layer), to be trained.
-    `max_seq_len` defaults to the source's max_position_embeddings.
+    `max_seq_len` defaults to the source's max_position_embeddings. `dtype` (default: the source's, bf16 kept
+    as bf16, fp16 as fp32, which holds it exactly; a GGUF's weights come dequantized, as fp32).
     """
     hf_config, read_tensors, tokenizer, source = _open_source(src, gguf_file)
+    where = f"{source}/config.json" if isinstance(src, (str, Path)) and Path(src).is_dir() else source
     sidecar = _read_heads(Path(src)) if isinstance(src, (str, Path)) and gguf_file is None else None
     if sidecar is not None:  # exported by multitoken: the whole model, every head as it was
         cfg, heads = sidecar
@@ -381,26 +405,35 @@ def import_hf(
             raise UserError(f"{src} carries {cfg.n_future} heads; import it with n_future {cfg.n_future} (or 1)")
         cfg = cfg.replace(max_seq_len=max_seq_len) if max_seq_len else cfg
         model = MultiTokenModel(cfg)
-        _load_state(model, {**state_from_hf(read_tensors(), cfg), **heads}, source)
-        return model.eval(), tokenizer
-    cfg = config_from_hf(hf_config, 1, max_seq_len)
+        tensors = read_tensors()
+        _load_state(model, {**state_from_hf(tensors, cfg), **heads}, source)
+        return cast_model(model, dtype or kept_dtype(tensors["model.embed_tokens.weight"])).eval(), tokenizer
+    try:
+        cfg = config_from_hf(hf_config, 1, max_seq_len)
+        cfg.check_fits_memory()  # before the model is built or any weight is read
+    except UserError as e:
+        raise CheckpointError(f"{where}: {e}") from None
     model = MultiTokenModel(cfg)
-    _load_state(model, state_from_hf(read_tensors(), cfg), source)
+    tensors = read_tensors()
+    _load_state(model, state_from_hf(tensors, cfg), source)
     if n_future > 1:
         model = add_heads(model, n_future)
-    return model.eval(), tokenizer
+    return cast_model(model, dtype or kept_dtype(tensors["model.embed_tokens.weight"])).eval(), tokenizer
 
 
 def _read_heads(src: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]] | None:
     """The full config and the extra heads' tensors that `export_hf` wrote beside a Llama, or None."""
-    if not (src / HEADS_CONFIG_FILE).is_file():
+    path = src / HEADS_CONFIG_FILE
+    if not path.is_file():
         return None
+    data = read_json(path)
+    if not isinstance(data, dict) or "model" not in data:
+        raise CheckpointError(f"{path} is corrupt: it has no 'model' section")
     try:
-        cfg = ModelConfig.from_dict(json.loads((src / HEADS_CONFIG_FILE).read_text())["model"])
-        heads = load_file(src / HEADS_WEIGHTS_FILE)
-    except (OSError, SafetensorError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"cannot read the heads in {src}: {exc}") from None
-    return cfg, heads
+        cfg = ModelConfig.from_dict(data["model"])
+    except UserError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return cfg, load_safetensors(src / HEADS_WEIGHTS_FILE)
 
 
 def import_to_run(
@@ -412,22 +445,25 @@ def import_to_run(
     n_future: int = 1,
     max_seq_len: int | None = None,
     allow_missing_tokenizer: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Import a checkpoint into a new run directory `out_dir` (config, tokenizer, checkpoint step 0).
 
     `layout` is "hf" (a transformers folder or GGUF file; see `import_hf`) or "meta" (params.json +
     consolidated.pth; see `import_meta`). A source without a tokenizer is refused unless
-    `allow_missing_tokenizer`. The run directory appears complete or not at all.
+    `allow_missing_tokenizer`. `dtype`: the weights' (default: the source's, see `import_hf`). The run
+    directory appears complete or not at all.
     """
     src = Path(src)
     if layout == "hf":
-        model, tokenizer = import_hf(src, n_future, gguf_file=gguf_file, max_seq_len=max_seq_len)
+        model, tokenizer = import_hf(src, n_future, gguf_file=gguf_file, max_seq_len=max_seq_len, dtype=dtype)
     elif layout == "meta":
         if gguf_file is not None or n_future != 1:
             raise UserError(
                 "--gguf and n_future apply to Hugging Face imports only (the Meta layout has its own heads)"
             )
         model, tokenizer = import_meta(src, max_seq_len)
+        model = cast_model(model, dtype)
     else:
         raise UserError(f"unknown layout {layout!r}: expected 'hf' or 'meta'")
     if tokenizer is None and not allow_missing_tokenizer:
@@ -494,12 +530,16 @@ def export_hf(
     return Path(out_dir)
 
 
-def export_run(run_dir: Path, out_dir: Path, fmt: str = "hf") -> Path:
+def export_run(run_dir: Path, out_dir: Path, fmt: str = "hf", dtype: torch.dtype | None = None) -> Path:
     """Export a run directory's newest checkpoint as "hf" (`export_hf`, with the run's tree and draft
-    vocabulary) or "meta" (`export_meta`)."""
+    vocabulary) or "meta" (`export_meta`), its weights in `dtype` (default: the checkpoint's)."""
+    if fmt not in ("hf", "meta"):
+        raise UserError(f"unknown export format {fmt!r}: expected 'hf' or 'meta'")
+    run = load_run(run_dir)
+    model = cast_model(run.model, dtype or stored_dtype(run.checkpoint))
+    has_tokenizer = (Path(run_dir) / TOKENIZER_CONFIG_FILE).is_file() or (Path(run_dir) / TOKENIZER_FILE).is_file()
+    tokenizer = load_tokenizer(run_dir) if has_tokenizer else None
     if fmt == "hf":
         extra = [Path(run_dir) / name for name in (TREE_FILE, DRAFT_VOCAB_FILE) if (Path(run_dir) / name).is_file()]
-        return export_hf(run_dir, out_dir, extra_files=extra)
-    if fmt == "meta":
-        return export_meta(run_dir, out_dir)
-    raise UserError(f"unknown export format {fmt!r}: expected 'hf' or 'meta'")
+        return export_hf(model, out_dir, tokenizer, extra_files=extra)
+    return export_meta(model, out_dir, tokenizer)

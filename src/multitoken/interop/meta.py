@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from multitoken.checkpoint import load_run
-from multitoken.config import ModelConfig
+from multitoken.checkpoint import check_tensors, load_run, read_json
+from multitoken.config import ModelConfig, typed_field
 from multitoken.data.tokenizers import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from multitoken.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
-from multitoken.errors import CheckpointError, UserError
+from multitoken.errors import CheckpointError, UserError, one_line
 from multitoken.model import MultiTokenModel
 
 PARAMS_FILE = "params.json"
@@ -192,27 +192,31 @@ def export_meta(model_or_run: MultiTokenModel | str | Path, out_dir: Path, token
 
 
 def config_from_params(params: dict[str, Any], vocab_size: int, max_seq_len: int) -> ModelConfig:
-    """Our ModelConfig for a params.json (parallel heads, untied embeddings, as in Meta's model)."""
+    """Our ModelConfig for a params.json (parallel heads, untied embeddings, as in Meta's model), every field
+    checked for type and range."""
     if params.get("use_scaled_rope"):
         raise CheckpointError("params.json asks for scaled RoPE (Llama 3.1), which is not supported")
     try:
-        dim, n_heads = int(params["dim"]), int(params["n_heads"])
-        return ModelConfig(
+        dim, n_heads = typed_field(params, "dim", int, minimum=1), typed_field(params, "n_heads", int, minimum=1)
+        multiple_of = typed_field(params, "multiple_of", int, default=256, minimum=1)
+        multiplier = typed_field(params, "ffn_dim_multiplier", float, default=None)
+        cfg = ModelConfig(
             vocab_size=vocab_size,
             dim=dim,
-            n_layers=int(params["n_layers"]),
+            n_layers=typed_field(params, "n_layers", int),
             n_heads=n_heads,
-            n_kv_heads=int(params.get("n_kv_heads") or n_heads),
-            ffn_dim=meta_ffn_dim(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier")),
-            norm_eps=float(params.get("norm_eps", 1e-5)),
-            rope_theta=float(params.get("rope_theta", 10000.0)),
+            n_kv_heads=typed_field(params, "n_kv_heads", int, default=n_heads),
+            ffn_dim=meta_ffn_dim(dim, multiple_of, multiplier),
+            norm_eps=float(typed_field(params, "norm_eps", float, default=1e-5)),
+            rope_theta=float(typed_field(params, "rope_theta", float, default=10000.0)),
             max_seq_len=max_seq_len,
-            n_future=int(params.get("n_future_tokens", 1)),
+            n_future=typed_field(params, "n_future_tokens", int, default=1),
             head_type="parallel",
             tie_embeddings=False,
         )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"params.json is not a valid Llama config: {exc!r}") from None
+    except UserError as exc:
+        raise CheckpointError(f"params.json is not a valid Llama config: {exc}") from None
+    return cfg
 
 
 def import_meta(src_dir: Path, max_seq_len: int | None = None) -> tuple[MultiTokenModel, Tokenizer | None]:
@@ -228,24 +232,30 @@ def import_meta(src_dir: Path, max_seq_len: int | None = None) -> tuple[MultiTok
     for path in (params_path, weights_path):
         if not path.is_file():
             raise CheckpointError(f"{src_dir} is not a Meta checkpoint (no {path.name})")
-    try:
-        params = json.loads(params_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {params_path}: {exc}") from None
+    params = read_json(params_path)
     if not isinstance(params, dict):
         raise CheckpointError(f"{params_path} is not a JSON object")
     try:
+        # weights_only: the unpickler builds tensors and plain containers only, so a crafted file runs no code
+        # (it is refused); each storage holds the bytes the file has for it, so a file allocates at most its size.
         weights = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises many types for truncated or foreign files
-        raise CheckpointError(f"cannot read {weights_path}: {type(exc).__name__}: {exc}") from None
-    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+    except Exception as exc:  # torch.load raises many types for truncated, foreign or hostile files
+        raise CheckpointError(f"cannot read {weights_path}: {type(exc).__name__}: {one_line(exc)}") from None
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in weights.items()):
         raise CheckpointError(f"{weights_path} is not a plain dict of tensors")
     embedding = weights.get("tok_embeddings.weight")
     if embedding is None or embedding.dim() != 2:
         raise CheckpointError(f"{weights_path} has no 2-D tok_embeddings.weight")
-    vocab_size = int(params.get("vocab_size", -1))  # Llama 2's params.json says -1: take the tensor's
+    try:
+        vocab_size = typed_field(params, "vocab_size", int, default=-1)  # Llama 2's says -1: take the tensor's
+    except UserError as exc:
+        raise CheckpointError(f"params.json is not a valid Llama config: {exc}") from None
     vocab_size = vocab_size if vocab_size > 0 else embedding.shape[0]
     cfg = config_from_params(params, vocab_size, max_seq_len or DEFAULT_MAX_SEQ_LEN)
+    try:
+        cfg.check_fits_memory()  # before anything is sized by the config
+    except UserError as exc:
+        raise CheckpointError(f"{params_path}: {exc}") from None
 
     # (Meta's name, our name, our block tensor or None) for every tensor; the whole file is checked
     # against the model before anything is loaded.
@@ -260,16 +270,10 @@ def import_meta(src_dir: Path, max_seq_len: int | None = None) -> tuple[MultiTok
             f"{len(unexpected)} unexpected, e.g. {unexpected[:3]})"
         )
     model = MultiTokenModel(cfg)
-    expected = model.state_dict()
-    state = {}
-    for theirs, ours, w in names:
-        tensor = weights[theirs]
-        if tensor.shape != expected[ours].shape:
-            raise CheckpointError(
-                f"{weights_path}: {theirs} has shape {tuple(tensor.shape)}, params.json implies "
-                f"{tuple(expected[ours].shape)}"
-            )
-        state[ours] = tensor if w is None else _permute(w, tensor, cfg, to_meta=False)
+    check_tensors({ours: weights[theirs] for theirs, ours, _ in names}, model.state_dict(), str(weights_path),
+                  "params.json")  # fmt: skip
+    state = {ours: weights[theirs] if w is None else _permute(w, weights[theirs], cfg, to_meta=False)
+             for theirs, ours, w in names}  # fmt: skip
     model.load_state_dict(state, strict=True)
     tokenizer = None
     if (src_dir / TOKENIZER_CONFIG_FILE).is_file() or (src_dir / TOKENIZER_FILE).is_file():
