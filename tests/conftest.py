@@ -1,8 +1,15 @@
+import os
+
 import pytest
 import torch
 
 from multitoken.config import ModelConfig
 from multitoken.model import MultiTokenModel
+
+# Decoding chooses its few-row kernels by measuring (multitoken/kernels.py). The suite, its subprocesses
+# included, keeps the choices in memory so that it never writes the user's cache; tests/test_kernels.py tests
+# the cache in a temporary directory.
+os.environ.setdefault("MULTITOKEN_KERNEL_CACHE", "off")
 
 
 def make_model(seed: int = 0, **overrides) -> MultiTokenModel:

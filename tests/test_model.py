@@ -2,11 +2,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from multitoken import kernels
 from multitoken.config import PRESETS, ModelConfig, param_count, preset
 from multitoken.errors import UserError
 from multitoken.head_kinds import HEAD_TYPES
+from multitoken.kernels import NEVER, Choice
 from multitoken.kv_cache import causal_mask
-from multitoken.model import FEW_ROWS, FEW_ROWS_THREADED, LARGE_WEIGHT, Linear, MultiTokenModel
+from multitoken.model import Linear, MultiTokenModel
 from tests.conftest import make_model
 from tests.tolerance import assert_within, dot_bound, twin_atol
 
@@ -157,17 +159,18 @@ def test_sequence_longer_than_context_is_refused():
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
-ROW_COUNTS = [(1, 1), (1, 2), (2, 3), (1, FEW_ROWS), (1, FEW_ROWS + 1), (4, FEW_ROWS_THREADED // 4), (3, 50)]
+ROW_COUNTS = [(1, 1), (1, 2), (2, 3), (1, 8), (1, 9), (4, 16), (3, 50), (5, 13)]  # 65 rows: past every bound
 
 
 @pytest.mark.parametrize("shape", ROW_COUNTS)
-@pytest.mark.parametrize("threads", [1, 2])  # the row bound of the weight-stationary path depends on them
-@pytest.mark.parametrize("d_in, d_out", [(24, 40), (64, LARGE_WEIGHT // 64)])
-def test_linear_equals_f_linear_for_every_row_count(shape, threads, d_in, d_out, monkeypatch):
-    # Each path (F.linear; few rows of a large weight, weight-stationary; one row of it as two columns) must
-    # be x @ W.T, with the same gradients.
+@pytest.mark.parametrize("choice", [NEVER, Choice(bound=64, one_row=True)], ids=["F.linear", "weight-stationary"])
+@pytest.mark.parametrize("d_in, d_out", [(24, 40), (64, 2**16)])
+def test_linear_equals_f_linear_for_every_row_count(shape, choice, d_in, d_out, monkeypatch):
+    # Each path (F.linear; few rows weight-stationary; one row as two columns) must be x @ W.T, with the same
+    # gradients, whichever the machine's measurement chose (kernels.py).
     torch.manual_seed(0)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(kernels, "_chosen", {})
+    kernels.use({(torch.float32, d_out, d_in): choice})
     layer = Linear(d_in, d_out)
     x = torch.randn(*shape, d_in, requires_grad=True)
     y = layer(x)

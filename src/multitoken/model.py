@@ -24,44 +24,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from multitoken import kernels
 from multitoken.config import ModelConfig
 from multitoken.kv_cache import KVCache, ModelCache, causal_mask
 
-# On the CPU, MKL multiplies a few rows by a weight that is not in the cache slowly, and in decoding no weight
-# is: every step streams the whole model. Computing (W @ x.T).T instead, which streams W once, made a verify
-# forward of SmolLM2-135M over 4 tokens cost 97 ms instead of 190 ms (one token: 80-106 ms), and one row of
-# a large weight is faster as a two-column product than as MKL's matrix-vector product (49152 x 576: 19 ms
-# -> 11 ms). 2 AMD EPYC cores; benchmarks/few_rows.py and docs/decoding.md "Few-row products". In whole
-# decode forwards (`few_rows.py --forwards`) this pays for 2-8 rows on both models measured (the demo preset
-# and SmolLM2's shape, 1 or 2 threads: up to 2.2x faster, never slower beyond noise). Beyond 8 rows it pays
-# only with several threads: on one, MKL's own product is faster for the demo model (1.25-1.8x at 12-32 rows)
-# and for SmolLM2's shape at 12, and a 12-node tree is a common verify block. On two threads it still
-# pays for SmolLM2's shape up to 32 rows (1.1-1.5x). Many rows (training, prefill) stay on F.linear, and so
-# do other devices.
-FEW_ROWS = 8
-FEW_ROWS_THREADED = 64  # the bound when MKL runs on more than one thread
-LARGE_WEIGHT = 2**22  # elements (16 MiB in fp32): below this one row stays a matrix-vector product
 
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (..., in) @ weight (out, in).T, with few-row products on the CPU computed weight-stationary."""
-    out_features, in_features = weight.shape
-    rows = x.numel() // in_features
-    few = FEW_ROWS if torch.get_num_threads() == 1 else FEW_ROWS_THREADED
-    if not x.is_cpu or rows > few or (rows == 1 and in_features * out_features < LARGE_WEIGHT):
-        return F.linear(x, weight)
-    # Row-contiguous rows, so that W @ flat.T reads x column-major: MKL multiplies a 576 x 1536 weight by 4
-    # rows given that way in 175 us and by the same rows stored as a (1536, 4) matrix in 588 us, and this
-    # function's own output (a transposed view) would otherwise feed the next product in that slow layout.
-    flat = x.reshape(rows, in_features).contiguous()  # (M, in)
-    if rows == 1:
-        flat = flat.repeat(2, 1)  # (2, in): a two-column product, not MKL's matrix-vector product
-    y = weight @ flat.T  # (out, M) or (out, 2)
-    return y[:, :rows].T.reshape(*x.shape[:-1], out_features)  # (..., out)
+def linear(x: torch.Tensor, weight: torch.Tensor, decide_as: Sequence[int] | None = None) -> torch.Tensor:
+    """x (..., in) @ weight (out, in).T; a few-row product on the CPU is computed weight-stationary where that
+    was measured faster on this machine (kernels.py). Everything else goes to F.linear: many rows (training,
+    prefill), shapes not measured, other devices. decide_as: the weight shape whose choice applies, for a
+    weight made of rows of a larger one (a draft vocabulary's rows of the unembedding)."""
+    rows = x.numel() // weight.shape[1]
+    if x.is_cpu and kernels.choice_for(weight.shape if decide_as is None else decide_as, weight.dtype).takes(rows):
+        return kernels.weight_stationary(x, weight)
+    return F.linear(x, weight)
 
 
 class Linear(nn.Linear):
-    """nn.Linear without bias whose few-row products on the CPU are computed weight-stationary (see above)."""
+    """nn.Linear without bias whose few-row products on the CPU may be computed weight-stationary (`linear`)."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
@@ -190,6 +170,7 @@ class MultiTokenModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        cfg.check_fits_memory()  # refused from the config, before a byte is allocated
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.trunk = nn.ModuleList(Block(cfg) for _ in range(cfg.n_trunk_layers))
@@ -297,7 +278,7 @@ class MultiTokenModel(nn.Module):
         """
         if rows is None:
             return self.output(self.norm(z))
-        return linear(self.norm(z), rows)
+        return linear(self.norm(z), rows, decide_as=self.output.weight.shape)
 
     # ----------------------------------------------------------------------------------------------
     # composition
@@ -326,7 +307,12 @@ class MultiTokenModel(nn.Module):
     def make_cache(
         self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
     ) -> ModelCache:
-        """An empty static cache for every block, on the model's device."""
+        """An empty static cache for every block, on the model's device.
+
+        Decoding starts here, so on the CPU this also chooses, once per machine and thread count, which of the
+        model's few-row products go weight-stationary (`kernels.prepare`); training never makes a cache.
+        """
+        kernels.prepare(m.weight for m in self.modules() if isinstance(m, Linear))
         cfg, p = self.cfg, self.tok_embeddings.weight
         max_len = max_len or cfg.max_seq_len
         if max_len > cfg.max_seq_len:

@@ -27,6 +27,7 @@ from multitoken.config import ModelConfig, TrainConfig
 from multitoken.data.dataset import WindowSampler
 from multitoken.data.tokenizers import Tokenizer
 from multitoken.errors import UserError
+from multitoken.kernels import cpu_model
 from multitoken.loop import training_loop
 from multitoken.loss import LossReport
 from multitoken.model import MultiTokenModel
@@ -168,17 +169,6 @@ def git_commit(repo: Path | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+dirty" if dirty else "")
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or what `platform` knows elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info(device: torch.device | None = None) -> dict[str, Any]:
