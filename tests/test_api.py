@@ -52,6 +52,9 @@ def test_stop_strings_cut_the_text(saved):
     stop = full.text[5:7]
     cut = lm.generate(prompt, max_new_tokens=24, stop=["\x00\x00\x00", stop], stop_at_eos=False)
     assert cut.stop_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+    # Decoding itself ended at the stop string: within one step (at most the model's heads) past its end.
+    end = len(full.text[: full.text.find(stop)]) + len(stop)
+    assert end <= len(cut.token_ids) < end + lm.model.cfg.n_future
 
 
 def test_sampling_is_seeded_and_streams_its_text(saved):

@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from multitoken.api import Generation, MultiTokenLM, add_heads, load, train
-    from multitoken.config import ModelConfig, TrainConfig
-    from multitoken.heads import HeadsConfig
+    from multitoken.config import HeadsConfig, ModelConfig, TrainConfig
 
 __version__ = "0.1.0"
 _LAZY = {
@@ -24,7 +23,7 @@ _LAZY = {
     "train": "multitoken.api",
     "ModelConfig": "multitoken.config",
     "TrainConfig": "multitoken.config",
-    "HeadsConfig": "multitoken.heads",
+    "HeadsConfig": "multitoken.config",
 }
 __all__ = [
     "Generation", "MultiTokenLM", "add_heads", "load", "train", "ModelConfig", "TrainConfig", "HeadsConfig",

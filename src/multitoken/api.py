@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from multitoken.checkpoint import cast_model, load_run, save_checkpoint, write_run_config
-from multitoken.config import DEFAULT_PRESET, ModelConfig, TrainConfig, preset
+from multitoken.checkpoint import cast_model, load_run, resolve_dtype, save_checkpoint, write_run_config
+from multitoken.config import DEFAULT_PRESET, HeadsConfig, ModelConfig, TrainConfig, preset
 from multitoken.data.tokenizers import Tokenizer, load_tokenizer
 from multitoken.errors import UserError
 from multitoken.generate.autoregressive import NextToken
@@ -26,11 +26,9 @@ from multitoken.generate.sampling import SamplingConfig
 from multitoken.generate.session import Drafter, decode
 from multitoken.generate.speculative import HeadDrafter
 from multitoken.generate.tree import TREE_FILE, Tree, load_tree, save_tree
-from multitoken.heads import HeadsConfig
 from multitoken.model import MultiTokenModel
 
 DECODINGS = ("plain", "chain", "tree")
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -96,10 +94,10 @@ class MultiTokenLM:
         decoding: "plain", "chain" (heads 2..k draft, head 1 verifies; `heads_used` = k) or "tree" (the
         calibrated tree); the default is the tree if there is one, else the chain if the model has extra
         heads, else plain. Greedy (temperature 0) output is the same whichever decoding; sampling
-        (temperature, top_k, top_p, drawn from `seed`) keeps the model's distribution exactly. `stop`: cut
-        the text before the first of these strings. `draft_vocab`: draft among the draft vocabulary's
-        tokens only. `stream(text)`: called with each new piece of text as it is accepted (one prompt only; it
-        sees the text up to where decoding stopped, past any stop string).
+        (temperature, top_k, top_p, drawn from `seed`) keeps the model's distribution exactly. `stop`: end
+        decoding once one of these strings appears, the text cut before the first. `draft_vocab`: draft among
+        the draft vocabulary's tokens only. `stream(text)`: called with each new piece of text as it is
+        accepted (one prompt only; it sees the text up to where decoding stopped, past any stop string).
         """
         chat = _is_chat(prompt)
         if chat:  # one conversation: rendered under the chat template, its special tokens recognised
@@ -128,7 +126,8 @@ class MultiTokenLM:
             drafter = HeadDrafter(heads_used, tree, self.draft_vocab if draft_vocab else None)
         result = decode(
             self.model, ids, max_new_tokens, drafter, sampling=sampling, generator=generator, eos_id=eos,
-            on_tokens=on_tokens, compile_step=compile_step, cuda_graphs=cuda_graphs,
+            on_tokens=on_tokens, stop_when=self._stop_rule(stops), compile_step=compile_step,
+            cuda_graphs=cuda_graphs,
         )  # fmt: skip
         if on_tokens is not None:
             on_tokens.finish()
@@ -142,6 +141,20 @@ class MultiTokenLM:
                 text, reason = text[:cut], "stop"
             out.append(Generation(text_prompt, text, list(new), reason, len(new) / max(row_forwards[b], 1), stats))
         return out[0] if isinstance(prompt, str) else out
+
+    def _stop_rule(self, stops: list[str]) -> Callable[[int, list[int]], bool] | None:
+        """Whether a sequence's text now holds a stop string: the tail of its tokens decoded, long enough to
+        hold the longest stop string (a token is at least one byte, a character at most four) and the tokens of
+        one step (at most the model's heads)."""
+        if not stops:
+            return None
+        tail = 4 * max(len(s) for s in stops) + self.model.cfg.n_future + 1
+
+        def stop(row: int, tokens: list[int]) -> bool:
+            text = self.tokenizer.decode(tokens[-tail:])
+            return any(s in text for s in stops)
+
+        return stop
 
     def save(self, directory: str | Path, format: str = "run") -> Path:
         """Write the model, tokenizer, tree and draft vocabulary to `directory`, which `load` reads back.
@@ -247,21 +260,26 @@ class TextStream:
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> MultiTokenLM:
     """A model to decode with, from a run directory (`multitoken train`, `import`, `heads`, `MultiTokenLM.save`),
-    a Hugging Face Llama folder, or a GGUF file (both need the `hf` extra). `dtype`: "fp32" or "bf16" (or a
+    a Hugging Face Llama folder or a GGUF file (both need the `hf` extra), or the official multi-token release's
+    layout (params.json + consolidated.pth, read with `torch.load(weights_only=True)`). `dtype`: "fp32" or "bf16" (or a
     torch dtype); None gives float32."""
     path = Path(path)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise UserError(f"dtype must be one of fp32, bf16, got {dtype!r}")
-        dtype = DTYPES[dtype]
+    dtype = resolve_dtype(dtype)
     hf_folder = (path / "config.json").is_file() and not (path / "checkpoints").exists()
-    if path.suffix == ".gguf" or hf_folder:
+    if (path / "params.json").is_file() and not (path / "checkpoints").exists():  # the official release's layout
+        from multitoken.interop.meta import import_meta
+
+        model, tokenizer = import_meta(path)
+        if tokenizer is None:
+            raise UserError(f"{path} has no tokenizer of ours; import it with `multitoken import --layout meta`")
+        model = cast_model(model.to(device), dtype or torch.float32)
+    elif path.suffix == ".gguf" or hf_folder:
         from multitoken.interop.hf import import_hf
 
-        model, tokenizer = import_hf(path)  # with every head, when multitoken exported the folder
+        model, tokenizer = import_hf(path, dtype=dtype or torch.float32)  # every head, if multitoken exported it
         if tokenizer is None:
             raise UserError(f"{path} has no tokenizer (tokenizer.json); import it with `multitoken import`")
-        model = cast_model(model.to(device), dtype)
+        model = cast_model(model.to(device), dtype or torch.float32)
     else:
         run = load_run(path, device, dtype)  # a run directory, or load_run's one-line error saying what is wrong
         model, tokenizer = run.model, load_tokenizer(path)
@@ -313,7 +331,8 @@ def add_heads(
     """Give the model of `source` (a run directory, e.g. from `multitoken import`) more heads and train them
     (`HeadsConfig`: how many, frozen or joint, which targets), into the run directory `out`; return it.
 
-    config: optimisation and budget (default `default_heads_train_config()`); data as for `train`.
+    config: optimisation and budget (default `multitoken.config.default_heads_train_config()`: ten minutes);
+    data as for `train`.
     """
     from multitoken.heads import train_heads
 

@@ -16,7 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from multitoken.argtypes import COUNT, NATURAL, NONNEGATIVE, POSITIVE, PROBABILITY
-from multitoken.config import DEFAULT_PRESET, PRESETS, DemoConfig, TrainConfig
+from multitoken.config import (
+    DEFAULT_PRESET,
+    INITS,
+    MODES,
+    PRESETS,
+    TARGETS,
+    DemoConfig,
+    HeadsConfig,
+    ModelConfig,
+    TrainConfig,
+    default_heads_train_config,
+)
 from multitoken.errors import UserError
 
 # `multitoken bench NAME`: modules with add_arguments(parser) and run(args) -> dict.
@@ -86,6 +97,7 @@ def _print_json(data: dict[str, Any]) -> None:
 
 
 TRAIN = TrainConfig()  # the defaults of `multitoken train` are the config's
+HEADS, HEADS_TRAIN = HeadsConfig(), default_heads_train_config()  # and those of `multitoken heads`
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -145,43 +157,34 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--sample-tokens", type=NATURAL, default=DemoConfig.new_tokens,
         help="tokens generated per held-out prompt after training (0: no decoding)",
     )  # fmt: skip
+    p.add_argument(
+        "--config", type=Path,
+        help="a JSON or YAML file of {model: {preset or ModelConfig fields}, train: {TrainConfig fields}}; "
+        "flags that differ from their defaults override it (default: none)",
+    )  # fmt: skip
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--tensorboard", type=Path, help="also write the metrics here for TensorBoard (default: none)")
+    p.add_argument("--peak-tflops", type=POSITIVE, help="the hardware's peak, for MFU in TensorBoard (default: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_cmd_train, flag_default=p.get_default)
 
 
 def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    from multitoken.config import UNBOUNDED_STEPS, preset
     from multitoken.pretrain import train
 
     _check_out_dir(args.out)
-    time_budget, max_steps = args.time_budget, args.max_steps
-    if max_steps is None and not args.resume:  # a step count, so every machine trains the same model
-        max_steps = UNBOUNDED_STEPS if time_budget is not None else TRAIN.max_steps
+    time_budget = args.time_budget
     if args.resume:
         model_cfg = cfg = None
         overrides = {"max_steps": args.max_steps, "time_budget_s": time_budget}
         overrides = {k: v for k, v in overrides.items() if v is not None}
     else:
-        model_cfg = preset(
-            args.preset, n_future=args.n_future, head_type=args.head_type, n_layers=args.n_layers, dim=args.dim
-        )
-        cfg = TrainConfig(
-            batch_size=args.batch_size,
-            context=args.context,
-            grad_accum=args.grad_accum,
-            lr=args.lr,
-            warmup_steps=args.warmup,
-            max_steps=max_steps,
-            time_budget_s=time_budget,
-            eval_every=args.eval_every,
-            checkpoint_every=args.checkpoint_every,
-            loss_chunk=args.loss_chunk,
-            sequential=not args.summed_loss,
-            head_weights=args.head_weights,
-            compile=args.compile,
-            seed=args.seed,
-        )
+        model_cfg, cfg = _train_configs(args)
+        model_cfg.check_fits_memory()  # before tokenizing anything
         overrides = None
+        if args.print_config:
+            print(json.dumps({"model": model_cfg.to_dict(), "train": cfg.to_dict()}, indent=2))
+            return None
         if cfg.context > model_cfg.max_seq_len:  # fail before tokenizing anything
             raise UserError(f"context {cfg.context} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
         if args.sample_tokens and DemoConfig.prompt_tokens + args.sample_tokens >= model_cfg.max_seq_len:
@@ -202,6 +205,8 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         overrides=overrides,
         parallel=args.parallel,
         activation_checkpointing=args.activation_checkpointing,
+        tensorboard=args.tensorboard,
+        peak_tflops=args.peak_tflops,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports and samples
         return None
@@ -218,6 +223,68 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     if args.sample_tokens > 0:
         summary["sample"] = _final_sample(args.out, args.sample_tokens)
     return summary
+
+
+# TrainConfig field -> the train flag that sets it (the flag's default is the field's).
+TRAIN_FLAGS = {
+    "batch_size": "batch_size", "context": "context", "grad_accum": "grad_accum", "lr": "lr",
+    "warmup_steps": "warmup", "eval_every": "eval_every", "checkpoint_every": "checkpoint_every",
+    "loss_chunk": "loss_chunk", "head_weights": "head_weights", "compile": "compile", "seed": "seed",
+}  # fmt: skip
+MODEL_FLAGS = ("n_future", "head_type", "n_layers", "dim")
+
+
+def _train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    """The model and training configs of `train`: the dataclasses' defaults, then the --config file's fields,
+    then the flags that differ from their defaults. Without --max-steps or --time-budget the step count is the
+    config's, so every machine trains the same model."""
+    from multitoken.config import UNBOUNDED_STEPS, preset
+
+    file = _read_config_file(args.config) if args.config else {}
+    changed = {dest for dest in (*TRAIN_FLAGS.values(), "preset") if getattr(args, dest) != args.flag_default(dest)}
+    model_fields = dict(file.get("model", {}))
+    name = args.preset if "preset" in changed else model_fields.pop("preset", args.preset)
+    model_fields.pop("preset", None)
+    model_fields.update({k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None})
+    fields = dict(file.get("train", {}))
+    fields.update({field: getattr(args, flag) for field, flag in TRAIN_FLAGS.items() if flag in changed})
+    if args.summed_loss:
+        fields["sequential"] = False
+    if args.time_budget is not None:
+        fields["time_budget_s"] = args.time_budget
+    if args.max_steps is not None:
+        fields["max_steps"] = args.max_steps
+    elif args.time_budget is not None:
+        fields["max_steps"] = UNBOUNDED_STEPS  # the time decides
+    where = f"{args.config}: " if args.config else ""
+    try:
+        return preset(name, **model_fields), TrainConfig(**fields)
+    except TypeError as e:  # an unknown field, or a value of the wrong type
+        raise UserError(f"{where}{e}".replace("__init__() ", "")) from None
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """A --config file: JSON, or YAML (safe loader) for .yaml/.yml; a mapping of model and train sections."""
+    if not path.is_file():
+        raise UserError(f"no config file at {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except ImportError:
+        raise UserError("YAML configs need PyYAML: pip install pyyaml (or write the config as JSON)") from None
+    except Exception as e:  # any parse error of the user's file is theirs to fix
+        raise UserError(f"{path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from None
+    if not isinstance(data, dict) or set(data) - {"model", "train"}:
+        raise UserError(f"{path}: expected a mapping with 'model' and/or 'train' sections")
+    for section in ("model", "train"):
+        if not isinstance(data.get(section, {}), dict):
+            raise UserError(f"{path}: the {section!r} section must be a mapping of field names to values")
+    return data
 
 
 def _eval_table(ev: dict[str, Any]) -> str:
@@ -298,7 +365,7 @@ def _set_decode_threads(threads: int | None) -> None:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
-        help="per-head loss and accuracy on held-out data (JSON); `eval humaneval RUN` for HumanEval",
+        help="per-head loss and accuracy on held-out data (JSON); `eval humaneval RUN`, `eval mbpp RUN` for code",
     )
     p.add_argument("run", type=Path, help="run directory")
     p.add_argument(
@@ -392,6 +459,100 @@ def _cmd_humaneval(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_forward": totals["tokens"] / max(totals["forwards"], 1),
         "tokens_per_second": totals["tokens"] / max(totals["seconds"], 1e-9),
         "sandbox": report.isolation,
+    }
+
+
+def _add_mbpp(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval-mbpp",
+        help="MBPP pass@k, 3-shot, completions run in a sandbox (also spelled `multitoken eval mbpp RUN`)",
+    )
+    p.add_argument("run", type=Path, help="run directory, Hugging Face Llama folder or .gguf file")
+    p.add_argument("--data", type=Path, required=True, help="mbpp.jsonl or sanitized-mbpp.json (Google's release)")
+    p.add_argument("--samples", "--n-samples", type=COUNT, default=1, help="completions per task")
+    p.add_argument("--k", type=COUNT, nargs="+", default=[1], help="report pass@k for these k")
+    p.add_argument("--limit", type=COUNT, help="only the first N of the chosen tasks (default: all of them)")
+    p.add_argument("--task-ids", type=COUNT, nargs="+", help="evaluate these task ids (default: the test split)")
+    p.add_argument(
+        "--shots", type=int, choices=range(4), default=3, help="few-shot examples in each prompt, from tasks 2, 3, 4"
+    )
+    p.add_argument("--challenge-tests", action="store_true", help="run challenge_test_list too (full file)")
+    p.add_argument("--max-new-tokens", type=NATURAL, default=256, help="tokens per completion at most")
+    _add_sampling(p)
+    p.add_argument(
+        "--decoding", choices=["plain", "chain", "tree"],
+        help="plain, or self-speculative with a chain of heads or the calibrated tree "
+        "(default: the tree if the run has one, else the chain, else plain)",
+    )  # fmt: skip
+    _add_decode_device(p)
+    p.add_argument("--timeout", type=POSITIVE, default=5.0, help="seconds per program")
+    p.add_argument(
+        "--out", type=Path,
+        help="write the report here as JSON, and the samples beside it as NAME.samples.jsonl (default: none)",
+    )  # fmt: skip
+    p.set_defaults(func=_cmd_mbpp)
+
+
+def _cmd_mbpp(args: argparse.Namespace) -> dict[str, Any]:
+    import zlib
+
+    from multitoken.api import load
+    from multitoken.checkpoint import atomic_write_text
+    from multitoken.eval import mbpp
+    from multitoken.eval.humaneval import check_sample_counts, samples_jsonl
+
+    _check_out_file(args.out)  # before the evaluation runs, not after
+    check_sample_counts(args.samples, args.k)
+    if args.samples > 1 and args.temperature == 0:
+        raise UserError(f"--samples {args.samples} at --temperature 0 gives identical greedy samples; sample above 0")
+    suite = mbpp.load_tasks(args.data)
+    tasks = mbpp.select_tasks(suite, args.task_ids, args.limit)
+    shots = mbpp.few_shot(suite, args.shots)
+    _set_decode_threads(None)
+    lm = load(args.run, *_decode_device(args))
+    mbpp.check_context(tasks, shots, lambda text: len(lm.tokenizer.encode(text)), lm.model.cfg.max_seq_len)
+    eos_text = lm.tokenizer.decode([lm.tokenizer.eos_id])
+    totals = {"tokens": 0, "forwards": 0.0, "seconds": 0.0}
+    stats: dict[str, Any] = {}
+
+    def complete(prompt: str, n: int) -> list[str]:
+        # A seed of its own for each task, from --seed and the prompt: tasks do not share random draws, and a
+        # task's samples do not depend on which other tasks run.
+        seed = (args.seed * 2**32 + zlib.crc32(prompt.encode())) % 2**64
+        outs = lm.generate(
+            [prompt] * n, max_new_tokens=args.max_new_tokens, decoding=args.decoding, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, seed=seed, stop=eos_text,
+        )  # fmt: skip
+        totals["tokens"] += sum(len(o.token_ids) for o in outs)
+        totals["forwards"] += sum(len(o.token_ids) / o.tokens_per_forward for o in outs if o.token_ids)
+        totals["seconds"] += outs[0].stats["seconds"]
+        stats.update(outs[0].stats)
+        return [o.text for o in outs]
+
+    report, samples = mbpp.evaluate_mbpp(
+        complete, tasks, shots, args.samples, args.k, challenge=args.challenge_tests, timeout_s=args.timeout
+    )
+    files = {}
+    if args.out:
+        files = {"report": str(args.out), "samples": str(args.out.with_suffix(".samples.jsonl"))}
+        # The report last: once it exists, its samples are complete too.
+        atomic_write_text(Path(files["samples"]), samples_jsonl(samples))
+        atomic_write_text(args.out, report.to_json())
+    print(" ".join(f"{k}={v:.3f}" for k, v in report.pass_at_k.items()), file=sys.stderr)
+    return {
+        "run": str(args.run),
+        "data": str(args.data),
+        "problems": len(report.results),
+        "n_samples": args.samples,
+        "shots": args.shots,
+        **report.pass_at_k,
+        "decoding": args.decoding or "default",
+        "heads_used": stats.get("heads_used"),
+        "tree_size": stats.get("tree_size"),
+        "tokens_per_forward": totals["tokens"] / max(totals["forwards"], 1),
+        "tokens_per_second": totals["tokens"] / max(totals["seconds"], 1e-9),
+        "sandbox": report.isolation,
+        **files,
     }
 
 
@@ -719,24 +880,39 @@ def _add_heads(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run", type=Path, help="run directory, e.g. one made by `multitoken import`")
     p.add_argument("--out", required=True, type=Path, help="run directory to write")
-    p.add_argument("--n-future", type=COUNT, default=4, help="heads in total, the next-token head included")
+    p.add_argument(
+        "--n-future", type=COUNT, default=HEADS.n_future,
+        help="heads in total, the next-token head included",
+    )  # fmt: skip
     p.add_argument(
         "--mode",
-        choices=["frozen", "joint"],
-        default="frozen",
+        choices=MODES,
+        default=HEADS.mode,
         help="frozen: train only the new heads (the verifier stays the original model)",
     )
     p.add_argument(
         "--targets",
-        choices=["corpus", "self", "generated"],
-        default="self",
+        choices=TARGETS,
+        default=HEADS.targets,
         help="corpus text, head 1's own predictions on it (self), or the model's own continuations",
     )
-    p.add_argument("--init", choices=["copy", "random"], default="copy", help="new heads: copies of the last block")
-    p.add_argument("--trunk-lr-scale", type=NONNEGATIVE, default=0.1, help="joint mode: LR of the pretrained parts")
-    p.add_argument("--generated-prompts", type=COUNT, default=64, help="targets=generated: corpus prompts continued")
-    p.add_argument("--generated-tokens", type=COUNT, default=96, help="targets=generated: greedy tokens per prompt")
-    p.add_argument("--generation-batch", type=COUNT, default=32, help="targets=generated: prompts decoded at once")
+    p.add_argument("--init", choices=INITS, default=HEADS.init, help="new heads: copies of the last block")
+    p.add_argument(
+        "--trunk-lr-scale", type=NONNEGATIVE, default=HEADS.trunk_lr_scale,
+        help="joint mode: LR of the pretrained parts",
+    )  # fmt: skip
+    p.add_argument(
+        "--generated-prompts", type=COUNT, default=HEADS.generated_prompts,
+        help="targets=generated: corpus prompts continued",
+    )  # fmt: skip
+    p.add_argument(
+        "--generated-tokens", type=COUNT, default=HEADS.generated_tokens,
+        help="targets=generated: greedy tokens per prompt",
+    )  # fmt: skip
+    p.add_argument(
+        "--generation-batch", type=COUNT, default=HEADS.generation_batch,
+        help="targets=generated: prompts decoded at once",
+    )  # fmt: skip
     p.add_argument(
         "--draft-vocab", type=COUNT, metavar="K",
         help="frozen mode: heads 2..n learn only the K most frequent tokens of their text (OUT/draft_vocab.json; "
@@ -745,7 +921,7 @@ def _add_heads(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--trunk-cache-gib",
         type=NONNEGATIVE,
-        default=4.0,
+        default=HEADS.trunk_cache_gib,
         help="frozen mode: keep each training window's trunk output, up to this many GiB (0: recompute every step)",
     )
     p.add_argument("--data", nargs="+", action="extend", help="corpus (default: this Python's standard library)")
@@ -757,18 +933,19 @@ def _add_heads(sub: argparse._SubParsersAction) -> None:
         help="targets=generated: draw the prompts from these sources' training split; repeat the flag for "
         "groups that get an equal share each, say code, then prose (default: --data)",
     )
-    p.add_argument("--time-budget", type=POSITIVE, default=600.0, help="seconds of training")
+    p.add_argument("--time-budget", type=POSITIVE, default=HEADS_TRAIN.time_budget_s, help="seconds of training")
     p.add_argument("--max-steps", type=COUNT, help="optimizer steps at most (default: the time budget alone decides)")
-    p.add_argument("--batch-size", type=COUNT, default=4, help="windows per step")
-    p.add_argument("--context", type=COUNT, default=256, help="tokens per window")
-    p.add_argument("--lr", type=POSITIVE, default=3e-4, help="peak learning rate")
+    p.add_argument("--batch-size", type=COUNT, default=HEADS_TRAIN.batch_size, help="windows per step")
+    p.add_argument("--context", type=COUNT, default=HEADS_TRAIN.context, help="tokens per window")
+    p.add_argument("--lr", type=POSITIVE, default=HEADS_TRAIN.lr, help="peak learning rate")
+    p.add_argument("--tensorboard", type=Path, help="also write the metrics here for TensorBoard (default: none)")
     p.add_argument("--cache-dir", type=Path, help="where token stores are cached (default: beside --out)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_heads)  # fmt: skip
 
 
 def _cmd_heads(args: argparse.Namespace) -> dict[str, Any]:
-    from multitoken.heads import HeadsConfig, default_heads_train_config, train_heads
+    from multitoken.heads import train_heads
 
     _check_out_dir(args.out)
     heads = HeadsConfig(
@@ -782,7 +959,10 @@ def _cmd_heads(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size, context=args.context, lr=args.lr, time_budget_s=args.time_budget, **budget
     )
     data, prompts = args.data or (), args.prompt_data or ()
-    return train_heads(args.run, args.out, heads, train, data, args.cache_dir, prompts, progress=not args.quiet)
+    return train_heads(
+        args.run, args.out, heads, train, data, args.cache_dir, prompts, progress=not args.quiet,
+        tensorboard=args.tensorboard,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -840,10 +1020,15 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-future", type=COUNT, default=1, help="heads; heads 2..n start as copies of the last block")
     p.add_argument("--max-seq-len", type=COUNT, help="context length to use (default: the model's)")
     p.add_argument("--allow-missing-tokenizer", action="store_true", help="import the weights even without a tokenizer")
+    p.add_argument(
+        "--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+        help="the run's weights: auto keeps the source's (bf16 stays bf16; fp16 and GGUF become fp32, exactly)",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_import)
 
 
 def _cmd_import(args: argparse.Namespace) -> dict[str, Any]:
+    from multitoken.checkpoint import resolve_dtype
     from multitoken.interop.hf import import_to_run
 
     _check_out_dir(args.out)
@@ -855,6 +1040,7 @@ def _cmd_import(args: argparse.Namespace) -> dict[str, Any]:
         n_future=args.n_future,
         max_seq_len=args.max_seq_len,
         allow_missing_tokenizer=args.allow_missing_tokenizer,
+        dtype=None if args.dtype == "auto" else resolve_dtype(args.dtype),
     )
     return {"run_dir": str(out)}
 
@@ -866,14 +1052,58 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--format", choices=["hf", "meta"], default="hf", help="hf: a transformers Llama; meta: the official release"
     )
+    p.add_argument(
+        "--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="the exported weights: auto keeps the run's"
+    )
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from multitoken.checkpoint import resolve_dtype
     from multitoken.interop.hf import export_run
 
     _check_out_dir(args.out)
-    return {"out": str(export_run(args.run, args.out, args.format)), "format": args.format}
+    dtype = None if args.dtype == "auto" else resolve_dtype(args.dtype)
+    return {"out": str(export_run(args.run, args.out, args.format, dtype)), "format": args.format}
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (needs the serve extra)",
+        description="Serve a model with OpenAI's HTTP API: POST /v1/completions and /v1/chat/completions "
+        '("stream": true for server-sent events), GET /v1/models and /health. Self-speculative decoding, greedy '
+        "at temperature 0 and lossless sampling otherwise; concurrent requests with the same options are decoded "
+        "as one batch.",
+    )
+    p.add_argument("path", type=Path, help="run directory, Hugging Face folder or .gguf file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=NATURAL, default=8000, help="port to listen on (0: a free one)")
+    _add_decode_device(p)
+    p.add_argument(
+        "--decoding", choices=["plain", "chain", "tree"],
+        help="default: the tree if the model has one, else the chain of heads if it has heads, else plain",
+    )  # fmt: skip
+    p.add_argument(
+        "--batch-window-ms", type=NONNEGATIVE, default=10.0,
+        help="how long a request waits for others to share its batch",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-batch", type=COUNT, default=8, help="sequences decoded together at most; also the prompts of one request"
+    )
+    p.add_argument("--threads", type=COUNT, help="CPU threads (default 1: decode steps are too small to split)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from multitoken.serve import serve  # a one-line UserError when the serve extra is missing
+
+    _set_decode_threads(args.threads)
+    device, dtype = _decode_device(args)
+    serve(
+        args.path, host=args.host, port=args.port, device=device, dtype=dtype, decoding=args.decoding,
+        batch_window_ms=args.batch_window_ms, max_batch=args.max_batch,
+    )  # fmt: skip
 
 
 def _add_consolidate(sub: argparse._SubParsersAction) -> None:
@@ -889,6 +1119,21 @@ def _cmd_consolidate(args: argparse.Namespace) -> dict[str, Any]:
     return {"checkpoint": str(consolidate(args.run, args.step))}
 
 
+def _add_lm_eval(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness with the model `--model multitoken` registered; every argument is lm-eval's "
+        "(needs the lm-eval extra)",
+        add_help=False,  # `multitoken lm-eval --help` is lm-eval's help
+    )
+
+
+def _cmd_lm_eval(args: argparse.Namespace) -> None:
+    from multitoken.eval.lm_eval import main as lm_eval_main  # a one-line UserError when lm-eval is missing
+
+    lm_eval_main(args.lm_eval_args)
+
+
 # --------------------------------------------------------------------------------------------------
 # main
 
@@ -902,6 +1147,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_humaneval(sub)
+    _add_mbpp(sub)
     _add_generate(sub)
     _add_calibrate(sub)
     _add_bench(sub)
@@ -910,6 +1156,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import(sub)
     _add_export(sub)
     _add_consolidate(sub)
+    _add_serve(sub)
+    _add_lm_eval(sub)
     return parser
 
 
@@ -918,8 +1166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["eval", "humaneval"]:  # `multitoken eval humaneval RUN`, as users spell it
         argv = ["eval-humaneval", *argv[2:]]
+    if argv[:2] == ["eval", "mbpp"]:
+        argv = ["eval-mbpp", *argv[2:]]
     try:
-        args = parser.parse_args(argv)
+        if argv[:1] == ["lm-eval"]:  # the other arguments are lm-eval's, --help included: argparse never sees them
+            args = argparse.Namespace(command="lm-eval", func=_cmd_lm_eval, lm_eval_args=argv[1:])
+        else:
+            args = parser.parse_args(argv)
     except UsageError as e:
         print(f"{e.prog}: error: {e}", file=sys.stderr)
         return 2

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
-from torch import nn
-
 from multitoken.errors import UserError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # config.py imports this module, and the CLI imports config.py before it needs torch
+    from torch import nn
+
     from multitoken.config import ModelConfig
 
 
@@ -94,6 +93,8 @@ class LinearHeads(HeadKind):
         return LinearHead(cfg)
 
     def init_head(self, head: nn.Module) -> None:
+        import torch
+
         # The identity: each head starts from the trunk's own representation, not a random projection of it.
         torch.nn.init.eye_(head.proj.weight)
 

@@ -39,7 +39,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ import torch
 from tqdm import tqdm
 
 from multitoken.checkpoint import load_run, save_checkpoint, write_run_config
-from multitoken.config import TrainConfig
+from multitoken.config import INITS, MODES, HeadsConfig, TrainConfig, default_heads_train_config
 from multitoken.data.dataset import WindowSampler
 from multitoken.data.tokenizers import load_tokenizer
 from multitoken.errors import UserError
@@ -66,11 +66,6 @@ from multitoken.loss import (
 )
 from multitoken.model import AttentionContext, MultiTokenModel
 from multitoken.pretrain import METRICS_FILE, evaluate, prepare_data
-
-MODES = ("frozen", "joint")
-TARGETS = ("corpus", "self", "generated")
-INITS = ("copy", "random")
-
 
 # --------------------------------------------------------------------------------------------------
 # adding heads
@@ -415,56 +410,6 @@ class TrunkFeatures:
 # the job
 
 
-@dataclass
-class HeadsConfig:
-    """What `train_heads` does besides optimisation (which a `TrainConfig` describes)."""
-
-    n_future: int = 4
-    mode: str = "frozen"
-    targets: str = "self"
-    init: str = "copy"
-    trunk_lr_scale: float = 0.1  # joint mode: LR of the pretrained parts relative to the new heads
-    generated_prompts: int = 64  # targets="generated": how many greedy continuations to make ...
-    prompt_tokens: int = 32  # ... from prompts of this many corpus tokens ...
-    generated_tokens: int = 96  # ... continued for this many tokens each ...
-    generation_batch: int = 32  # ... this many at a time (SmolLM2 on 2 cores: 44 tok/s at 8, 90 at 64)
-    draft_vocab: int | None = None  # frozen mode: heads 2..n learn (and later draft) the K most frequent tokens
-    trunk_cache_gib: float = 4.0  # frozen mode: keep up to this much trunk output (0: recompute at random offsets)
-
-    def __post_init__(self) -> None:
-        if self.n_future < 2:
-            raise UserError(f"n_future must be >= 2 to have heads to train, got {self.n_future}")
-        if self.mode not in MODES:
-            raise UserError(f"unknown head training mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.targets not in TARGETS:
-            raise UserError(f"unknown head targets {self.targets!r}; choose one of {', '.join(TARGETS)}")
-        if self.init not in INITS:
-            raise UserError(f"unknown head init {self.init!r}; choose one of {', '.join(INITS)}")
-        if self.trunk_lr_scale < 0:
-            raise UserError(f"trunk_lr_scale must be >= 0, got {self.trunk_lr_scale}")
-        if self.trunk_cache_gib < 0:
-            raise UserError(f"trunk_cache_gib must be >= 0, got {self.trunk_cache_gib}")
-        for name in ("generated_prompts", "prompt_tokens", "generated_tokens", "generation_batch"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.draft_vocab is not None and self.mode != "frozen":
-            raise UserError("a draft vocabulary is trained in frozen mode only (head 1 keeps the full vocabulary)")
-
-
-def default_heads_train_config(**overrides: Any) -> TrainConfig:
-    """Optimisation defaults for head training on a pretrained model.
-
-    A lower LR than from scratch (the heads start from a trained block), no weight decay (it would pull
-    the copied pretrained weights towards zero, not a prior worth having), short warmup.
-    """
-    fields: dict[str, Any] = dict(
-        batch_size=4, context=256, lr=3e-4, warmup_steps=10, weight_decay=0.0, max_steps=100_000,
-        eval_batches=2, loss_chunk=1024,
-    )  # fmt: skip
-    fields.update(overrides)
-    return TrainConfig(**fields)
-
-
 def train_heads(
     run_dir: Path,
     out_dir: Path,
@@ -475,6 +420,7 @@ def train_heads(
     prompt_data: Sequence[Sequence[str | Path]] = (),
     on_step: Callable[[int, LossReport], None] | None = None,
     progress: bool = False,
+    tensorboard: str | Path | None = None,
 ) -> dict[str, Any]:
     """Add heads to the model of `run_dir` (if it has fewer) and train them; write a new run to `out_dir`.
 
@@ -489,6 +435,7 @@ def train_heads(
     tokens trained on, first/last losses, held-out per-head loss and agreement with head 1 (the acceptance
     forecast), the generation cost for targets="generated", and in frozen mode how many windows' trunk
     output `TrunkFeatures` computed and kept. `progress` shows bars for the generation and the steps.
+    `tensorboard`: also write the metrics there as TensorBoard scalars.
     """
     from multitoken.data.corpus import default_corpus_paths
 
@@ -540,6 +487,16 @@ def train_heads(
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     metrics: list[dict[str, Any]] = []
+    board = None
+    if tensorboard is not None:
+        from multitoken.tensorboard import TensorBoardLog
+
+        board = TensorBoardLog(tensorboard)
+
+    def log(record: dict[str, Any]) -> None:
+        metrics.append(record)
+        if board is not None:
+            board(record)
 
     def step_fn(step: int, lr: float) -> tuple[LossReport, float]:
         if features is not None:
@@ -551,7 +508,7 @@ def train_heads(
     t_train = time.perf_counter()
     loop = training_loop(
         step_fn, cfg, tokens_per_step=cfg.batch_size * cfg.context, elapsed_before=t_train - t0,  # generation counts
-        log=metrics.append, after_step=on_step, progress=progress,
+        log=log, after_step=on_step, progress=progress,
     )  # fmt: skip
     step, losses = loop.step, loop.losses
     train_s = time.perf_counter() - t_train
@@ -560,7 +517,9 @@ def train_heads(
     final_eval = None
     if len(bundle.store.val) >= cfg.context + n:
         final_eval = evaluate(model, bundle.store.val, cfg.context, cfg.batch_size, cfg.eval_batches, cfg.loss_chunk)
-        metrics.append({"step": step, "kind": "eval", **final_eval})
+        log({"step": step, "kind": "eval", **final_eval})
+    if board is not None:
+        board.close()
     summary.update(
         steps=step,
         seconds=time.perf_counter() - t0,

@@ -328,6 +328,8 @@ def train(
     parallel: str = "auto",
     activation_checkpointing: bool = False,
     compile_backend: str | Callable = "inductor",
+    tensorboard: str | Path | None = None,
+    peak_tflops: float | None = None,
 ) -> RunResult:
     """Train a model in `run_dir` (new, or resumed from its latest checkpoint).
 
@@ -339,6 +341,7 @@ def train(
     `cfg.batch_size` is per process; a resumed run keeps its global batch and splits it over the processes
     it now has. `activation_checkpointing` recomputes trunk blocks in backward. With `cfg.compile`, a
     compile failure at the first step falls back to eager with a warning. `on_step` runs on every rank.
+    `tensorboard`: also write the metrics there as TensorBoard scalars (rank 0), with MFU if `peak_tflops`.
     """
     env = setup_distributed(device)
     try:
@@ -358,6 +361,8 @@ def train(
             parallel,
             activation_checkpointing,
             compile_backend,
+            tensorboard,
+            peak_tflops,
         )
     finally:
         env.close()
@@ -379,6 +384,8 @@ def _train(
     parallel_name: str,
     activation_checkpointing: bool,
     compile_backend: str | Callable,
+    tensorboard: str | Path | None,
+    peak_tflops: float | None,
 ) -> RunResult:
     device = env.device
     cache_dir = Path(cache_dir) if cache_dir else run_dir.parent / ".multitoken-cache"
@@ -470,6 +477,18 @@ def _train(
 
     bpt = bytes_per_token(data.tokenizer, data.store) if can_eval else None
     tokens_per_step = global_batch * cfg.context * cfg.grad_accum
+    board = None
+    if tensorboard is not None and env.is_main:
+        from multitoken.bench.flops import train_flops_per_token
+        from multitoken.tensorboard import TensorBoardLog
+
+        peak = peak_tflops * 1e12 * env.world_size if peak_tflops else None  # tokens/s count every process
+        board = TensorBoardLog(tensorboard, train_flops_per_token(model_cfg, cfg.context), peak)
+
+    def log(record: dict[str, Any]) -> None:
+        _append_metrics(run_dir, record)
+        if board is not None:
+            board(record)
 
     saved_step = start_step if resume else -1
 
@@ -493,7 +512,7 @@ def _train(
         # Every rank evaluates (sharded weights need all of them); rank 0 logs.
         result = evaluate(model, data.store.val, cfg.context, cfg.batch_size, cfg.eval_batches, cfg.loss_chunk, bpt)
         if env.is_main:
-            _append_metrics(run_dir, {"step": step, "kind": "eval", **result})
+            log({"step": step, "kind": "eval", **result})
         return result
 
     def first_step(*args: Any) -> tuple[LossReport, float]:
@@ -527,7 +546,7 @@ def _train(
     last_eval = None
     loop = training_loop(
         step_fn, cfg, tokens_per_step=tokens_per_step, start_step=start_step, elapsed_before=elapsed_before,
-        shared_clock=env.from_main, log=(lambda r: _append_metrics(run_dir, r)) if env.is_main else None,
+        shared_clock=env.from_main, log=log if env.is_main else None,
         after_step=after_step, progress=progress and env.is_main,
     )  # fmt: skip
     step = loop.step
@@ -538,4 +557,6 @@ def _train(
         last_eval = resumed_eval
     elif can_eval and (last_eval is None or step % cfg.eval_every):
         last_eval = run_eval(step)
+    if board is not None:
+        board.close()
     return RunResult(run_dir, step, loop.elapsed_s, step * tokens_per_step, last_eval, loop.losses)

@@ -20,8 +20,8 @@ TokenCallback = Callable[[int, list[int]], None]
 class GenerationResult:
     """New tokens per sequence and how they were obtained.
 
-    `stop_reasons[b]` is "length" (max_new_tokens reached), "eos" or "context" (the model's context
-    limit reached before max_new_tokens).
+    `stop_reasons[b]` is "length" (max_new_tokens reached), "eos", "context" (the model's context
+    limit reached before max_new_tokens) or "stop" (the caller's stop rule).
     """
 
     tokens: list[list[int]]

@@ -72,18 +72,21 @@ def decode(
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
     on_tokens: TokenCallback | None = None,
+    stop_when: Callable[[int, list[int]], bool] | None = None,
     compile_step: bool = False,
     cuda_graphs: bool = False,
     graph_session: GraphSession | None = None,
 ) -> GenerationResult:
     """Decode up to `max_new_tokens` per prompt with `drafter`; prompts may differ in length.
 
-    A sequence stops at `eos_id` (kept in its output), after `max_new_tokens` ("length"), or when it fills the
-    context ("context"). compile_step: run the step under `torch.compile` with a full-length, static-shaped
-    cache read (the first steps pay for compilation). cuda_graphs: replay the step from a CUDA graph captured
-    after its first run (graphs.py); CUDA and greedy only. graph_session: where the graphs and their cache are
-    kept for the next call of the same shape (default: a new one, dropped at the end). on_tokens(row, tokens):
-    called with each row's new tokens as soon as they are decided (e.g. to stream them).
+    A sequence stops at `eos_id` (kept in its output), after `max_new_tokens` ("length"), when it fills the
+    context ("context"), or when stop_when(row, its tokens so far) says so after a step ("stop"; e.g. a stop
+    string appeared; the tokens of that step are kept). compile_step: run the step under `torch.compile` with
+    a full-length, static-shaped cache read (the first steps pay for compilation). cuda_graphs: replay the
+    step from a CUDA graph captured after its first run (graphs.py); CUDA and greedy only. graph_session:
+    where the graphs and their cache are kept for the next call of the same shape (default: a new one,
+    dropped at the end). on_tokens(row, tokens): called with each row's new tokens as soon as they are
+    decided (e.g. to stream them).
     """
     check_prompts(model, prompts, max_new_tokens)
     if cuda_graphs:
@@ -129,7 +132,9 @@ def decode(
                 on_tokens(b, taken)
             if not active[b]:
                 continue
-            if len(out[b]) == max_new_tokens:
+            if stop_when is not None and taken and stop_when(b, out[b]):
+                active[b], reasons[b] = False, "stop"
+            elif len(out[b]) == max_new_tokens:
                 active[b] = False
             elif lengths[b] + len(out[b]) == L:
                 active[b], reasons[b] = False, "context"
