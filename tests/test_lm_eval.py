@@ -43,7 +43,16 @@ def counting(start: int, n: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def single_thread():
+    """conftest's one thread, for the module's fixtures too (training under two contended threads took 5x longer)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, single_thread) -> Path:
     """A byte-level n=3 model trained a few seconds on counting text (so its heads' drafts are often accepted),
     with a draft tree, saved as a run directory."""
     stream = torch.tensor(list(counting(0, 2000).encode()))
@@ -127,7 +136,7 @@ def offline():
 
 
 @pytest.fixture(scope="module")
-def results(run_dir, task_dir, offline) -> dict:
+def results(run_dir, task_dir, offline, single_thread) -> dict:
     """Every task evaluated once, its samples (requests and responses) kept; batches of 2 mix lengths."""
     return lm_eval.simple_evaluate(
         model="multitoken",

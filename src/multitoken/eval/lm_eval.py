@@ -33,6 +33,13 @@ from multitoken.api import DECODINGS, load
 from multitoken.argtypes import COUNT, NATURAL, NONNEGATIVE, PROBABILITY
 from multitoken.errors import UserError
 
+if __name__ == "__main__":
+    # `python -m multitoken.eval.lm_eval ...` is `multitoken lm-eval ...`, run before this copy of the module
+    # registers its model: the command line imports the module under its own name, which registers it once.
+    from multitoken.cli import main as cli_main
+
+    sys.exit(cli_main(["lm-eval", *sys.argv[1:]]))
+
 try:
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
@@ -342,10 +349,9 @@ def _option(name: str, value: Any, parse: Callable[[str], Any]) -> Any:
         raise UserError(f"{name} {exc}") from None
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """lm-eval's command line (`run`, `ls`, `validate`; `run` when no command is named) with the "multitoken"
-    model registered. Its pickled caches are refused before anything runs."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def main(argv: Sequence[str]) -> None:
+    """lm-eval's command line on `argv` (`run`, `ls`, `validate`; `run` when no command is named) with the
+    "multitoken" model registered. Its pickled caches are refused before anything runs."""
     probe = argparse.ArgumentParser(add_help=False)  # matches the flags' abbreviations as lm-eval's parser does
     for flag in PICKLED_CACHES:
         probe.add_argument(flag, nargs="?", const=True)
@@ -361,11 +367,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         cli_evaluate()
     finally:
         sys.argv = saved
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except UserError as exc:
-        print(f"multitoken lm-eval: error: {exc}", file=sys.stderr)
-        sys.exit(2)
