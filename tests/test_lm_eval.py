@@ -28,8 +28,8 @@ from multitoken.data.tokenizers import ByteTokenizer  # noqa: E402
 from multitoken.errors import UserError  # noqa: E402
 from multitoken.eval.lm_eval import MultiTokenEvalLM, generation_settings, keep_last_tokens  # noqa: E402
 from multitoken.generate.tree import Tree  # noqa: E402
-from multitoken.loss import sequential_backward, shift_targets  # noqa: E402
 from tests.conftest import make_model  # noqa: E402
+from tests.generate.test_speculative import train_briefly  # noqa: E402
 from tests.tolerance import twin_atol  # noqa: E402
 
 CONTEXT = 64  # the model's context: some requests below are longer, so truncation and rolling windows run
@@ -56,16 +56,8 @@ def run_dir(tmp_path_factory, single_thread) -> Path:
     """A byte-level n=3 model trained a few seconds on counting text (so its heads' drafts are often accepted),
     with a draft tree, saved as a run directory."""
     stream = torch.tensor(list(counting(0, 2000).encode()))
-    model = make_model(seed=1, vocab_size=ByteTokenizer.vocab_size, max_seq_len=CONTEXT).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(40):
-        starts = torch.randint(len(stream) - 51, (8,), generator=g).tolist()
-        inputs, targets = shift_targets(torch.stack([stream[s : s + 51] for s in starts]), 3)
-        opt.zero_grad()
-        sequential_backward(model, inputs, targets)
-        opt.step()
-    lm = MultiTokenLM(model.eval().requires_grad_(False), ByteTokenizer(), tree=Tree(((0,), (1,), (0, 0))))
+    model = train_briefly(make_model(seed=1, vocab_size=ByteTokenizer.vocab_size, max_seq_len=CONTEXT), stream, 40)
+    lm = MultiTokenLM(model, ByteTokenizer(), tree=Tree(((0,), (1,), (0, 0))))
     return lm.save(tmp_path_factory.mktemp("lm_eval") / "run")
 
 

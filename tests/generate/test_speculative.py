@@ -44,11 +44,15 @@ def word_stream(n: int, seed: int, vocab: int = 61) -> torch.Tensor:
 @functools.cache
 def trained_model() -> torch.nn.Module:
     """make_model's shape trained for a few seconds on `word_stream`, so the heads accept often."""
-    model = make_model(seed=1).train()
-    stream = word_stream(20_000, seed=0)
+    return train_briefly(make_model(seed=1), word_stream(20_000, seed=0), steps=30)
+
+
+def train_briefly(model: torch.nn.Module, stream: torch.Tensor, steps: int) -> torch.nn.Module:
+    """`model` (3 heads) trained `steps` AdamW steps on random 51-token windows of `stream`, then frozen."""
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
-    for _ in range(30):
+    for _ in range(steps):
         starts = torch.randint(len(stream) - 51, (8,), generator=g).tolist()
         inputs, targets = shift_targets(torch.stack([stream[s : s + 51] for s in starts]), 3)
         opt.zero_grad()
