@@ -57,6 +57,30 @@ def test_stop_strings_cut_the_text(saved):
     assert end <= len(cut.token_ids) < end + lm.model.cfg.n_future
 
 
+def test_an_over_long_prompt_keeps_its_end_only_when_asked(saved):
+    lm, _ = saved
+    limit = lm.model.cfg.max_seq_len
+    prompt = "".join(chr(2 + i % 50) for i in range(limit + 7))
+    with pytest.raises(UserError, match="the model's context"):
+        lm.generate(prompt, max_new_tokens=4)
+    kept = lm.generate(prompt, max_new_tokens=4, keep_prompt_end=True, stop_at_eos=False)
+    end = lm.generate(prompt[-(limit - 1) :], max_new_tokens=4, stop_at_eos=False)
+    assert kept.token_ids == end.token_ids and kept.stop_reason == "context"  # one token fits after the prompt
+
+
+def test_code_benchmark_completions_pool_their_statistics(saved):
+    from multitoken.eval.completion import Completer
+
+    lm, _ = saved
+    complete = Completer(lm, max_new_tokens=12, decoding="chain", temperature=0.8, seed=1)
+    prompt = "".join(chr(t) for t in range(2, 10))
+    first = complete(prompt, 3)
+    assert len(first) == 3 and complete(prompt, 3) == first  # each prompt draws from a seed of its own
+    summary = complete.summary()
+    assert summary["decoding"] == "chain" and complete.tokens >= 2 * 3
+    assert summary["tokens_per_forward"] == complete.tokens / complete.forwards >= 1.0
+
+
 def test_sampling_is_seeded_and_streams_its_text(saved):
     lm, _ = saved
     prompt = "".join(chr(t) for t in range(2, 10))

@@ -87,6 +87,7 @@ class MultiTokenLM:
         compile_step: bool = False,
         cuda_graphs: bool = False,
         stream: Callable[[str], None] | None = None,
+        keep_prompt_end: bool = False,
     ) -> Generation | list[Generation]:
         """Continue `prompt`: one string, a batch of them (then a list comes back, one per prompt), or chat
         messages [{"role": "user", "content": ...}], rendered under the tokenizer's chat template.
@@ -98,6 +99,8 @@ class MultiTokenLM:
         decoding once one of these strings appears, the text cut before the first. `draft_vocab`: draft among
         the draft vocabulary's tokens only. `stream(text)`: called with each new piece of text as it is
         accepted (one prompt only; it sees the text up to where decoding stopped, past any stop string).
+        `keep_prompt_end`: a prompt too long for the context keeps its last tokens (code goes on where its
+        prompt ends) instead of raising a UserError.
         """
         chat = _is_chat(prompt)
         if chat:  # one conversation: rendered under the chat template, its special tokens recognised
@@ -116,6 +119,8 @@ class MultiTokenLM:
         stops = [stop] if isinstance(stop, str) else list(stop)
         sampling = SamplingConfig(temperature, top_k, top_p)
         ids = [self.tokenizer.encode(p, special_tokens=chat) for p in prompts]
+        if keep_prompt_end:
+            ids = [p[-(self.model.cfg.max_seq_len - 1) :] for p in ids]
         generator = torch.Generator(self.device).manual_seed(seed)
         eos = self.tokenizer.eos_id if stop_at_eos else None
         on_tokens = TextStream(self.tokenizer, stream) if stream is not None else None

@@ -137,6 +137,22 @@ def decode_showcase(
     return out
 
 
+def showcase_run(run_dir: Path, new_tokens: int) -> dict[str, Any]:
+    """The main job's last act: a run's held-out code (its training text when the corpus is too small for a
+    held-out split) continued by `decode_showcase`, `new_tokens` per prompt. The trees land in the run."""
+    from multitoken.checkpoint import load_run
+    from multitoken.eval.heldout import load_heldout, split_heldout
+
+    run = load_run(run_dir)
+    held = load_heldout(run_dir, run.config)
+    cfg = DemoConfig(new_tokens=new_tokens)
+    held_out = len(held.tokens) > 4 * cfg.prompt_tokens
+    tokens = held.tokens if held_out else held.train_tokens
+    source = "held-out" if held_out else "training-text (the corpus has no held-out split)"
+    calibration_tokens, evaluation_tokens = split_heldout(tokens)
+    return decode_showcase(run.model, held.tokenizer, calibration_tokens, evaluation_tokens, run_dir, cfg, source)
+
+
 def format_showcase(result: dict[str, Any]) -> str:
     """The prompts, their continuations and a speed table, as the main job prints them."""
     cfg, greedy, sampled = result["config"], result["greedy"], result["sampled"]

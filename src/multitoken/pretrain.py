@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -39,16 +38,10 @@ from multitoken.checkpoint import (
     write_run_config,
 )
 from multitoken.config import ModelConfig, TrainConfig
-from multitoken.data.corpus import load_corpus
-from multitoken.data.dataset import (
-    TokenStore,
-    WindowSampler,
-    build_or_load_token_store,
-    iter_eval_windows,
-    split_documents,
-)
+from multitoken.data.dataset import WindowSampler, iter_eval_windows
+from multitoken.data.prepare import DataBundle, bytes_per_token, prepare_data
 from multitoken.data.tokenizers import CONFIG_FILE as TOKENIZER_CONFIG_FILE
-from multitoken.data.tokenizers import TOKENIZER_FILE, Tokenizer, build_tokenizer, load_tokenizer
+from multitoken.data.tokenizers import TOKENIZER_FILE, load_tokenizer
 from multitoken.dcp import is_sharded, load_sharded_checkpoint, save_sharded_checkpoint
 from multitoken.distributed import (
     DistEnv,
@@ -82,43 +75,6 @@ def autocast_context(device: torch.device, bf16: bool | None = None):
     if device.type == "cuda" if bf16 is None else bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
-
-
-# --------------------------------------------------------------------------------------------------
-# data
-
-
-@dataclass
-class DataBundle:
-    tokenizer: Tokenizer
-    store: TokenStore
-    n_documents: int
-    n_skipped: int
-
-
-def prepare_data(
-    sources: Sequence[str | Path],
-    tokenizer: str | Tokenizer,
-    cache_dir: Path,
-    val_fraction: float,
-    bpe_vocab_size: int = 8192,
-    report_skipped: bool = True,
-) -> DataBundle:
-    """Load the corpus, build (or reuse) the tokenizer, and tokenise once into a memory-mapped store.
-
-    A BPE tokenizer is trained on the training split only, so validation text stays unseen. Files that are not
-    text are skipped, and said so on stderr unless `report_skipped` is False (a second pass over a corpus).
-    """
-    corpus = load_corpus(sources)
-    if corpus.skipped and report_skipped:
-        # Skipped, not fatal: a folder of code often holds a few binaries; say so, with an example.
-        path, reason = corpus.skipped[0]
-        print(f"skipped {corpus.n_skipped} file(s) that are not usable text (e.g. {path}: {reason})", file=sys.stderr)
-    if isinstance(tokenizer, str):
-        train_docs, _ = split_documents(corpus.documents, val_fraction)
-        tokenizer = build_tokenizer(tokenizer, (d.text for d in train_docs), bpe_vocab_size)
-    store = build_or_load_token_store(corpus, tokenizer, cache_dir, val_fraction)
-    return DataBundle(tokenizer, store, len(corpus.documents), corpus.n_skipped)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,14 +199,6 @@ def evaluate(
     if bytes_per_token:
         result["bits_per_byte"] = [x / math.log(2) / bytes_per_token for x in loss]
     return result
-
-
-def bytes_per_token(tokenizer: Tokenizer, store: TokenStore, sample_tokens: int = 200_000) -> float:
-    """Average UTF-8 bytes per token on the validation split (1.0 for byte models), for bits per byte."""
-    if tokenizer.kind == "bytes":
-        return 1.0
-    ids = store.val[:sample_tokens].tolist()
-    return len(tokenizer.decode(ids).encode("utf-8")) / max(1, len(ids))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from multitoken.data.prepare import bytes_per_token, prepare_data
 from multitoken.data.tokenizers import Tokenizer, load_tokenizer
 from multitoken.errors import UserError
-from multitoken.pretrain import bytes_per_token, prepare_data
 
 
 @dataclass

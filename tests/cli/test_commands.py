@@ -319,10 +319,10 @@ def test_bench_generate_samples_with_a_tree(run_dir, capsys):
 def test_train_sample_continues_held_out_prompts(run_dir, capsys):
     """After training, held-out functions are continued plain, with the chain and with timed trees, greedy and
     sampled; what is printed is what the speeds were measured on."""
-    from multitoken.cli import _final_sample
+    from multitoken.cli.train import show_samples
     from multitoken.generate.tree import load_tree
 
-    sample = _final_sample(run_dir, 12)
+    sample = show_samples(run_dir, 12)
     out = capsys.readouterr().out
     greedy, sampled = sample["greedy"], sample["sampled"]
     assert all(r["exact"] == 1 for r in greedy["decoders"].values())  # fp32 on the CPU: identical to plain
@@ -386,7 +386,8 @@ def _subparsers(parser):
 
 
 def test_help_shows_every_default():
-    from multitoken.cli import HelpFormatter, build_parser
+    from multitoken.cli import build_parser
+    from multitoken.cli.common import HelpFormatter
 
     for parser in _subparsers(build_parser()):
         formatter = HelpFormatter(parser.prog)
