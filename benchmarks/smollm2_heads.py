@@ -70,23 +70,26 @@ def do_train(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.interop.gguf import find_smollm2_gguf
     from multitoken.interop.hf import import_to_run
 
-    base, out = args.work / "base", args.work / "heads"
+    base, out = args.work / "base", args.work / args.heads[0]
     if not base.exists():
         log("import", find_smollm2_gguf())
         import_to_run(find_smollm2_gguf(), base, max_seq_len=1024)
     heads = HeadsConfig(
-        n_future=4, mode="frozen", targets="generated", generated_prompts=args.prompts, prompt_tokens=32,
+        n_future=4, mode="frozen", targets=args.targets, generated_prompts=args.prompts, prompt_tokens=32,
         generated_tokens=args.new_tokens, generation_batch=64, draft_vocab=args.train_draft_vocab or None,
-        trunk_cache_gib=args.trunk_cache_gib,
+        trunk_cache_gib=args.trunk_cache_gib, head_type=args.head_type,
     )  # fmt: skip
     cfg = default_heads_train_config(
-        time_budget_s=args.minutes * 60, batch_size=4, context=128, lr=args.lr, warmup_steps=10, eval_batches=4
-    )
+        time_budget_s=args.minutes * 60, budget_clock=args.budget_clock, batch_size=4, context=128, lr=args.lr,
+        warmup_steps=10, eval_batches=4,
+    )  # fmt: skip
     # "balanced": half the prompts from code, half from prose (4 % of the corpus); "code-heavy": two thirds
     # from code (each group gets an equal share, so code comes twice); "corpus": by size.
     code, prose = code_and_prose(args.work)
     prompt_data = {"balanced": [code, prose], "code-heavy": [code, code, prose], "corpus": []}[args.prompt_mix]
-    log("train heads", heads, cfg.lr, args.prompt_mix)
+    if args.targets != "generated":
+        prompt_data = []
+    log("train heads", heads, cfg.lr, args.prompt_mix, f"{args.minutes} {args.budget_clock} minutes")
     summary = train_heads(
         base, out, heads, cfg, sources(args.work), args.work / "cache", prompt_data,
         on_step=lambda s, r: log(" step", s, [round(x, 3) for x in r.per_head]) if s % 10 == 0 else None,
@@ -105,9 +108,9 @@ def training_split(args: argparse.Namespace, tok) -> np.ndarray:
     return prepare_data(sources(args.work), tok, args.work / "cache", VAL_FRACTION).store.train
 
 
-def draft_vocabulary(args: argparse.Namespace, tok, vocab_size: int) -> DraftVocab:
+def draft_vocabulary(args: argparse.Namespace, run: Path, tok, vocab_size: int) -> DraftVocab:
     """The heads' own draft vocabulary if they were trained with one, else the corpus's most frequent tokens."""
-    trained = args.work / "heads" / DRAFT_VOCAB_FILE
+    trained = run / DRAFT_VOCAB_FILE
     if trained.exists():
         return DraftVocab.load(trained)
     return DraftVocab.most_frequent(training_split(args, tok), vocab_size, args.draft_vocab)
@@ -116,8 +119,7 @@ def draft_vocabulary(args: argparse.Namespace, tok, vocab_size: int) -> DraftVoc
 def do_bench(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.interop.gguf import find_smollm2_gguf, load_gguf
 
-    run = args.work / "heads"
-    tok = load_tokenizer(run)
+    tok = load_tokenizer(args.work / args.heads[0])
     prompts = held_out_prompts(sources(args.work), tok, args.n_prompts + 1, VAL_FRACTION, per_doc=args.prompts_per_doc)
     # The tree's shape is calibrated on one more held-out prompt of each kind than is benchmarked, or on
     # --calibration-prompts prompts of each kind from training documents (the held-out prose documents are
@@ -126,61 +128,76 @@ def do_bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.calibration_prompts:
         from_train = held_out_prompts(sources(args.work), tok, args.calibration_prompts, VAL_FRACTION, split="train")
         calibration = torch.tensor([p for ps in from_train.values() for p in ps])
-    model = load_run(run).model.eval()
-    skip = 0
-    if args.calibrate_on == "generated":
-        calibration, skip = decoding_windows(model, calibration, args.max_new_tokens), calibration.shape[1]
     hf, _ = load_gguf(find_smollm2_gguf())
     hf.generation_config.eos_token_id = None  # fixed-length greedy, as ours
     hf.generation_config.pad_token_id = 0
-    vocab = draft_vocabulary(args, tok, model.cfg.vocab_size)
-    coverage = {kind: vocab.coverage(ps) for kind, ps in prompts.items()}
-    log(f"draft vocabulary: {vocab.size} tokens, covering {coverage} of the held-out prompts")
-    # Trees calibrated without and with the draft vocabulary (with it, candidates rank among its tokens).
-    variants = {"": None, f" + {vocab.size}-token draft vocabulary": vocab}  # row-name suffix -> vocabulary
-    acceptance = {
-        suffix: calibrate(model, calibration, args.max_rank, vocab=v, skip=skip) for suffix, v in variants.items()
-    }
-    trees = {suffix: [build_tree(c, b) for b in args.tree_budget] for suffix, c in acceptance.items()}
-    for suffix, ts in trees.items():
-        log("trees" + suffix, *ts)
     max_new = args.max_new_tokens
 
-    def transformers_generate(p: list[int]) -> tuple[list[int], float, float]:
-        ids = torch.tensor([p])
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False)
-        return out[0, len(p) :].tolist(), time.perf_counter() - start, 1.0
+    def transformers_generate(**kw: Any):
+        def run_one(p: list[int]) -> tuple[list[int], float, float]:
+            ids = torch.tensor([p])
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = hf.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False, **kw
+                )
+            return out[0, len(p) :].tolist(), time.perf_counter() - start, float("nan")
 
-    def ours(**kw: Any):
+        return run_one
+
+    def ours(model, **kw: Any):
         def run_one(p: list[int]) -> tuple[list[int], float, float]:
             r = speculative_generate(model, [p], max_new, **kw) if kw else generate(model, [p], max_new)
             return r.tokens[0], r.seconds, r.stats.get("tokens_per_forward", 1.0)
 
         return run_one
 
-    decoders = {"transformers generate": transformers_generate, "ours plain": ours()}
-    for suffix, v in variants.items():
-        decoders[f"chain, 2 heads{suffix}"] = ours(heads_used=2, draft_vocab=v)
-        decoders[f"chain, 4 heads{suffix}"] = ours(heads_used=4, draft_vocab=v)
-        for tree in trees[suffix]:
-            decoders[f"tree, {tree.size} nodes{suffix}"] = ours(tree=tree, draft_vocab=v)
-    if args.only:  # the two references always run: transformers' output checks, our plain times
-        keep = ("transformers generate", "ours plain")
+    decoders = {
+        "transformers generate": transformers_generate(),
+        f"transformers prompt lookup ({args.prompt_lookup} tokens)": transformers_generate(
+            prompt_lookup_num_tokens=args.prompt_lookup
+        ),
+    }
+    results: dict[str, Any] = {"max_new_tokens": max_new, "machine": machine(), "heads": {}}
+    for name in args.heads:
+        run = args.work / name
+        model = load_run(run).model.eval()
+        if "ours plain" not in decoders:
+            decoders["ours plain"] = ours(model)
+        windows, skip = calibration, 0
+        if args.calibrate_on == "generated":
+            windows, skip = decoding_windows(model, calibration, max_new), calibration.shape[1]
+        vocab = draft_vocabulary(args, run, tok, model.cfg.vocab_size)
+        coverage = {kind: vocab.coverage(ps) for kind, ps in prompts.items()}
+        log(f"{name}: draft vocabulary of {vocab.size} tokens, covering {coverage} of the held-out prompts")
+        # Trees calibrated without and with the draft vocabulary (with it, candidates rank among its tokens).
+        variants = {"": None, f" + {vocab.size}": vocab}  # row-name suffix -> vocabulary
+        acceptance = {
+            suffix: calibrate(model, windows, args.max_rank, vocab=v, skip=skip) for suffix, v in variants.items()
+        }
+        trees = {suffix: [build_tree(c, b) for b in args.tree_budget] for suffix, c in acceptance.items()}
+        kind = f"{model.cfg.head_type} heads {name}"
+        for suffix, v in variants.items():
+            decoders[f"{kind}: chain of 4{suffix}"] = ours(model, heads_used=4, draft_vocab=v)
+            for tree in trees[suffix]:
+                decoders[f"{kind}: tree of {tree.size}{suffix}"] = ours(model, tree=tree, draft_vocab=v)
+        results["heads"][name] = {
+            "head_type": model.cfg.head_type, "draft_vocab": vocab.size, "coverage": coverage,
+            "trees": {suffix or "full": [str(t) for t in ts] for suffix, ts in trees.items()},
+            "acceptance": {suffix or "full": c.acceptance.tolist() for suffix, c in acceptance.items()},
+        }  # fmt: skip
+        log(name, "acceptance of heads 2-4, rank 1:", [round(r[0], 3) for r in acceptance[""].acceptance.tolist()])
+    if args.only:  # the references always run: transformers' output checks, our plain times
+        keep = [k for k in decoders if k.startswith("transformers") or k == "ours plain"]
         decoders = {k: f for k, f in decoders.items() if k in keep or any(o in k for o in args.only)}
     for run_one in decoders.values():
         run_one(prompts["code"][0][:16])  # warm-up
-    results: dict[str, Any] = {"trees": {suffix or "full": [str(t) for t in ts] for suffix, ts in trees.items()}}
-    results.update(max_new_tokens=max_new, machine=machine(), draft_vocab=vocab.size, coverage=coverage)
-    results.update(calibrate_on=args.calibrate_on, calibration_windows=calibration.shape[0])
-    results["acceptance"] = {suffix or "full": c.acceptance.tolist() for suffix, c in acceptance.items()}
-    results["sets"] = {}
+    results.update(calibrate_on=args.calibrate_on, calibration_windows=calibration.shape[0], sets={})
     for kind, ps in prompts.items():
         acc = {name: {"tokens": 0, "forwards": 0.0, "seconds": 0.0, "tpf": [], "same": 0} for name in decoders}
         for p in ps:
             reference = None
-            for name, run_one in decoders.items():
+            for name, run_one in decoders.items():  # back to back on each prompt: load changes hit all alike
                 tokens, seconds, tpf = run_one(p)
                 reference = reference or tokens
                 a = acc[name]
@@ -214,10 +231,10 @@ def do_steps(args: argparse.Namespace) -> dict[str, Any]:
     from multitoken.generate.speculative import decode_step
     from multitoken.generate.tree import Tree, TreeIndex
 
-    run = args.work / "heads"
+    run = args.work / args.heads[0]
     model = load_run(run).model.eval()
     tok = load_tokenizer(run)
-    vocab = draft_vocabulary(args, tok, model.cfg.vocab_size)
+    vocab = draft_vocabulary(args, run, tok, model.cfg.vocab_size)
     rows = vocab.rows(model.output.weight)
     cache, context = model.make_cache(1), 160  # the keys and values are garbage; the cost is the same
     pos, token = torch.tensor([context]), torch.zeros(1, dtype=torch.long)
@@ -262,7 +279,7 @@ def do_steps(args: argparse.Namespace) -> dict[str, Any]:
         "full vocabulary": lambda: frozen_heads_backward(model, inputs, targets, chunk=1024),
         f"{vocab.size}-token draft vocabulary": lambda: frozen_heads_backward(model, inputs, targets, 1024, vocab),
         f"{vocab.size}-token draft vocabulary, trunk output kept": lambda: draft_heads_backward(
-            model, h, targets, 1024, vocab
+            model, h, targets, 1024, vocab, inputs
         ),
     }
     train_s: dict[str, list[float]] = {name: [] for name in train_steps}
@@ -296,6 +313,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["train", "bench", "steps"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/smollm2"))
+    parser.add_argument(
+        "--heads", nargs="+", default=["heads"],
+        help="head sets: folders in WORK (train: the one to write; bench: each benchmarked; steps: the first)",
+    )  # fmt: skip
+    parser.add_argument("--head-type", help="train: the heads' kind (default: parallel)")
+    parser.add_argument("--targets", choices=["self", "generated", "corpus"], default="generated", help="train")
+    parser.add_argument("--budget-clock", choices=["wall", "cpu"], default="wall", help="train: what --minutes counts")
+    parser.add_argument("--prompt-lookup", type=int, default=10, help="bench: transformers' prompt_lookup_num_tokens")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--minutes", type=float, default=30.0, help="train: the whole budget, generation included")
     parser.add_argument("--prompts", type=int, default=768, help="train: corpus prompts to continue")
@@ -334,7 +359,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     result = {"train": do_train, "bench": do_bench, "steps": do_steps}[args.what](args)
-    (args.work / f"{args.what}.json").write_text(json.dumps(result, indent=1, default=str))
+    name = f"{args.what}-{args.heads[0]}" if args.what == "train" else args.what
+    (args.work / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
     print(json.dumps(result, default=str))
 
 

@@ -16,15 +16,15 @@ from multitoken.errors import CheckpointError
 from tests.conftest import make_model
 
 
-def make_run(tmp_path, tie=False):
-    model = make_model(tie_embeddings=tie)
+def make_run(tmp_path, tie=False, head_type="parallel"):
+    model = make_model(tie_embeddings=tie, head_type=head_type)
     write_run_config(tmp_path, model.cfg, train={"lr": 1e-3})
     return model
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_round_trip_weights_and_optimizer(tmp_path, tie):
-    model = make_run(tmp_path, tie)
+@pytest.mark.parametrize("tie, head_type", [(False, "parallel"), (True, "parallel"), (False, "mtp")])
+def test_round_trip_weights_and_optimizer(tmp_path, tie, head_type):
+    model = make_run(tmp_path, tie, head_type)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randint(0, 61, (1, 8))).sum().backward()
     opt.step()

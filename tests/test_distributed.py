@@ -246,8 +246,11 @@ def test_ddp_launches_each_blocks_all_reduce_inside_the_backward(tmp_path, head_
         pytest.param(
             "fsdp", {"tie_embeddings": True, "head_type": "causal"}, {"grad_accum": 2}, marks=pytest.mark.slow
         ),
+        # Token-conditioned modules read the root group's embedding outside the root's forward.
+        pytest.param("ddp", {"n_layers": 5, "n_future": 3, "head_type": "mtp"}, {}, marks=pytest.mark.slow),
+        pytest.param("fsdp", {"n_layers": 5, "n_future": 3, "head_type": "mtp"}, {}, marks=pytest.mark.slow),
     ],
-    ids=["ddp", "ddp-causal-accum", "fsdp", "fsdp-tied-causal-accum"],
+    ids=["ddp", "ddp-causal-accum", "fsdp", "fsdp-tied-causal-accum", "ddp-mtp", "fsdp-mtp"],
 )
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, corpus, cache, strategy, mkw, tkw):
     mcfg = model_cfg(**mkw)

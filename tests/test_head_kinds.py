@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from multitoken.config import ModelConfig, param_count
 from multitoken.errors import UserError
@@ -15,6 +16,7 @@ from tests.generate import test_speculative
         ("linear", [0, 1, 2, 3], [0], [None, None, None, None]),
         ("causal", [0, 1, 2, 3], [0], [None, 0, 1, 2]),
         ("anticausal", [3, 2, 1, 0], [3, 2, 1, 0], [1, 2, 3, None]),
+        ("mtp", [0, 1, 2, 3], [0], [None, 0, 1, 2]),
     ],
 )
 def test_each_kind_runs_and_feeds_its_heads_as_the_paper_describes(name, order_all, order_first, sources):
@@ -27,6 +29,15 @@ def test_each_kind_runs_and_feeds_its_heads_as_the_paper_describes(name, order_a
 def test_an_unknown_kind_is_a_user_error_naming_the_known_ones():
     with pytest.raises(UserError, match="parallel, causal, anticausal, linear"):
         ModelConfig(vocab_size=8, dim=16, n_layers=3, n_heads=2, n_future=2, head_type="bogus")
+
+
+def test_token_conditioned_modules_count_their_parameters_and_read_tokens_ahead():
+    cfg = ModelConfig(vocab_size=31, dim=32, n_layers=6, n_heads=4, n_future=4, max_seq_len=64, head_type="mtp")
+    model = MultiTokenModel(cfg)
+    assert model.num_parameters() == param_count(cfg) and cfg.n_trunk_layers == 2
+    assert [cfg.head_kind.token_lead(i) for i in range(4)] == [None, 1, 2, 3]
+    with pytest.raises(ValueError, match="reads the token 1 positions ahead"):
+        model.run_heads(torch.zeros(1, 5, 32), model.attention_context(5))  # no tokens given
 
 
 class SkipHeads(HeadKind):

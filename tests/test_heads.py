@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ from multitoken.heads import (
     self_distilled_targets,
     train_heads,
 )
-from multitoken.loss import IGNORE_INDEX, LossReport, shift_targets
+from multitoken.loss import IGNORE_INDEX, LossReport, shift_targets, summed_loss
 from tests.conftest import make_model
 from tests.tolerance import loss_tolerance, model_atol
 
@@ -82,6 +83,52 @@ def test_add_heads_random_init_and_refusals() -> None:
     grown = add_heads(new, 4)  # 2 heads -> 4: the existing heads are kept, the new ones copy head 1
     assert torch.equal(grown.heads[1].attention.wq.weight, new.heads[1].attention.wq.weight)
     assert torch.equal(grown.heads[3].attention.wq.weight, new.heads[0].attention.wq.weight)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_token_conditioned_modules_added_to_a_next_token_model(tie: bool) -> None:
+    old = next_token_model(tie_embeddings=tie)
+    new = add_heads(old, 3, head_type="mtp")
+    assert new.cfg.head_type == "mtp" and new.cfg.n_layers == 5 and new.cfg.n_trunk_layers == old.cfg.n_trunk_layers
+    tokens = torch.randint(0, old.cfg.vocab_size, (2, 17))
+    with torch.no_grad():
+        before = old(tokens)[:, :, 0]
+        after = new(tokens)  # (B, T, 3, V)
+        assert torch.equal(after[:, :, 0], before)  # the verifier is the pretrained model, bitwise
+        # Each module starts as head 1's block on the normalised output of depth k-1, the token half at zero.
+        ctx = new.attention_context(17)
+        z = new.heads[0](new.embed_and_trunk(tokens, ctx), ctx)
+        for k in (1, 2):
+            module = new.heads[k]
+            assert torch.equal(module.block.attention.wq.weight, old.heads[0].attention.wq.weight)
+            assert module.block.attention.wq.weight.data_ptr() != new.heads[0].attention.wq.weight.data_ptr()
+            z = new.heads[0](module.hidden_norm(z), ctx)
+            torch.testing.assert_close(after[:, : 17 - k, k], new.unembed(z)[:, : 17 - k])
+    with pytest.raises(UserError, match="anticausal heads cannot be added"):
+        add_heads(old, 3, head_type="anticausal")
+    with pytest.raises(UserError, match="cannot add mtp heads to a model of 3 parallel"):
+        add_heads(add_heads(old, 3), 4, head_type="mtp")
+
+
+def test_frozen_training_of_token_conditioned_modules_is_their_summed_loss() -> None:
+    """The frozen step (head 1 feeding the chained modules, one module's backward at a time) against the summed
+    losses of the modules and one backward: the same losses and gradients, and only the modules learn."""
+    model = add_heads(next_token_model(), 4, head_type="mtp").train()
+    configure_trainable(model, "frozen")
+    V, gen = model.cfg.vocab_size, torch.Generator().manual_seed(0)
+    inputs, targets = shift_targets(torch.randint(0, V, (2, 16), generator=gen), 4, context=14)
+    report = frozen_heads_backward(model, inputs, targets, chunk=5)
+    grads = take_grads(model)
+    total, oracle = summed_loss(model, inputs, targets, weights=[0.0, 1.0, 1.0, 1.0])
+    total.backward()
+    expected = take_grads(model)
+    with torch.no_grad():
+        tol = loss_tolerance(model(inputs), model.cfg, targets.numel())
+    assert math.isnan(report.per_head[0]) and report.per_head[1:] == pytest.approx(oracle.per_head[1:], **tol)
+    assert set(grads) == set(expected) and all(k.startswith(("heads.1.", "heads.2.", "heads.3.")) for k in grads)
+    assert {k.split(".")[2] for k in grads} == {"hidden_norm", "embed_norm", "proj", "block"}
+    for name, grad in grads.items():
+        assert_same_grad(grad, expected[name], model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,7 +278,7 @@ def test_trunk_features_are_the_frozen_step_on_tiled_windows(self_targets: bool)
         index = np.random.default_rng((1, step)).integers(0, len(features), size=3)  # what the batch draws
         new = len(set(index.tolist()) - drawn)
         computed = features.computed
-        h, targets = features.batch(step, 3)
+        h, targets, _ = features.batch(step, 3)
         assert features.computed == computed + new  # only windows never drawn before run the trunk
         drawn |= set(index.tolist())
         window = torch.from_numpy(np.stack([tokens[8 * i : 8 * i + context + n] for i in index]).astype(np.int64))
@@ -270,6 +317,8 @@ def test_heads_config_validation() -> None:
         HeadsConfig(mode="joint", draft_vocab=64)
     with pytest.raises(UserError, match="trunk_cache_gib"):
         HeadsConfig(trunk_cache_gib=-1)
+    with pytest.raises(UserError, match="unknown head type 'sideways'"):
+        HeadsConfig(head_type="sideways")
 
 
 def test_generate_self_data_is_the_models_greedy_text() -> None:
@@ -307,14 +356,17 @@ def make_run(path, model) -> None:
 
 
 @pytest.mark.parametrize(
-    ("targets", "steps", "max_ratio", "draft_vocab", "cache_gib"),
+    ("targets", "steps", "max_ratio", "draft_vocab", "cache_gib", "head_type"),
     [
-        ("corpus", 60, 0.7, None, 4.0), ("self", 30, 0.98, None, 4.0), ("generated", 30, 0.98, None, 4.0),
-        ("corpus", 60, 0.7, 16, 4.0), ("corpus", 60, 0.7, None, 0.0), ("self", 30, 0.98, None, 0.0),
+        ("corpus", 60, 0.7, None, 4.0, None), ("self", 30, 0.98, None, 4.0, None),
+        ("generated", 30, 0.98, None, 4.0, None), ("corpus", 60, 0.7, 16, 4.0, None),
+        ("corpus", 60, 0.7, None, 0.0, None), ("self", 30, 0.98, None, 0.0, None),
+        ("corpus", 60, 0.7, 16, 4.0, "mtp"), ("self", 30, 0.98, None, 0.0, "mtp"),
     ],
 )  # fmt: skip
 def test_train_heads_job_learns_and_writes_a_decodable_run(
-    tmp_path, targets: str, steps: int, max_ratio: float, draft_vocab: int | None, cache_gib: float
+    tmp_path, targets: str, steps: int, max_ratio: float, draft_vocab: int | None, cache_gib: float,
+    head_type: str | None,
 ) -> None:
     """Corpus targets on repetitive text are easy to learn; the self-distilled targets of a random model
     (the argmax of nearly uniform logits) are close to a hash of the context, so there only some progress
@@ -336,7 +388,7 @@ def test_train_heads_job_learns_and_writes_a_decodable_run(
     cfg = default_heads_train_config(batch_size=8, context=32, lr=3e-3, max_steps=steps, eval_batches=1)
     heads = HeadsConfig(
         n_future=3, targets=targets, generated_prompts=16, prompt_tokens=8, generated_tokens=40,
-        draft_vocab=draft_vocab, trunk_cache_gib=cache_gib,
+        draft_vocab=draft_vocab, trunk_cache_gib=cache_gib, head_type=head_type,
     )  # fmt: skip
     prompt_data = [[corpus / "0.py"], [corpus / "1.py", corpus / "2.py"]] if targets == "generated" else []
     summary = train_heads(tmp_path / "base", tmp_path / "mtp", heads, cfg, [corpus], tmp_path / "cache", prompt_data)
@@ -351,7 +403,7 @@ def test_train_heads_job_learns_and_writes_a_decodable_run(
     train_losses = [m["loss"] for m in losses if m["kind"] == "train"]
     assert sum(train_losses[-10:]) < max_ratio * sum(train_losses[:10])
     run = load_run(tmp_path / "mtp")
-    assert run.model.cfg.n_future == 3
+    assert run.model.cfg.n_future == 3 and run.model.cfg.head_type == (head_type or "parallel")
     # Frozen mode: the verifier is the base model, so speculative greedy == the base model's greedy.
     prompt = list(b"def f7(x):\n    return")
     plain = generate(base.eval(), [prompt], 30).tokens

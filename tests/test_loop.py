@@ -51,6 +51,22 @@ def test_elapsed_time_before_the_loop_counts_against_the_budget():
     assert training_loop(fake_step([]), cfg, tokens_per_step=1, elapsed_before=11.0).step == 0
 
 
+def test_a_cpu_budget_counts_this_process_cpu_seconds_not_the_wall(monkeypatch):
+    """A process that sleeps (as one on a shared machine waits for a core) uses up a wall budget, not a CPU one."""
+    import time
+
+    def sleeping(step, lr):
+        time.sleep(0.05)
+        return LossReport(1.0, [1.0]), 0.0
+
+    wall = TrainConfig(max_steps=6, time_budget_s=0.12)
+    cpu = TrainConfig(max_steps=6, time_budget_s=0.12, budget_clock="cpu")
+    assert training_loop(sleeping, wall, tokens_per_step=1).step < 6
+    assert training_loop(sleeping, cpu, tokens_per_step=1).step == 6
+    with pytest.raises(UserError, match="budget_clock"):
+        TrainConfig(budget_clock="gpu")
+
+
 def test_an_error_in_a_step_ends_the_loop_and_reaches_the_caller():
     def failing(step, lr):
         if step == 2:

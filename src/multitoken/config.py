@@ -322,6 +322,7 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 
 UNBOUNDED_STEPS = 1_000_000  # a max_steps that only a time budget stops
+BUDGET_CLOCKS = ("wall", "cpu")  # what a time budget counts: wall seconds, or this process's CPU seconds
 
 
 @dataclass
@@ -340,7 +341,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     max_steps: int = 1600  # UNBOUNDED_STEPS: the time budget alone decides
-    time_budget_s: float | None = None  # stop (and checkpoint) once this much wall time has passed
+    time_budget_s: float | None = None  # stop (and checkpoint) once this much time has passed ...
+    budget_clock: str = "wall"  # ... on this clock: "wall", or "cpu" (this process's CPU seconds, all its threads)
     eval_every: int = 100
     eval_batches: int = 8
     checkpoint_every: int = 100
@@ -362,6 +364,8 @@ class TrainConfig:
             raise UserError(f"lr must be > 0, got {self.lr}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise UserError(f"time budget must be > 0 seconds, got {self.time_budget_s}")
+        if self.budget_clock not in BUDGET_CLOCKS:
+            raise UserError(f"budget_clock must be one of {', '.join(BUDGET_CLOCKS)}, got {self.budget_clock!r}")
         if self.loss_chunk < 0:
             raise UserError(f"loss_chunk must be >= 0, got {self.loss_chunk}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -407,11 +411,14 @@ class HeadsConfig:
     generation_batch: int = 32  # ... this many at a time (SmolLM2 on 2 cores: 44 tok/s at 8, 90 at 64)
     draft_vocab: int | None = None  # frozen mode: heads 2..n learn (and later draft) the K most frequent tokens
     trunk_cache_gib: float = 4.0  # frozen mode: keep up to this much trunk output (0: recompute at random offsets)
+    head_type: str | None = None  # the new heads' kind (`add_heads`); None: the model's own, or parallel
 
     def __post_init__(self) -> None:
         check_field_types(self)
         if self.n_future < 2:
             raise UserError(f"n_future must be >= 2 to have heads to train, got {self.n_future}")
+        if self.head_type is not None:
+            head_kinds.head_kind(self.head_type)  # a UserError naming the known kinds
         if self.mode not in MODES:
             raise UserError(f"unknown head training mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.targets not in TARGETS:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -54,15 +53,16 @@ from multitoken.data.tokenizers import load_tokenizer
 from multitoken.errors import UserError
 from multitoken.generate.autoregressive import generate
 from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
-from multitoken.head_kinds import HEAD_KINDS
+from multitoken.head_kinds import HEAD_KINDS, head_kind
 from multitoken.interop.meta import staged_dir
-from multitoken.loop import training_loop
+from multitoken.loop import budget_clock, training_loop
 from multitoken.loss import (
     IGNORE_INDEX,
     LossReport,
-    chunked_cross_entropy_backward,
+    head_losses_backward,
     sequential_backward,
     shift_targets,
+    trainable_targets,
 )
 from multitoken.model import AttentionContext, MultiTokenModel
 from multitoken.pretrain import METRICS_FILE, evaluate, prepare_data
@@ -71,7 +71,9 @@ from multitoken.pretrain import METRICS_FILE, evaluate, prepare_data
 # adding heads
 
 
-def add_heads(model: MultiTokenModel, n_future: int, init: str = "copy", seed: int = 0) -> MultiTokenModel:
+def add_heads(
+    model: MultiTokenModel, n_future: int, init: str = "copy", seed: int = 0, head_type: str | None = None
+) -> MultiTokenModel:
     """A new model with `n_future` heads whose heads 1..m are `model`'s (m = its n_future <= n_future).
 
     The trunk keeps its blocks and head 1 stays the old last block, so head 1's logits are unchanged
@@ -81,11 +83,15 @@ def add_heads(model: MultiTokenModel, n_future: int, init: str = "copy", seed: i
       sensible prior (neighbouring tokens are correlated, and the verifier accepts a draft equal to its own
       next guess surprisingly often), a stable start (the head's output already lives where the shared norm
       and unembedding expect it), and no loss of the pretrained alignment between the last block and the
-      unembedding, which a random block would throw away and have to relearn from little data.
+      unembedding, which a random block would throw away and have to relearn from little data. A
+      token-conditioned module copies head 1 into its block (`HeadKind.copy_head`).
     - "random": the model's usual random block init (seeded), for comparison.
 
-    Parallel heads only (a 1-head model of any block head type counts as parallel): causal or anticausal
-    heads would change what the existing heads read. `model` itself is not modified.
+    head_type: the kind of the new model (default: the model's own if its heads are independent, else
+    parallel). To a model of m > 1 heads only heads of its own independent kind can be added: causal or
+    anticausal heads would change what the existing heads read. To a next-token model (m = 1) any kind whose
+    next-token head reads the trunk alone and has the same module (a block or a linear map) can be added:
+    parallel, causal or token-conditioned (mtp) heads on a block. `model` itself is not modified.
     """
     cfg = model.cfg
     m = cfg.n_future
@@ -96,7 +102,14 @@ def add_heads(model: MultiTokenModel, n_future: int, init: str = "copy", seed: i
     kind = cfg.head_kind
     if m > 1 and not kind.independent:
         raise UserError(f"cannot add heads to {kind.name} heads: their heads read each other (add to parallel heads)")
-    if not kind.independent:  # one head reads the trunk whatever its kind
+    if head_type is not None:
+        wanted = head_kind(head_type)
+        if m > 1 and wanted is not kind:
+            raise UserError(f"cannot add {wanted.name} heads to a model of {m} {kind.name} heads")
+        if wanted.order(n_future, [0]) != [0] or wanted.owns_blocks != kind.owns_blocks:
+            raise UserError(f"{wanted.name} heads cannot be added to a next-token model: its last block would change")
+        kind = wanted
+    elif not kind.independent:  # one head reads the trunk whatever its kind
         kind = HEAD_KINDS["parallel"]
     extra_blocks = n_future - m if kind.owns_blocks else 0  # n_layers counts every block
     new_cfg = cfg.replace(n_future=n_future, n_layers=cfg.n_layers + extra_blocks, head_type=kind.name)
@@ -105,13 +118,10 @@ def add_heads(model: MultiTokenModel, n_future: int, init: str = "copy", seed: i
     if init == "random":
         new.reset_parameters(seed=seed)
     state = dict(model.state_dict())
-    head1 = {k.removeprefix("heads.0."): v for k, v in state.items() if k.startswith("heads.0.")}
-    fresh = new.state_dict()
     for i in range(m, n_future):
         if init == "copy":
-            state.update({f"heads.{i}.{k}": v.clone() for k, v in head1.items()})
-        else:
-            state.update({k: v for k, v in fresh.items() if k.startswith(f"heads.{i}.")})
+            kind.copy_head(new.heads[i], model.heads[0])
+        state.update({k: v for k, v in new.state_dict().items() if k.startswith(f"heads.{i}.")})
     new.load_state_dict(state, strict=True)  # re-ties a tied unembedding to the embedding
     return new.to(device=device, dtype=dtype).train(model.training)
 
@@ -242,7 +252,7 @@ def frozen_heads_backward(
     head 1 (`self_distilled_targets`). Then `draft_heads_backward` on the trunk output.
     """
     h, targets = frozen_trunk(model, inputs, targets, chunk)
-    return draft_heads_backward(model, h, targets, chunk, vocab)
+    return draft_heads_backward(model, h, targets, chunk, vocab, inputs)
 
 
 @torch.no_grad()
@@ -253,9 +263,10 @@ def frozen_trunk(
 
     targets None: the self-distilled ones, from head 1 on that trunk output (`self_distilled_targets`).
     """
-    if not model.cfg.head_kind.independent:
+    if model.head_order([0]) != [0]:
         raise UserError(
-            f"frozen head training needs heads that all read the trunk output; {model.cfg.head_type} heads do not"
+            f"frozen head training needs a next-token head that reads the trunk output alone; {model.cfg.head_type} "
+            "heads' does not"
         )
     ctx = model.attention_context(inputs.shape[1])
     h = model.embed_and_trunk(inputs, ctx)  # (B, T, D), no graph: the trunk is frozen
@@ -270,30 +281,28 @@ def draft_heads_backward(
     targets: torch.Tensor,
     chunk: int = 1024,
     vocab: DraftVocab | None = None,
+    inputs: torch.Tensor | None = None,
 ) -> LossReport:
     """Gradients of sum_{i>=2} mean CE(head i) into heads 2..n from the frozen trunk output h (B, T, D).
 
-    targets (B, n, T) token ids. Each head runs forward and backward in turn (the sequential step of
-    loss.py without the trunk backward), its logits built `chunk` tokens at a time. per_head[0] is NaN:
-    head 1 is not trained. With a draft vocabulary the heads' softmax runs over its tokens only, and
-    targets outside it are skipped.
+    targets (B, n, T) token ids; inputs (B, T): the tokens, which heads that read a token need. The heads run
+    forward and backward in turn (`head_losses_backward`: the sequential step of loss.py without the trunk
+    backward; chained heads from the furthest back, the frozen head 1 feeding them), their logits built
+    `chunk` tokens at a time. per_head[0] is NaN: head 1 is not trained. With a draft vocabulary the heads'
+    softmax runs over its tokens only, and targets outside it are skipped.
     """
     n = model.cfg.n_future
     ctx = model.attention_context(h.shape[1])
+    targets = trainable_targets(model, targets)
     rows = None
     if vocab is not None:
         rows = vocab.rows(model.output.weight)  # (K, D): frozen, so no gradient is lost by gathering
         index = vocab.index(targets)  # (B, n, T): index among the draft tokens; -1 outside or ignored
         targets = torch.where(index < 0, IGNORE_INDEX, index)
-    means: dict[int, torch.Tensor] = {}
-    for i in range(1, n):
-        count = int((targets[:, i] != IGNORE_INDEX).sum())
-        if not count:
-            continue
-        z = model.heads[i](h, ctx)  # (B, T, D)
-        leaf = z.detach().requires_grad_()
-        means[i] = chunked_cross_entropy_backward(model, leaf, targets[:, i], 1.0 / count, chunk, rows) / count
-        z.backward(leaf.grad)  # frees this head's activations before the next head runs
+    counts = {i: int((targets[:, i] != IGNORE_INDEX).sum()) for i in range(1, n)}
+    scales = {i: 1.0 / count for i, count in counts.items() if count}
+    sums = head_losses_backward(model, h, ctx, targets, scales, chunk, inputs, rows)
+    means = {i: sums[i] / counts[i] for i in scales}
     per_head = [float("nan")] * n
     values = torch.stack(list(means.values())).tolist() if means else []  # the step's one host sync
     for i, value in zip(means, values, strict=True):
@@ -381,17 +390,18 @@ class TrunkFeatures:
         self.self_targets, self.chunk, self.seed = self_targets, chunk, seed
         self.offsets = np.arange(context + n)
         self.max_windows = int(max_bytes // (context * model.cfg.dim * model.tok_embeddings.weight.element_size()))
-        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # window -> (T, D) output, (n, T) targets
+        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # window -> (T, D), (n, T), (T,)
         self.computed = 0  # windows the trunk ran on
 
     def __len__(self) -> int:
         return len(self.starts)
 
-    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch of `step`: trunk output (B, T, D) and targets (B, n, T) of `batch_size` windows."""
+    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch of `step`: trunk output (B, T, D), targets (B, n, T) and input tokens (B, T) of `batch_size`
+        windows (the tokens for heads that read one)."""
         index = np.random.default_rng((self.seed, step)).integers(0, len(self), size=batch_size).tolist()
         missing = sorted({i for i in index if i not in self.kept})
-        fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        fresh: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         if missing:  # one trunk forward over the windows not kept yet
             device = self.model.tok_embeddings.weight.device
             window = torch.from_numpy(self.tokens[self.starts[missing, None] + self.offsets].astype(np.int64))
@@ -399,11 +409,11 @@ class TrunkFeatures:
             h, targets = frozen_trunk(self.model, inputs, None if self.self_targets else corpus, self.chunk)
             self.computed += len(missing)
             for k, i in enumerate(missing):
-                fresh[i] = (h[k].clone(), targets[k].clone())  # copies: no view pins the whole batch
+                fresh[i] = (h[k].clone(), targets[k].clone(), inputs[k].clone())  # copies: no view pins the batch
                 if len(self.kept) < self.max_windows:
                     self.kept[i] = fresh[i]
-        pairs = [self.kept[i] if i in self.kept else fresh[i] for i in index]
-        return torch.stack([h for h, _ in pairs]), torch.stack([t for _, t in pairs])
+        triples = [self.kept[i] if i in self.kept else fresh[i] for i in index]
+        return tuple(torch.stack([t[j] for t in triples]) for j in range(3))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -447,7 +457,7 @@ def train_heads(
     torch.manual_seed(cfg.seed)
     source = load_run(run_dir)
     tokenizer = load_tokenizer(run_dir)
-    model = add_heads(source.model, heads.n_future, heads.init, seed=cfg.seed).train()
+    model = add_heads(source.model, heads.n_future, heads.init, seed=cfg.seed, head_type=heads.head_type).train()
     n = model.cfg.n_future
     if cfg.context > model.cfg.max_seq_len:
         raise UserError(f"context {cfg.context} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
@@ -459,7 +469,8 @@ def train_heads(
     prompt_sources = [[str(s) for s in group] for group in prompt_data]
     prompt_pools = [prepare_data(group, tokenizer, cache_dir, cfg.val_fraction).store.train for group in prompt_sources]
 
-    t0 = time.perf_counter()
+    clock = budget_clock(cfg)  # every time below, generation included, on the clock the budget counts
+    t0 = clock()
     summary: dict[str, Any] = {"run_dir": str(out_dir), "source_run": str(run_dir), **asdict(heads)}
     train_tokens: np.ndarray = bundle.store.train
     targets = heads.targets
@@ -468,7 +479,7 @@ def train_heads(
             model, prompt_pools or bundle.store.train, heads.generated_prompts, heads.prompt_tokens,
             heads.generated_tokens, tokenizer.eos_id, cfg.seed, heads.generation_batch, progress,
         )  # fmt: skip
-        summary.update(generated_tokens_total=int(len(train_tokens)), generation_s=time.perf_counter() - t0)
+        summary.update(generated_tokens_total=int(len(train_tokens)), generation_s=clock() - t0)
         targets = "corpus"  # on the model's own text, corpus targets are its own greedy choices
     vocab = None
     if heads.draft_vocab is not None:  # the tokens the heads see most, in their text and then in the corpus
@@ -500,18 +511,19 @@ def train_heads(
 
     def step_fn(step: int, lr: float) -> tuple[LossReport, float]:
         if features is not None:
-            report = draft_heads_backward(model, *features.batch(step, cfg.batch_size), cfg.loss_chunk, vocab)
+            h, labels, inputs = features.batch(step, cfg.batch_size)
+            report = draft_heads_backward(model, h, labels, cfg.loss_chunk, vocab, inputs)
         else:
             report = heads_backward(model, sampler.sample(step), heads.mode, targets, cfg, vocab)
         return report, heads_update(optimizer, report, lr, cfg)
 
-    t_train = time.perf_counter()
+    t_train = clock()
     loop = training_loop(
         step_fn, cfg, tokens_per_step=cfg.batch_size * cfg.context, elapsed_before=t_train - t0,  # generation counts
         log=log, after_step=on_step, progress=progress,
     )  # fmt: skip
     step, losses = loop.step, loop.losses
-    train_s = time.perf_counter() - t_train
+    train_s = clock() - t_train
     configure_trainable(model, "joint")  # leave an ordinary model behind (every parameter trainable)
     model.eval()
     final_eval = None
@@ -522,7 +534,8 @@ def train_heads(
         board.close()
     summary.update(
         steps=step,
-        seconds=time.perf_counter() - t0,
+        seconds=clock() - t0,
+        budget_clock=cfg.budget_clock,
         train_s=train_s,
         tokens_trained=step * cfg.batch_size * cfg.context,
         first_loss=losses[0] if losses else None,

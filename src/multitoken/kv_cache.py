@@ -9,7 +9,7 @@ position. Sequences of a batch may stand at different positions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,10 +50,17 @@ class KVCache:
 
 @dataclass
 class ModelCache:
-    """One `KVCache` per block: `trunk[i]` for trunk block i, `heads[j]` for head j's block."""
+    """One `KVCache` per block: `trunk[i]` for trunk block i, `heads[j]` for head j's block.
+
+    For heads that read a token ahead (token-conditioned modules), which the decoder runs after each verify
+    forward, it also keeps what they read, by position: `tokens` (B, S) the token at each position, and
+    `states[j]` (B, S, D) head j's output at each position, for head j+1 (generate/conditioned.py).
+    """
 
     trunk: list[KVCache]
     heads: list[KVCache | None]  # None for linear heads, which have no attention
+    tokens: torch.Tensor | None = None
+    states: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def max_len(self) -> int:

@@ -41,6 +41,12 @@ def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
+def budget_clock(cfg: TrainConfig) -> Callable[[], float]:
+    """The clock a time budget counts: wall seconds, or with `budget_clock="cpu"` this process's CPU seconds (all
+    its threads), which a busy machine does not eat into: a CPU budget buys about the same training there."""
+    return time.process_time if cfg.budget_clock == "cpu" else time.perf_counter
+
+
 def training_loop(
     step_fn: StepFn,
     cfg: TrainConfig,
@@ -56,13 +62,14 @@ def training_loop(
     """Run `step_fn` from `start_step` until `cfg.max_steps`, or until `cfg.time_budget_s` has passed.
 
     elapsed_before: seconds already spent (a resumed run's, or generation before head training), counted
-    against the time budget. shared_clock(seconds): the seconds every process agrees on (rank 0's), so all
-    stop at the same step with the same learning rate. log(record): each step's metrics record. after_step(step,
-    report): runs after each step (evaluation, checkpoints, user hooks). An exception from the step ends the
-    loop with the bar closed.
+    against the time budget; every time is on `budget_clock(cfg)`. shared_clock(seconds): the seconds every
+    process agrees on (rank 0's), so all stop at the same step with the same learning rate. log(record): each
+    step's metrics record. after_step(step, report): runs after each step (evaluation, checkpoints, user hooks).
+    An exception from the step ends the loop with the bar closed.
     """
     agree = shared_clock or (lambda seconds: seconds)
-    t0 = time.perf_counter()
+    clock = budget_clock(cfg)
+    t0 = clock()
     # With a time budget alone the step count is unknown: the bar counts steps and the postfix shows the clock.
     bar = tqdm(
         total=None if cfg.max_steps >= UNBOUNDED_STEPS else cfg.max_steps,
@@ -78,7 +85,7 @@ def training_loop(
         while step < cfg.max_steps:
             fraction = step / cfg.max_steps
             if cfg.time_budget_s is not None:
-                elapsed = agree(elapsed_before + time.perf_counter() - t0)
+                elapsed = agree(elapsed_before + clock() - t0)
                 if elapsed >= cfg.time_budget_s:
                     break
                 fraction = max(fraction, elapsed / cfg.time_budget_s)
@@ -94,13 +101,13 @@ def training_loop(
             if log is not None:
                 log({"step": step, "kind": "train", "loss": report.total, "per_head": report.per_head, "lr": lr,
                      "grad_norm": grad_norm, "tokens_per_s": tok_s,
-                     "elapsed_s": elapsed_before + now - t0})  # fmt: skip
+                     "elapsed_s": elapsed_before + clock() - t0})  # fmt: skip
             bar.update(1)
-            clock = f"{elapsed:.0f}/{cfg.time_budget_s:.0f}s " if cfg.time_budget_s else ""
+            budget = f"{elapsed:.0f}/{cfg.time_budget_s:.0f}s " if cfg.time_budget_s else ""
             losses_shown = " ".join(f"{x:.2f}" for x in report.per_head)
-            bar.set_postfix_str(f"{clock}{tok_s:,.0f} tok/s loss/head {losses_shown}")
+            bar.set_postfix_str(f"{budget}{tok_s:,.0f} tok/s loss/head {losses_shown}")
             if after_step is not None:
                 after_step(step, report)
     finally:
         bar.close()
-    return LoopResult(step, elapsed_before + time.perf_counter() - t0, losses)
+    return LoopResult(step, elapsed_before + clock() - t0, losses)

@@ -13,13 +13,13 @@ unweighted sum over heads). Two ways to get its gradients, which must agree to f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from multitoken.model import MultiTokenModel
+from multitoken.model import AttentionContext, MultiTokenModel
 
 IGNORE_INDEX = -100
 
@@ -44,6 +44,21 @@ def shift_targets(
         if avail > 0:
             targets[:, i, :avail] = window[:, i + 1 : i + 1 + avail]
     return window[:, :T], targets
+
+
+def trainable_targets(model: MultiTokenModel, targets: torch.Tensor) -> torch.Tensor:
+    """targets (B, n, T) with IGNORE_INDEX wherever a head has no input: a head that reads the token `lead`
+    positions ahead (a token-conditioned module) cannot be trained at the last `lead` positions of the inputs,
+    whose tokens lie past their end. The same tensor when no head reads a token."""
+    kind, T = model.cfg.head_kind, targets.shape[-1]
+    if not kind.reads_tokens(model.cfg.n_future):
+        return targets
+    targets = targets.clone()
+    for i in range(model.cfg.n_future):
+        lead = kind.token_lead(i)
+        if lead is not None:
+            targets[:, i, max(T - lead, 0) :] = IGNORE_INDEX
+    return targets
 
 
 @dataclass
@@ -87,6 +102,7 @@ def summed_loss(
     """
     n = model.cfg.n_future
     w = _head_weights(n, weights)
+    targets = trainable_targets(model, targets)
     logits = model(inputs)  # (B, T, n, V)
     per_head = [
         F.cross_entropy(
@@ -123,6 +139,55 @@ def chunked_cross_entropy_backward(
     return total
 
 
+def head_losses_backward(
+    model: MultiTokenModel,
+    h: torch.Tensor,
+    ctx: AttentionContext,
+    targets: torch.Tensor,
+    scales: Mapping[int, torch.Tensor | float],
+    chunk: int,
+    tokens: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+) -> dict[int, torch.Tensor]:
+    """Backward of sum_i scales[i] * sum CE(head i) from the trunk output h (B, T, D), one head at a time.
+
+    targets (B, n, T); scales: the heads that carry a loss; tokens (B, T): the inputs, for heads that read a
+    token; rows: unembedding rows to score against (`chunked_cross_entropy_backward`). Gradients gather on h
+    when it requires grad (and on the embedding through heads that read tokens). Independent heads run forward
+    and backward one at a time; a head without a loss is skipped. Chained heads feed each other, so each head's
+    output is detached, all heads that the losses need run forward, and the backward goes from the head
+    furthest from the trunk back towards it, each head adding its own loss's gradient to what its successors
+    left on its output (paper Fig. S11); a head without a loss (a frozen one feeding trained ones) passes its
+    successors' gradient on if anything below it learns. Returns each loss's unscaled sum (device tensors).
+    """
+    chained = model.cfg.head_kind.chained
+    sums: dict[int, torch.Tensor] = {}
+    if not scales:
+        return sums
+    leaves: dict[int, torch.Tensor] = {}
+    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def head_backward(i: int, z: torch.Tensor, leaf: torch.Tensor) -> None:
+        if i in scales:
+            sums[i] = chunked_cross_entropy_backward(model, leaf, targets[:, i], scales[i], chunk, rows)
+        if z.requires_grad and leaf.grad is not None:
+            z.backward(leaf.grad)
+
+    for i in model.head_order(list(scales)):
+        if not chained and i not in scales:
+            continue
+        z = model.heads[i](model.head_input(i, h, leaves, tokens), ctx)  # (B, T, D)
+        leaf = z.detach().requires_grad_()
+        if chained:
+            leaves[i] = leaf
+            pending.append((i, z, leaf))
+        else:
+            head_backward(i, z, leaf)  # frees this head's activations before the next head runs
+    for i, z, leaf in reversed(pending):
+        head_backward(i, z, leaf)
+    return sums
+
+
 def sequential_backward(
     model: MultiTokenModel,
     inputs: torch.Tensor,
@@ -133,39 +198,20 @@ def sequential_backward(
 ) -> LossReport:
     """The memory-efficient step: gradients of `loss_scale * L_n` accumulated into the parameters.
 
-    inputs (B, T), targets (B, n, T); chunk: tokens per cross-entropy chunk (0: a head's whole batch).
-    Parallel and linear heads run forward and backward one at a time. Causal and anticausal heads feed
-    each other, so each head's output is detached, all heads run forward, and the backward goes from the
-    head furthest from the trunk back towards it, each head adding its own loss's gradient to what its
-    successors left on its output (paper Fig. S11). Everything stays on the device until the one host
-    read of the losses at the end.
+    inputs (B, T), targets (B, n, T); chunk: tokens per cross-entropy chunk (0: a head's whole batch). The
+    trunk runs forward once; its output is detached; the heads run forward and backward one at a time (chained
+    ones from the furthest back; `head_losses_backward`), gathering their gradient on it; one backward goes
+    through the trunk. Everything stays on the device until the one host read of the losses at the end.
     """
     cfg = model.cfg
+    targets = trainable_targets(model, targets)
     w = torch.tensor(_head_weights(cfg.n_future, weights), device=inputs.device)
     counts = (targets != IGNORE_INDEX).sum(dim=(0, 2))  # (n,) on the device
     scales = loss_scale * w / counts.clamp_min(1)  # a head without targets contributes a zero loss
     ctx = model.attention_context(inputs.shape[1])
     h = model.embed_and_trunk(inputs, ctx)  # (B, T, D)
     h_leaf = h.detach().requires_grad_()
-    chained = cfg.head_kind.chained
-    sums: dict[int, torch.Tensor] = {}
-    leaves: dict[int, torch.Tensor] = {}
-    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-
-    def head_backward(i: int, z: torch.Tensor, leaf: torch.Tensor) -> None:
-        sums[i] = chunked_cross_entropy_backward(model, leaf, targets[:, i], scales[i], chunk)
-        z.backward(leaf.grad)
-
-    for i in model.head_order():
-        z = model.heads[i](model.head_input(i, h_leaf, leaves), ctx)  # (B, T, D)
-        leaf = z.detach().requires_grad_()
-        if chained:
-            leaves[i] = leaf
-            pending.append((i, z, leaf))
-        else:
-            head_backward(i, z, leaf)  # frees this head's activations before the next head runs
-    for i, z, leaf in reversed(pending):
-        head_backward(i, z, leaf)
+    sums = head_losses_backward(model, h_leaf, ctx, targets, dict(enumerate(scales)), chunk, inputs)
     h.backward(h_leaf.grad)
     per_head = torch.stack([sums[i] for i in range(cfg.n_future)]) / counts  # nan where a head has no target
     # Heads without targets add nothing; a NaN or inf loss of a head with targets must show in the total.
@@ -185,8 +231,9 @@ def evaluate_heads(
     draft head i would make that head 1 then confirms: a forecast of self-speculative acceptance).
     """
     n = model.cfg.n_future
+    targets = trainable_targets(model, targets)
     ctx = model.attention_context(inputs.shape[1])
-    outputs = model.run_heads(model.embed_and_trunk(inputs, ctx), ctx)
+    outputs = model.run_heads(model.embed_and_trunk(inputs, ctx), ctx, tokens=inputs)
     preds: dict[int, torch.Tensor] = {}
     loss_sum, count, correct = torch.zeros(n), torch.zeros(n), torch.zeros(n)
     for i in range(n):

@@ -6,8 +6,9 @@
 
 Head i predicts token t+i from tokens <= t (Gloeckle et al. 2024). Head variants (paper App. B):
 parallel (every head reads h), causal (head i reads head i-1's output), anticausal (head i reads head
-i+1's output), linear (a d x d map instead of a block). With n_future = 1 this is exactly a plain
-Llama-style causal LM.
+i+1's output), linear (a d x d map instead of a block). Beyond the paper, token-conditioned modules (mtp,
+DeepSeek-V3): module k reads depth k-1's output and the embedding of token t+k, so it predicts t+k+1 from
+tokens <= t+k. With n_future = 1 this is exactly a plain Llama-style causal LM.
 
 One definition serves training, both decoders and interop: `trunk`, `run_heads` and `unembed` are the
 pieces, `forward` composes them, and the memory-efficient training step (loss.py) composes the same
@@ -165,6 +166,27 @@ class LinearHead(nn.Module):
         return self.proj(x)
 
 
+class TokenConditionedModule(nn.Module):
+    """An MTP module (DeepSeek-V3 §2.2): block(proj([norm(hidden); norm(embedding)])).
+
+    Its input is the concatenation (..., 2D) of the hidden state of depth k-1 and the embedding of the token
+    it is conditioned on (`MultiTokenModel.head_input` builds it); each half is RMS-normalised on its own, so
+    neither the depth of the hidden state nor the embedding's scale decides how much the other counts.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.hidden_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.embed_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.proj = Linear(2 * cfg.dim, cfg.dim)
+        self.block = Block(cfg)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, cache: KVCache | None = None) -> torch.Tensor:
+        hidden, embedding = x.chunk(2, dim=-1)  # (B, T, D) each
+        x = self.proj(torch.cat([self.hidden_norm(hidden), self.embed_norm(embedding)], dim=-1))  # (B, T, D)
+        return self.block(x, ctx, cache)
+
+
 class MultiTokenModel(nn.Module):
     """Shared trunk, `n_future` heads, shared final norm and unembedding."""
 
@@ -174,7 +196,7 @@ class MultiTokenModel(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.trunk = nn.ModuleList(Block(cfg) for _ in range(cfg.n_trunk_layers))
-        self.heads = nn.ModuleList(cfg.head_kind.make_head(cfg) for _ in range(cfg.n_future))
+        self.heads = nn.ModuleList(cfg.head_kind.make_head(cfg, i) for i in range(cfg.n_future))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = Linear(cfg.dim, cfg.vocab_size)
         if cfg.tie_embeddings:
@@ -251,10 +273,22 @@ class MultiTokenModel(nn.Module):
         wanted = list(range(self.cfg.n_future)) if heads is None else list(heads)
         return self.cfg.head_kind.order(self.cfg.n_future, wanted)
 
-    def head_input(self, i: int, h: torch.Tensor, outputs: dict[int, torch.Tensor]) -> torch.Tensor:
-        """What head i reads: the trunk output h, or the output of the head its kind chains it to."""
-        source = self.cfg.head_kind.source(i, self.cfg.n_future)
-        return h if source is None else outputs[source]
+    def head_input(
+        self, i: int, h: torch.Tensor, outputs: dict[int, torch.Tensor], tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What head i reads: the trunk output h, or the output of the head its kind chains it to; for a head that
+        reads a token as well, that hidden input (B, T, D) concatenated with the embedding of the token `lead`
+        positions ahead in `tokens` (B, T), zero past their end: (B, T, 2D)."""
+        kind = self.cfg.head_kind
+        source = kind.source(i, self.cfg.n_future)
+        x = h if source is None else outputs[source]
+        lead = kind.token_lead(i)
+        if lead is None:
+            return x
+        if tokens is None:
+            raise ValueError(f"head {i + 1} reads the token {lead} positions ahead: pass the tokens")
+        ahead = F.pad(self.tok_embeddings(tokens[:, lead:]), (0, 0, 0, min(lead, tokens.shape[1])))  # (B, T, D)
+        return torch.cat([x, ahead.to(x.dtype)], dim=-1)
 
     def run_heads(
         self,
@@ -262,11 +296,17 @@ class MultiTokenModel(nn.Module):
         ctx: AttentionContext,
         cache: ModelCache | None = None,
         heads: Sequence[int] | None = None,
+        tokens: torch.Tensor | None = None,
     ) -> dict[int, torch.Tensor]:
-        """Trunk output h (B, T, D) -> {head index: head output z (B, T, D)} for the heads needed."""
+        """Trunk output h (B, T, D) -> {head index: head output z (B, T, D)} for the heads needed.
+
+        tokens (B, T): the input tokens, which heads that read a token ahead need (`head_input`). In a cached
+        forward such a head has no input at the last `lead` positions of the block fed: the decoder fills its
+        cache with its own pass instead (generate/conditioned.py).
+        """
         outputs: dict[int, torch.Tensor] = {}
         for i in self.head_order(heads):
-            x = self.head_input(i, h, outputs)
+            x = self.head_input(i, h, outputs, tokens)
             outputs[i] = self.heads[i](x, ctx, cache.heads[i] if cache is not None else None)
         return outputs
 
@@ -301,7 +341,7 @@ class MultiTokenModel(nn.Module):
         ctx = self.attention_context(tokens.shape[1], positions, cache, attn_mask, kv_len)
         h = self.embed_and_trunk(tokens, ctx, cache)
         wanted = list(range(self.cfg.n_future)) if heads is None else list(heads)
-        outputs = self.run_heads(h, ctx, cache, wanted)
+        outputs = self.run_heads(h, ctx, cache, wanted, tokens)
         return torch.stack([self.unembed(outputs[i]) for i in wanted], dim=2)  # (B, T, k, V)
 
     def make_cache(
@@ -324,7 +364,15 @@ class MultiTokenModel(nn.Module):
             )
 
         heads = [new() if cfg.head_kind.owns_blocks else None for _ in range(cfg.n_future)]
-        return ModelCache(trunk=[new() for _ in range(cfg.n_trunk_layers)], heads=heads)
+        cache = ModelCache(trunk=[new() for _ in range(cfg.n_trunk_layers)], heads=heads)
+        if cfg.head_kind.reads_tokens(cfg.n_future):
+            # What the token-conditioned modules read: each position's token and each head's output but the last.
+            cache.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=p.device)
+            shape = (batch_size, max_len, cfg.dim)
+            cache.states = [
+                torch.zeros(shape, device=p.device, dtype=dtype or p.dtype) for _ in range(cfg.n_future - 1)
+            ]
+        return cache
 
     def num_parameters(self, *, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

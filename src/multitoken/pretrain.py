@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -52,7 +51,7 @@ from multitoken.distributed import (
     setup_distributed,
 )
 from multitoken.errors import CheckpointError, UserError
-from multitoken.loop import training_loop
+from multitoken.loop import budget_clock, training_loop
 from multitoken.loss import LossReport, evaluate_heads, sequential_backward, shift_targets, summed_loss
 from multitoken.model import MultiTokenModel
 
@@ -442,7 +441,7 @@ def _train(
 
     def checkpoint(step: int, final: bool = False) -> None:
         nonlocal saved_step
-        elapsed = elapsed_before + time.perf_counter() - t0
+        elapsed = elapsed_before + clock() - t0
         state = {
             "elapsed_s": elapsed,
             "torch_rng": torch.get_rng_state().tolist(),
@@ -490,7 +489,8 @@ def _train(
         if step % cfg.checkpoint_every == 0:
             checkpoint(step)
 
-    t0 = time.perf_counter()
+    clock = budget_clock(cfg)  # what the time budget counts, and so what a resumed run carries on from
+    t0 = clock()
     last_eval = None
     loop = training_loop(
         step_fn, cfg, tokens_per_step=tokens_per_step, start_step=start_step, elapsed_before=elapsed_before,

@@ -55,9 +55,10 @@ def test_unembedding_rows_score_like_the_full_unembedding():
         )
 
 
+@pytest.mark.parametrize("head_type", ["parallel", "mtp"])
 @pytest.mark.parametrize("tree", [None, Tree(((0,), (1,), (0, 0)))], ids=["chain", "tree"])
-def test_greedy_with_a_draft_vocabulary_equals_plain(tree):
-    model = trained_model()
+def test_greedy_with_a_draft_vocabulary_equals_plain(tree, head_type):
+    model = trained_model(head_type)
     prompts = held_out_prompts(4)
     plain = generate(model, prompts, 40)
     full = speculative_generate(model, prompts, 40, tree=tree)

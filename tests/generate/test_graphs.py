@@ -45,15 +45,16 @@ def fake_capture(run):
     return replay, outputs
 
 
+@pytest.mark.parametrize("head_type", ["parallel", "mtp"])
 @pytest.mark.parametrize("tree", [None, Tree(((0,), (1,), (0, 0), (1, 0)))], ids=["chain", "tree"])
-def test_graph_plumbing_on_the_cpu(monkeypatch, tree):
+def test_graph_plumbing_on_the_cpu(monkeypatch, tree, head_type):
     # Everything around the graph itself: inputs copied into the captured buffers, outputs reused and
     # overwritten by the next replay (so the loop must read them first), one graph per tree size near the
     # context limit, rows of a batch stopping at different steps.
     monkeypatch.setattr(graphs, "warm_up", lambda run: run())
     monkeypatch.setattr(graphs, "capture", fake_capture)
     monkeypatch.setattr(decoding_session, "check_cuda_graphs", lambda model, sampling: None)
-    model = trained_model()
+    model = trained_model(head_type)
     prompts = [*held_out_prompts(3), word_stream(90, seed=9).tolist()]  # the last one reaches the context limit
     plain = generate(model, prompts, 40)
     for batch in (prompts, [prompts[0]], [prompts[-1]]):
@@ -84,11 +85,12 @@ def test_a_graph_session_replays_later_generations_without_capturing(monkeypatch
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("head_type", ["parallel", "mtp"])
 @pytest.mark.parametrize("tree", [None, Tree(((0,), (1,), (0, 0), (1, 0)))], ids=["chain", "tree"])
-def test_cuda_graphs_decode_exactly_on_a_trained_model(tree):
+def test_cuda_graphs_decode_exactly_on_a_trained_model(tree, head_type):
     # The trained word model's choices have wide margins: in fp32 nothing can flip, so graph replay must
     # give plain decoding's tokens exactly, one prompt at a time and as a batch of different lengths.
-    model = copy.deepcopy(trained_model()).to("cuda")
+    model = copy.deepcopy(trained_model(head_type)).to("cuda")
     prompts = held_out_prompts(4)
     plain = generate(model, prompts, 40).tokens
     session = graphs.GraphSession()  # the one-prompt calls after the first replay its graphs and reuse its cache

@@ -81,9 +81,10 @@ def test_float32_copy_recomputes_rotary_tables():
     assert model.tok_embeddings.weight.dtype == torch.bfloat16  # the original is left alone
 
 
+@pytest.mark.parametrize("head_type", ["parallel", "mtp"])
 @pytest.mark.parametrize("tree", [None, Tree(((0,), (1,), (0, 0), (0, 1)))])
-def test_fp32_has_no_divergence(tree):
-    model = trained_model()
+def test_fp32_has_no_divergence(tree, head_type):
+    model = trained_model(head_type)
     stream = word_stream(4000, seed=7).tolist()
     prompts = [stream[i * 40 : i * 40 + 12] for i in range(8)]
     report = divergence_report(model, prompts, 40, tree=tree)

@@ -8,6 +8,7 @@ with a fixed seed compares them, and the same test must fail when the residual i
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -31,15 +32,35 @@ def bigram_stub() -> StubModel:
     return StubModel(2.0 * torch.randn(3, V, V, generator=g))
 
 
-def exact_law(model: StubModel, first: int, cfg: SamplingConfig) -> dict[tuple[int, ...], float]:
-    p = probabilities(model.table[0], cfg).tolist()  # (V, V): head 1's processed p(next | last)
-    law = {}
-    for seq in itertools.product(range(V), repeat=N_TOKENS):
-        prob, last = 1.0, first
-        for x in seq:
-            prob, last = prob * p[last][x], x
-        law[seq] = prob
-    return law
+@functools.cache
+def conditioned_model() -> torch.nn.Module:
+    """A real model of token-conditioned modules over the V tokens, its logits scaled up so that head 1's and
+    the modules' distributions are far from uniform and from each other: drafts are often rejected."""
+    model = make_model(
+        seed=3, head_type="mtp", vocab_size=V, dim=16, n_heads=2, n_kv_heads=1, n_future=3, n_layers=5, max_seq_len=16
+    )
+    with torch.no_grad():
+        model.output.weight.mul_(11.0)
+    return model.requires_grad_(False)
+
+
+def exact_law(model, first: int, cfg: SamplingConfig) -> dict[tuple[int, ...], float]:
+    """P(x1..x4) under plain sampling: from the stub's bigram table, or a real model's full forwards."""
+    seqs = list(itertools.product(range(V), repeat=N_TOKENS))
+    if isinstance(model, StubModel):
+        p = probabilities(model.table[0], cfg).tolist()  # (V, V): head 1's processed p(next | last)
+        law = {}
+        for seq in seqs:
+            prob, last = 1.0, first
+            for x in seq:
+                prob, last = prob * p[last][x], x
+            law[seq] = prob
+        return law
+    x = torch.tensor([[first, *seq] for seq in seqs])  # (V^4, 1 + N_TOKENS)
+    with torch.no_grad():
+        p = probabilities(model(x, heads=[0])[:, :N_TOKENS, 0], cfg)  # (V^4, N_TOKENS, V): p(x_t+1 | x_<=t)
+    chosen = p.gather(-1, x[:, 1:, None])[..., 0].double().prod(-1)  # (V^4,)
+    return dict(zip(seqs, chosen.tolist(), strict=True))
 
 
 def chi_square(
@@ -87,33 +108,40 @@ CONFIGS = [
 ]
 
 
+LAW_MODELS = {"stub": bigram_stub, "mtp": conditioned_model}  # hand-set heads; token-conditioned modules
+
+
+@pytest.mark.parametrize("kind", LAW_MODELS)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["t1", "topk", "topp"])
-def test_speculative_sampling_matches_plain_law(cfg):
-    model = bigram_stub()
+def test_speculative_sampling_matches_plain_law(cfg, kind):
+    model = LAW_MODELS[kind]()
     stat, df, impossible = chi_square(model, cfg)
     assert impossible == 0
     assert stat < chi_square_quantile(df), (stat, df)
 
 
-def test_the_check_catches_a_broken_residual(monkeypatch):
+@pytest.mark.parametrize("kind", LAW_MODELS)
+def test_the_check_catches_a_broken_residual(monkeypatch, kind):
     """Sampling from p instead of normalize(max(0, p - q)) after a rejection biases the output."""
-    model = bigram_stub()
+    model = LAW_MODELS[kind]()
     monkeypatch.setattr(speculative, "residual_distribution", lambda p, q: p)
     stat, df, _ = chi_square(model, CONFIGS[0])
     assert stat > 3 * chi_square_quantile(df), (stat, df)
 
 
-def test_a_draft_vocabulary_keeps_the_law():
+@pytest.mark.parametrize("kind", LAW_MODELS)
+def test_a_draft_vocabulary_keeps_the_law(kind):
     """Drafts only among tokens {2, 0}: q has no mass on token 1, which head 1 still samples."""
     vocab = DraftVocab(torch.tensor([2, 0]), V)
-    stat, df, impossible = chi_square(bigram_stub(), CONFIGS[0], seed=3, vocab=vocab)
+    stat, df, impossible = chi_square(LAW_MODELS[kind](), CONFIGS[0], seed=3, vocab=vocab)
     assert impossible == 0 and stat < chi_square_quantile(df), (stat, df)
 
 
-def test_drafts_are_accepted_and_rejected():
+@pytest.mark.parametrize("kind", LAW_MODELS)
+def test_drafts_are_accepted_and_rejected(kind):
     """The law test only means something if both branches ran: some drafts kept, some rejected."""
     result = speculative_generate(
-        bigram_stub(), [[0]] * 200, 6, sampling=CONFIGS[0], generator=torch.Generator().manual_seed(1)
+        LAW_MODELS[kind](), [[0]] * 200, 6, sampling=CONFIGS[0], generator=torch.Generator().manual_seed(1)
     )
     hist = result.stats["accept_histogram"]
     assert hist[0] > 0 and hist[1] + hist[2] > 0
@@ -127,10 +155,11 @@ def test_residual_distribution():
     torch.testing.assert_close(residual_distribution(p, p), p)  # no mass left: fall back to p
 
 
+@pytest.mark.parametrize("kind", LAW_MODELS)
 @pytest.mark.parametrize("k", [1, 2])
-def test_few_heads_keep_the_law(k):
+def test_few_heads_keep_the_law(k, kind):
     """One head is plain sampling through the speculative loop; two heads draft one token."""
-    stat, df, impossible = chi_square(bigram_stub(), CONFIGS[0], seed=2, k=k)
+    stat, df, impossible = chi_square(LAW_MODELS[kind](), CONFIGS[0], seed=2, k=k)
     assert impossible == 0 and stat < chi_square_quantile(df), (stat, df)
 
 
@@ -149,31 +178,36 @@ def test_seeded_sampling_is_reproducible_on_a_real_model():
 TREE = Tree(((0,), (1,), (2,), (0, 0), (0, 1), (1, 0)))
 
 
+@pytest.mark.parametrize("kind", LAW_MODELS)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["t1", "topk", "topp"])
-def test_tree_sampling_matches_plain_law(cfg):
-    stat, df, impossible = chi_square(bigram_stub(), cfg, seed=5, k=None, tree=TREE)
+def test_tree_sampling_matches_plain_law(cfg, kind):
+    stat, df, impossible = chi_square(LAW_MODELS[kind](), cfg, seed=5, k=None, tree=TREE)
     assert impossible == 0 and stat < chi_square_quantile(df), (stat, df)
 
 
-def test_tree_sampling_with_a_draft_vocabulary_keeps_the_law():
+@pytest.mark.parametrize("kind", LAW_MODELS)
+def test_tree_sampling_with_a_draft_vocabulary_keeps_the_law(kind):
     vocab = DraftVocab(torch.tensor([2, 0]), V)
-    stat, df, impossible = chi_square(bigram_stub(), CONFIGS[0], seed=6, k=None, vocab=vocab, tree=TREE)
+    stat, df, impossible = chi_square(LAW_MODELS[kind](), CONFIGS[0], seed=6, k=None, vocab=vocab, tree=TREE)
     assert impossible == 0 and stat < chi_square_quantile(df), (stat, df)
 
 
-def test_the_check_catches_a_tree_walk_without_residuals(monkeypatch):
+@pytest.mark.parametrize("kind", LAW_MODELS)
+def test_the_check_catches_a_tree_walk_without_residuals(monkeypatch, kind):
     """Trying the next sibling against the same distribution, as if the rejected one had not been drawn,
     over-samples the candidates' tokens."""
     monkeypatch.setattr(speculative, "residual_distribution", lambda p, q: p)
-    stat, df, _ = chi_square(bigram_stub(), CONFIGS[0], seed=5, k=None, tree=TREE)
+    stat, df, _ = chi_square(LAW_MODELS[kind](), CONFIGS[0], seed=5, k=None, tree=TREE)
     assert stat > 3 * chi_square_quantile(df), (stat, df)
 
 
-def test_tree_sampling_accepts_later_siblings():
+@pytest.mark.parametrize("kind", LAW_MODELS)
+def test_tree_sampling_accepts_later_siblings(kind):
     """The law test only means something if the walk went past a rejected first child: a chain over the
     same heads accepts fewer tokens per forward."""
+    model = LAW_MODELS[kind]()
     gen = torch.Generator().manual_seed(2)
-    tree = speculative_generate(bigram_stub(), [[0]] * 400, 8, sampling=CONFIGS[0], generator=gen, tree=TREE)
+    tree = speculative_generate(model, [[0]] * 400, 8, sampling=CONFIGS[0], generator=gen, tree=TREE)
     gen = torch.Generator().manual_seed(2)
-    chain = speculative_generate(bigram_stub(), [[0]] * 400, 8, sampling=CONFIGS[0], generator=gen)
+    chain = speculative_generate(model, [[0]] * 400, 8, sampling=CONFIGS[0], generator=gen)
     assert tree.stats["tokens_per_forward"] > chain.stats["tokens_per_forward"] + 0.1

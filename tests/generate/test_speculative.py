@@ -42,9 +42,9 @@ def word_stream(n: int, seed: int, vocab: int = 61) -> torch.Tensor:
 
 
 @functools.cache
-def trained_model() -> torch.nn.Module:
+def trained_model(head_type: str = "parallel") -> torch.nn.Module:
     """make_model's shape trained for a few seconds on `word_stream`, so the heads accept often."""
-    return train_briefly(make_model(seed=1), word_stream(20_000, seed=0), steps=30)
+    return train_briefly(make_model(seed=1, head_type=head_type), word_stream(20_000, seed=0), steps=30)
 
 
 def train_briefly(model: torch.nn.Module, stream: torch.Tensor, steps: int) -> torch.nn.Module:
@@ -92,7 +92,7 @@ class StubModel:
     def embed_and_trunk(self, tokens, ctx, cache=None):
         return tokens[..., None].float()  # (B, T, 1): the "hidden state" is the token
 
-    def run_heads(self, h, ctx, cache=None, heads=None):
+    def run_heads(self, h, ctx, cache=None, heads=None, tokens=None):
         V = self.cfg.vocab_size
         heads = range(self.cfg.n_future) if heads is None else heads
         return {i: h + i * V for i in heads}  # head i's output names (head, token)
@@ -139,8 +139,9 @@ def test_heads_used_one_is_plain_decoding():
     assert spec.n_forwards == 12 and spec.stats["tokens_per_forward"] == 1.0
 
 
-def test_trained_model_accepts_often_and_stays_exact():
-    model = trained_model()
+@pytest.mark.parametrize("head_type", ["parallel", "mtp"])
+def test_trained_model_accepts_often_and_stays_exact(head_type):
+    model = trained_model(head_type)
     prompts = held_out_prompts(4)
     plain = generate(model, prompts, 40)
     spec = speculative_generate(model, prompts, 40)
@@ -151,10 +152,10 @@ def test_trained_model_accepts_often_and_stays_exact():
     assert len(hist) == 3 and sum(hist) > 0 and hist[2] > hist[0]
 
 
-@pytest.mark.parametrize("head_type", ["parallel", "causal"])
+@pytest.mark.parametrize("head_type", ["parallel", "causal", "mtp"])
 def test_batch_equals_each_alone(head_type):
     """Rows of different lengths accept different counts and still decode as if alone."""
-    model = trained_model() if head_type == "parallel" else make_model(head_type=head_type)
+    model = trained_model(head_type) if head_type in ("parallel", "mtp") else make_model(head_type=head_type)
     prompts = held_out_prompts(4) + [[3, 1, 4, 1, 5, 9, 2, 6]]
     batch = speculative_generate(model, prompts, 30)
     alone = [speculative_generate(model, [p], 30).tokens[0] for p in prompts]
@@ -206,10 +207,11 @@ def test_stub_tree_accepts_second_candidates():
 # limits, stops, records, bad input
 
 
+@pytest.mark.parametrize("head_type", ["parallel", "mtp"])
 @pytest.mark.parametrize("k", [2, 3])
-def test_stops_cleanly_at_context_limit(k):
+def test_stops_cleanly_at_context_limit(k, head_type):
     """Near the end the block shrinks, so no draft slot falls past the cache; lengths match plain."""
-    model = make_model(max_seq_len=20)
+    model = make_model(max_seq_len=20, head_type=head_type)
     prompts = [[1] * 15, [2] * 3, [4] * 18]
     plain = generate(model, prompts, 50)
     spec = speculative_generate(model, prompts, 50, heads_used=k)
@@ -220,8 +222,9 @@ def test_stops_cleanly_at_context_limit(k):
     assert stub.tokens == [[(i % 11) for i in range(1, 16)]] and stub.stop_reasons == ["context"]
 
 
-def test_stops_at_eos_and_length():
-    model = trained_model()
+@pytest.mark.parametrize("head_type", ["parallel", "mtp"])
+def test_stops_at_eos_and_length(head_type):
+    model = trained_model(head_type)
     prompts = held_out_prompts(2)
     first = generate(model, prompts, 12).tokens
     eos = first[0][5]

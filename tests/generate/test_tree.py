@@ -271,8 +271,9 @@ def test_tree_greedy_equals_plain_random_model(head_type):
             assert spec.tokens == plain.tokens, (seed, tree)
 
 
-def test_calibrated_tree_on_trained_model():
-    model = trained_model()
+@pytest.mark.parametrize("head_type", ["parallel", "mtp"])
+def test_calibrated_tree_on_trained_model(head_type):
+    model = trained_model(head_type)
     windows = word_stream(640, seed=9).view(10, 64)
     tree = build_tree(calibrate(model, windows, max_rank=4), budget=6)
     assert not tree.is_chain and tree.depth == 2
@@ -285,9 +286,10 @@ def test_calibrated_tree_on_trained_model():
     assert [len(t) for t in spec.tokens] == [40] * 4
 
 
-def test_tree_stops_cleanly_at_context_limit():
+@pytest.mark.parametrize("head_type", ["parallel", "mtp"])
+def test_tree_stops_cleanly_at_context_limit(head_type):
     """Near the end the tree shrinks to a prefix so its scratch slots stay inside the cache."""
-    model = make_model(max_seq_len=20)
+    model = make_model(max_seq_len=20, head_type=head_type)
     prompts = [[1] * 15, [2] * 3, [4] * 18]
     plain = generate(model, prompts, 50)
     spec = speculative_generate(model, prompts, 50, tree=SMALL_TREE)

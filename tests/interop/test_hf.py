@@ -231,7 +231,7 @@ def load_exported(out: Path) -> torch.nn.Module:
 
 @pytest.mark.parametrize(
     ("head_type", "tie", "n_hf_layers"),
-    [("parallel", False, 3), ("parallel", True, 3), ("causal", False, 3), ("anticausal", False, 5)],
+    [("parallel", False, 3), ("parallel", True, 3), ("causal", False, 3), ("anticausal", False, 5), ("mtp", True, 3)],
 )
 def test_export_matches_head1(tmp_path, head_type, tie, n_hf_layers):
     model = make_model(head_type=head_type, tie_embeddings=tie)  # 5 blocks: 2 trunk + 3 heads
@@ -285,7 +285,7 @@ def test_byte_tokenizer_as_hf():
     assert hf.decode(list("ab ç".encode())) == "ab ç"
 
 
-@pytest.mark.parametrize("head_type", ["parallel", "causal", "anticausal"])
+@pytest.mark.parametrize("head_type", ["parallel", "causal", "anticausal", "mtp"])
 def test_export_carries_every_head_and_imports_back_bitwise(tmp_path, head_type):
     """transformers loads the folder as the next-token model; our import reads every head back bitwise."""
     tok = ByteTokenizer()

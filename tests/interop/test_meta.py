@@ -113,7 +113,7 @@ def test_official_7b_params():
 
 
 def test_other_head_types_refused(tmp_path):
-    for head_type in ("causal", "anticausal", "linear"):
+    for head_type in ("causal", "anticausal", "linear", "mtp"):
         with pytest.raises(UserError, match="only parallel heads"):
             export_meta(make_model(head_type=head_type), tmp_path / "meta")
     assert not (tmp_path / "meta").exists()

@@ -8,7 +8,8 @@ from typing import Any
 
 from multitoken.argtypes import COUNT, NONNEGATIVE, POSITIVE
 from multitoken.cli.common import Subparsers, check_out_dir
-from multitoken.config import INITS, MODES, TARGETS, HeadsConfig, default_heads_train_config
+from multitoken.config import BUDGET_CLOCKS, INITS, MODES, TARGETS, HeadsConfig, default_heads_train_config
+from multitoken.head_kinds import HEAD_TYPES
 
 HEADS, HEADS_TRAIN = HeadsConfig(), default_heads_train_config()  # the defaults of `multitoken heads`
 
@@ -36,6 +37,11 @@ def add(sub: Subparsers) -> None:
         default=HEADS.targets,
         help="corpus text, head 1's own predictions on it (self), or the model's own continuations",
     )
+    p.add_argument(
+        "--head-type", choices=HEAD_TYPES,
+        help="the new heads' kind (default: the run's own if it has heads, else parallel); mtp: token-conditioned "
+        "modules, each reading the previous depth and the next token",
+    )  # fmt: skip
     p.add_argument("--init", choices=INITS, default=HEADS.init, help="new heads: copies of the last block")
     p.add_argument(
         "--trunk-lr-scale", type=NONNEGATIVE, default=HEADS.trunk_lr_scale,
@@ -73,7 +79,14 @@ def add(sub: Subparsers) -> None:
         help="targets=generated: draw the prompts from these sources' training split; repeat the flag for "
         "groups that get an equal share each, say code, then prose (default: --data)",
     )
-    p.add_argument("--time-budget", type=POSITIVE, default=HEADS_TRAIN.time_budget_s, help="seconds of training")
+    p.add_argument(
+        "--time-budget", type=POSITIVE, default=HEADS_TRAIN.time_budget_s,
+        help="seconds of training, generation of targets=generated included",
+    )  # fmt: skip
+    p.add_argument(
+        "--budget-clock", choices=BUDGET_CLOCKS, default=HEADS_TRAIN.budget_clock,
+        help="what --time-budget counts: wall seconds, or this process's CPU seconds (fair on a shared machine)",
+    )  # fmt: skip
     p.add_argument("--max-steps", type=COUNT, help="optimizer steps at most (default: the time budget alone decides)")
     p.add_argument("--batch-size", type=COUNT, default=HEADS_TRAIN.batch_size, help="windows per step")
     p.add_argument("--context", type=COUNT, default=HEADS_TRAIN.context, help="tokens per window")
@@ -92,12 +105,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         n_future=args.n_future, mode=args.mode, targets=args.targets, init=args.init,
         trunk_lr_scale=args.trunk_lr_scale, generated_prompts=args.generated_prompts,
         generated_tokens=args.generated_tokens, generation_batch=args.generation_batch, draft_vocab=args.draft_vocab,
-        trunk_cache_gib=args.trunk_cache_gib,
+        trunk_cache_gib=args.trunk_cache_gib, head_type=args.head_type,
     )  # fmt: skip
     budget = {"max_steps": args.max_steps} if args.max_steps else {}
     train = default_heads_train_config(
-        batch_size=args.batch_size, context=args.context, lr=args.lr, time_budget_s=args.time_budget, **budget
-    )
+        batch_size=args.batch_size, context=args.context, lr=args.lr, time_budget_s=args.time_budget,
+        budget_clock=args.budget_clock, **budget,
+    )  # fmt: skip
     data, prompts = args.data or (), args.prompt_data or ()
     return train_heads(
         args.run, args.out, heads, train, data, args.cache_dir, prompts, progress=not args.quiet,

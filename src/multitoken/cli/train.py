@@ -11,7 +11,7 @@ from typing import Any
 
 from multitoken.argtypes import COUNT, NATURAL, NONNEGATIVE, POSITIVE
 from multitoken.cli.common import Subparsers, check_out_dir, eval_table, set_decode_threads
-from multitoken.config import DEFAULT_PRESET, PRESETS, DemoConfig, ModelConfig, TrainConfig
+from multitoken.config import BUDGET_CLOCKS, DEFAULT_PRESET, PRESETS, DemoConfig, ModelConfig, TrainConfig
 from multitoken.errors import UserError
 from multitoken.head_kinds import HEAD_TYPES
 
@@ -22,6 +22,7 @@ TRAIN_FLAGS = {
     "batch_size": "batch_size", "context": "context", "grad_accum": "grad_accum", "lr": "lr",
     "warmup_steps": "warmup", "eval_every": "eval_every", "checkpoint_every": "checkpoint_every",
     "loss_chunk": "loss_chunk", "head_weights": "head_weights", "compile": "compile", "seed": "seed",
+    "budget_clock": "budget_clock",
 }  # fmt: skip
 MODEL_FLAGS = ("n_future", "head_type", "n_layers", "dim")
 
@@ -48,6 +49,10 @@ def add(sub: Subparsers) -> None:
     p.add_argument("--tokenizer", default="bpe", help="bpe (trained on the corpus), bytes, or a tokenizer.json")
     p.add_argument("--bpe-vocab", type=COUNT, default=4096, help="vocabulary size when training a BPE tokenizer")
     p.add_argument("--time-budget", type=POSITIVE, help="stop after this many seconds of training (default: none)")
+    p.add_argument(
+        "--budget-clock", choices=BUDGET_CLOCKS, default=TRAIN.budget_clock,
+        help="what --time-budget counts: wall seconds, or this process's CPU seconds (fair on a shared machine)",
+    )  # fmt: skip
     p.add_argument(
         "--max-steps", type=COUNT,
         help=f"optimizer steps (default: {TRAIN.max_steps}; with --time-budget alone, the time decides)",

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from multitoken.generate.common import GenerationResult
+from multitoken.generate.common import GenerationResult, prefill
 from multitoken.generate.sampling import SamplingConfig, sample
 from multitoken.generate.session import decode
 from multitoken.generate.tree import Tree, TreeIndex
@@ -48,9 +48,15 @@ class NextToken:
         return self
 
     def start(
-        self, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
-    ) -> tuple[torch.Tensor, tuple[()]]:
-        return sample(logits[:, 0], sampling, generator), ()
+        self,
+        model: MultiTokenModel,
+        cache: ModelCache,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[()]]:
+        logits, pos = prefill(model, cache, prompts, self.heads)  # (B, 1, V), (B,)
+        return sample(logits[:, 0], sampling, generator), pos, ()
 
     def graph_key(self) -> tuple[object, ...]:
         return ("next-token",)

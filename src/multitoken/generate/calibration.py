@@ -56,7 +56,9 @@ def calibrate(
     weights = []
     for chunk in windows.to(device).split(batch_size):
         ctx = model.attention_context(chunk.shape[1])
-        outputs = model.run_heads(model.embed_and_trunk(chunk, ctx), ctx)
+        # Token-conditioned modules read the window's own tokens: where their drafts are accepted, those are the
+        # tokens decoding feeds them.
+        outputs = model.run_heads(model.embed_and_trunk(chunk, ctx), ctx, tokens=chunk)
         logits = model.unembed(outputs[0])  # (b, T, V): head 1's logits for token t+1
         # What head 1 judges by: its token for t+1 (b, T) when greedy, else its distribution (b, T, V).
         judge = logits.argmax(-1) if sampling.greedy else probabilities(logits, sampling)

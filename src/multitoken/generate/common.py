@@ -65,13 +65,13 @@ def pad_prompts(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple
     return ids, lengths
 
 
-def prefill(
+def prefill_outputs(
     model: MultiTokenModel, cache: ModelCache, prompts: Sequence[Sequence[int]], heads: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the prompts through the model, filling the cache.
+) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Run the prompts through the trunk and `heads`, filling their caches.
 
-    Returns the logits of `heads` at each prompt's last position (B, len(heads), V) and the prompt
-    lengths (B,), which are the positions of the first new tokens.
+    Returns the heads' outputs at every position {head: (B, P, D)}, the right-padded prompts (B, P) and the
+    prompt lengths (B,), which are the positions of the first new tokens.
     """
     device = cache.trunk[0].k.device
     ids, lengths = pad_prompts(prompts, device)
@@ -79,8 +79,24 @@ def prefill(
     positions = torch.arange(P, device=device).expand(len(prompts), P)  # (B, P)
     ctx = model.attention_context(P, positions, cache, kv_len=P)
     z = model.run_heads(model.embed_and_trunk(ids, ctx, cache), ctx, cache, heads)  # every block's cache filled
+    return z, ids, lengths
+
+
+def at_last(z: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Each row's output at its prompt's last position: z (B, P, D), lengths (B,) -> (B, D)."""
+    last = (lengths - 1)[:, None, None]  # (B, 1, 1)
+    return z.gather(1, last.expand(-1, 1, z.shape[-1]))[:, 0]
+
+
+def prefill(
+    model: MultiTokenModel, cache: ModelCache, prompts: Sequence[Sequence[int]], heads: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the prompts through the model, filling the cache (`prefill_outputs`).
+
+    Returns the logits of `heads` at each prompt's last position (B, len(heads), V) and the prompt
+    lengths (B,), which are the positions of the first new tokens.
+    """
+    z, _, lengths = prefill_outputs(model, cache, prompts, heads)
     # Only each prompt's last position is unembedded: with a large vocabulary, all P positions of k heads
     # are costly (SmolLM2, P = 96, k = 4: 4 x 71 ms on 2 cores, for logits nobody reads).
-    last = (lengths - 1)[:, None, None]  # (B, 1, 1)
-    at_last = [z[i].gather(1, last.expand(-1, 1, z[i].shape[-1]))[:, 0] for i in heads]  # k x (B, D)
-    return torch.stack([model.unembed(x) for x in at_last], dim=1), lengths  # (B, k, V)
+    return torch.stack([model.unembed(at_last(z[i], lengths)) for i in heads], dim=1), lengths  # (B, k, V)

@@ -1,9 +1,11 @@
 """The decoding session: one loop for plain and self-speculative decoding.
 
-A drafter says what a step feeds and how it decides: `NextToken` (autoregressive.py) feeds the pending token
-alone and samples head 1; `HeadDrafter` (speculative.py) feeds it with the heads' drafts and verifies them.
-The session owns everything else, once: the cache, the prefill, the host sync, the stop rule (`max_new_tokens`,
-`eos_id`, the context end), streaming, compilation, CUDA graphs and the statistics.
+A drafter says how a decode starts (the prefill) and what a step feeds and how it decides: `NextToken`
+(autoregressive.py) feeds the pending token alone and samples head 1; `HeadDrafter` (speculative.py) feeds it
+with the heads' drafts and verifies them; `ConditionedDrafter` (conditioned.py) does the same with
+token-conditioned modules, which draft one after another. The session owns everything else, once: the cache,
+the host sync, the stop rule (`max_new_tokens`, `eos_id`, the context end), streaming, compilation, CUDA graphs
+and the statistics.
 
 A step is a free function of tensors, `step(model, cache, index, root, pos, *proposal, kv_len, **constants)
 -> (new, n_new, pos, *proposal)`: root (B,) the pending tokens at positions pos (B,), index the tree of nodes it
@@ -21,11 +23,12 @@ from typing import Any, Protocol
 import torch
 
 from multitoken.errors import UserError
-from multitoken.generate.common import GenerationResult, TokenCallback, check_prompts, prefill
+from multitoken.generate.common import GenerationResult, TokenCallback, check_prompts
 from multitoken.generate.graphs import CudaGraphStep, GraphSession
 from multitoken.generate.sampling import SamplingConfig
 from multitoken.generate.stats import AcceptanceHistogram, decode_stats
 from multitoken.generate.tree import Tree, TreeIndex
+from multitoken.kv_cache import ModelCache
 from multitoken.model import MultiTokenModel
 
 Proposal = tuple[torch.Tensor | None, ...]
@@ -35,7 +38,7 @@ class Drafter(Protocol):
     """What the session needs from a way of drafting tokens for head 1 to verify."""
 
     tree: Tree  # the nodes a step feeds per sequence; the root is the pending token
-    heads: list[int]  # the heads the prefill and every step run
+    heads: list[int]  # the heads the prefill and every verify forward run
     step: Callable[..., tuple[torch.Tensor | None, ...]]  # the step function (module docstring)
 
     def prepare(self, model: MultiTokenModel, sampling: SamplingConfig, device: torch.device) -> Drafter:
@@ -43,9 +46,15 @@ class Drafter(Protocol):
         ...
 
     def start(
-        self, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
-    ) -> tuple[torch.Tensor, Proposal]:
-        """From the prefill's logits (B, len(heads), V): the first token (B,) and the first proposal."""
+        self,
+        model: MultiTokenModel,
+        cache: ModelCache,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, Proposal]:
+        """Prefill `cache` with the prompts (`common.prefill`, and whatever else the drafter's heads keep): the
+        first token (B,), its position (B,) and the first proposal."""
         ...
 
     def graph_key(self) -> tuple[Any, ...]:
@@ -105,8 +114,7 @@ def decode(
     indices = {tree.size: TreeIndex.build(tree, device)}  # prefixes are added near the context limit
     step = torch.compile(drafter.step) if compile_step else drafter.step
     constants = dict(sampling=sampling, generator=generator, **drafter.constants())
-    logits, pos = prefill(model, cache, prompts, drafter.heads)  # (B, len(heads), V), (B,)
-    root, proposal = drafter.start(logits, sampling, generator)
+    root, pos, proposal = drafter.start(model, cache, prompts, sampling, generator)  # (B,), (B,)
     new, n_new = root[:, None], torch.ones_like(root)
 
     lengths = [len(p) for p in prompts]

@@ -18,6 +18,10 @@ past the accepted prefix, which the next step overwrites before any query can se
 - A draft vocabulary (draft_vocab.py) restricts what heads 2..k may propose to the K most frequent tokens,
   so the second unembedding product of a step streams K rows instead of V; head 1 still judges over all V.
 
+Token-conditioned modules (head type mtp) read the token drafted before theirs, so they draft one after another
+after the verify forward: `ConditionedDrafter` (conditioned.py), which `HeadDrafter` hands such models to and
+which verifies with the same `verify`.
+
 The chain is the tree whose nodes all have rank 0, so one step function serves both. The step is a free
 function of tensors: acceptance is computed on the device and the decoding session (session.py) reads the
 accepted tokens once per step. Sequences of a batch stand at their own positions and accept their own counts.
@@ -32,10 +36,10 @@ from typing import Any
 import torch
 
 from multitoken.errors import UserError
-from multitoken.generate.common import GenerationResult
+from multitoken.generate.common import GenerationResult, prefill
 from multitoken.generate.draft_vocab import DraftVocab
 from multitoken.generate.sampling import SamplingConfig, probabilities, residual_distribution, sample, sample_from
-from multitoken.generate.session import decode
+from multitoken.generate.session import Drafter, decode
 from multitoken.generate.tree import Tree, TreeIndex, tree_mask
 from multitoken.kv_cache import ModelCache
 from multitoken.model import MultiTokenModel
@@ -80,18 +84,25 @@ def verify_greedy(
 
 
 def verify_sampled(
-    index: TreeIndex, tokens: torch.Tensor, p: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None
+    index: TreeIndex,
+    tokens: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    generator: torch.Generator | None,
+    by_node: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rejection sampling down the tree: return the accepted node (B,) and the next token (B,).
 
     tokens (B, N): the fed nodes; p (B, N, V): head 1's processed distribution at each node; q (B, D, V):
     the distribution the candidates at depth d+1 were drawn from (draft head d+2's), each node's children
-    being independent draws from it. At a node the walk holds a distribution r, first head 1's there; a
-    child with token x is accepted with probability min(1, r(x) / q(x)), and on rejection r becomes
-    normalize(max(0, r - q)) before the next child is tried. An accepted child continues the walk; when
-    every child is rejected, or the node is a leaf, the next token is drawn from r. With one child per node
-    this is the chain's rejection sampling (Leviathan et al. 2023; Chen et al. 2023); with several it is
-    multi-round speculative sampling (Miao et al. 2024, SpecInfer), lossless for independent draws.
+    being independent draws from it; with `by_node`, q (B, >= N, V) is each node's own children's
+    distribution instead (token-conditioned drafts depend on the node they follow). At a node the walk holds
+    a distribution r, first head 1's there; a child with token x is accepted with probability
+    min(1, r(x) / q(x)), and on rejection r becomes normalize(max(0, r - q)) before the next child is tried.
+    An accepted child continues the walk; when every child is rejected, or the node is a leaf, the next token
+    is drawn from r. With one child per node this is the chain's rejection sampling (Leviathan et al. 2023;
+    Chen et al. 2023); with several it is multi-round speculative sampling (Miao et al. 2024, SpecInfer),
+    lossless for independent draws.
     """
     B, device = tokens.shape[0], tokens.device
     rows = torch.arange(B, device=device)
@@ -99,7 +110,7 @@ def verify_sampled(
     r = p[:, 0]  # (B, V)
     walking = torch.ones(B, dtype=torch.bool, device=device)  # every node so far accepted
     for d in range(index.n_depth):
-        q_d = q[:, d]  # (B, V)
+        q_d = q[rows, node] if by_node else q[:, d]  # (B, V)
         moved = torch.zeros_like(walking)
         for i in range(index.children.shape[1]):
             child = index.children[node, i]  # (B,): -1 where the node has no i-th child
@@ -129,6 +140,63 @@ def move_path(cache: ModelCache, pos: torch.Tensor, path: torch.Tensor, n_accept
     cache.move(src, dst)
 
 
+@dataclass
+class Verified:
+    """What a verify forward decided for each sequence. N fed nodes, D the tree's depth.
+
+    tokens (B, N): the nodes fed; z: the outputs of the heads run, {head: (B, N, dim)}; best (B,): the deepest
+    accepted node; path (B, D+1): the nodes from the root to it, padded with it; n_accepted (B,): its depth;
+    new (B, D+1): the accepted drafts, then head 1's token after them, of which the first n_accepted + 1 count.
+    """
+
+    tokens: torch.Tensor
+    z: dict[int, torch.Tensor]
+    best: torch.Tensor
+    path: torch.Tensor
+    n_accepted: torch.Tensor
+    new: torch.Tensor
+
+
+def verify(
+    model: MultiTokenModel,
+    cache: ModelCache,
+    index: TreeIndex,
+    root: torch.Tensor,
+    pos: torch.Tensor,
+    drafts: torch.Tensor,
+    q: torch.Tensor | None,
+    kv_len: int,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+    heads: list[int],
+    by_node: bool = False,
+) -> Verified:
+    """One forward of the trunk and `heads` over the tree `index`, head 1 judging the drafts (B, N-1).
+
+    root (B,): pending tokens at positions pos (B,); q: the drafts' distributions when sampling (by depth, or
+    by node with `by_node`; see `verify_sampled`). The accepted path's keys and values are moved to their true
+    slots in every layer of `cache`.
+    """
+    N = index.size
+    tokens = torch.cat([root[:, None], drafts], dim=1)  # (B, N)
+    positions = pos[:, None] + index.depth  # (B, N): true positions, for the rotary embedding
+    slots = pos[:, None] + torch.arange(N, device=pos.device)  # (B, N): scratch slots
+    ctx = model.attention_context(N, positions, cache, tree_mask(index, pos, kv_len), kv_len, slots=slots)
+    z = model.run_heads(model.embed_and_trunk(tokens, ctx, cache), ctx, cache, heads)
+    head1 = model.unembed(z[0])  # (B, N, V)
+    if sampling.greedy:
+        best, new_root = verify_greedy(index, tokens, head1.argmax(-1))
+    else:
+        best, new_root = verify_sampled(index, tokens, probabilities(head1, sampling), q, generator, by_node)
+    n_accepted = index.depth[best]  # (B,)
+    path = index.path[best]  # (B, D+1)
+    if not index.is_chain:
+        move_path(cache, pos, path, n_accepted)
+    new = tokens.gather(1, path).roll(-1, dims=1)  # (B, D+1): the accepted drafts first
+    new = new.scatter(1, n_accepted[:, None], new_root[:, None])  # then head 1's token after them
+    return Verified(tokens, z, best, path, n_accepted, new)
+
+
 def decode_step(
     model: MultiTokenModel,
     cache: ModelCache,
@@ -152,29 +220,13 @@ def decode_step(
     Returns the new tokens (B, D+1) of which the first n_new (B,) count, the next pending positions (B,),
     and the next proposal (candidates, q).
     """
-    N = index.size
     drafts = candidates[:, index.head, index.rank]  # (B, N-1)
-    tokens = torch.cat([root[:, None], drafts], dim=1)  # (B, N)
-    positions = pos[:, None] + index.depth  # (B, N): true positions, for the rotary embedding
-    slots = pos[:, None] + torch.arange(N, device=pos.device)  # (B, N): scratch slots
-    ctx = model.attention_context(N, positions, cache, tree_mask(index, pos, kv_len), kv_len, slots=slots)
-    z = model.run_heads(model.embed_and_trunk(tokens, ctx, cache), ctx, cache, heads)
-    head1 = model.unembed(z[0])  # (B, N, V)
-    if sampling.greedy:
-        best, new_root = verify_greedy(index, tokens, head1.argmax(-1))
-    else:
-        best, new_root = verify_sampled(index, tokens, probabilities(head1, sampling), q, generator)
-    n_accepted = index.depth[best]  # (B,)
-    path = index.path[best]  # (B, D+1)
-    if not index.is_chain:
-        move_path(cache, pos, path, n_accepted)
-    new = tokens.gather(1, path).roll(-1, dims=1)  # (B, D+1): the accepted drafts first
-    new = new.scatter(1, n_accepted[:, None], new_root[:, None])  # then head 1's token after them
+    v = verify(model, cache, index, root, pos, drafts, q, kv_len, sampling, generator, heads)
     if len(heads) > 1:
-        at = best[:, None, None].expand(-1, 1, z[0].shape[-1])  # (B, 1, dim)
-        z_best = torch.cat([z[i].gather(1, at) for i in heads[1:]], dim=1)  # (B, k-1, dim)
+        at = v.best[:, None, None].expand(-1, 1, v.z[0].shape[-1])  # (B, 1, dim)
+        z_best = torch.cat([v.z[i].gather(1, at) for i in heads[1:]], dim=1)  # (B, k-1, dim)
         candidates, q = propose(model.unembed(z_best, draft_rows), max_rank, sampling, generator, vocab)
-    return new, n_accepted + 1, pos + n_accepted + 1, candidates, q
+    return v.new, v.n_accepted + 1, pos + v.n_accepted + 1, candidates, q
 
 
 def resolve_tree(
@@ -224,18 +276,30 @@ class HeadDrafter:
     def heads(self) -> list[int]:
         return list(range(self.tree.depth + 1))
 
-    def prepare(self, model: MultiTokenModel, sampling: SamplingConfig, device: torch.device) -> HeadDrafter:
+    def prepare(self, model: MultiTokenModel, sampling: SamplingConfig, device: torch.device) -> Drafter:
+        """Ready to run; for a model whose draft heads read the tokens drafted before theirs (token-conditioned
+        modules), the drafter that runs them one after another (`ConditionedDrafter`)."""
+        from multitoken.generate.conditioned import ConditionedDrafter, drafts_in_turn
+
+        if drafts_in_turn(model):
+            return ConditionedDrafter(self.heads_used, self.tree, self.vocab).prepare(model, sampling, device)
         tree = resolve_tree(model, self.heads_used, self.tree, sampling, self.vocab)
         vocab = self.vocab.to(device) if self.vocab is not None and tree.depth > 0 else None
         rows = vocab.rows(model.output.weight) if vocab is not None else None  # (K, D)
         return HeadDrafter(tree.depth + 1, tree, vocab, rows)
 
     def start(
-        self, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
+        self,
+        model: MultiTokenModel,
+        cache: ModelCache,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
+        logits, pos = prefill(model, cache, prompts, self.heads)  # (B, k, V), (B,)
         root = sample(logits[:, 0], sampling, generator)
         drafts = logits[:, 1:] if self.vocab is None else self.vocab.restrict(logits[:, 1:])
-        return root, propose(drafts, self.tree.max_rank, sampling, generator, self.vocab)
+        return root, pos, propose(drafts, self.tree.max_rank, sampling, generator, self.vocab)
 
     def graph_key(self) -> tuple[object, ...]:
         return (self.heads_used, self.tree, id(self.vocab))
