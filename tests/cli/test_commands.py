@@ -150,7 +150,7 @@ def test_prompt_errors(run_dir, capsys):
 def test_experiment_setting_errors(tmp_path, capsys):
     argv = ["experiment", "selfspec", "--out", str(tmp_path)]
     assert "unknown setting field(s): stpes" in error_of([*argv, "--set", "stpes=10"], capsys)
-    assert "steps must be like 200" in error_of([*argv, "--set", "steps=ten"], capsys)
+    assert "steps must be like 600 (int)" in error_of([*argv, "--set", "steps=ten"], capsys)
     assert "--set takes FIELD=VALUE" in error_of([*argv, "--set", "steps"], capsys)
     assert not (tmp_path / "report.md").exists()
 

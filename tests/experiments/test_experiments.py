@@ -191,14 +191,16 @@ def test_overrides_round_trip_through_the_recorded_command() -> None:
     from multitoken.experiments.selfspec import SETTINGS
 
     overrides = {"steps": 2000, "seeds": [0, 1], "lr": 0.001, "n_source_files": None}
-    command = default_command("selfspec", "quick", Path("docs/results/x"), overrides)
+    command = default_command("selfspec", "cpu", Path("docs/results/x"), overrides)
     assert command.startswith("multitoken experiment selfspec --out docs/results/x --set steps=2000")
     argv = shlex.split(command)
     assert parse_overrides([argv[i + 1] for i, a in enumerate(argv) if a == "--set"]) == overrides
-    s = resolve_setting(SETTINGS, "quick", {"lr": 1})  # an int where a float goes is fine
-    assert s.lr == 1 and s.steps == SETTINGS["quick"].steps
+    s = resolve_setting(SETTINGS, "quick", {"lr": 1})  # an int where a float goes is fine; quick is cpu
+    assert s.lr == 1 and s.steps == SETTINGS["cpu"].steps
     with pytest.raises(UserError, match="seeds must be like"):
-        resolve_setting(SETTINGS, "quick", {"seeds": 3})
+        resolve_setting(SETTINGS, "cpu", {"seeds": 3})
+    with pytest.raises(UserError, match="unknown setting"):
+        resolve_setting(SETTINGS, "fast", None)
 
 
 @pytest.fixture
@@ -222,9 +224,31 @@ def test_experiment_writes_report(name: str, tmp_path, one_thread) -> None:
         assert needed in report
     pngs = list(tmp_path.glob("*.png"))
     assert pngs and all(f"]({p.name})" in report for p in pngs)
-    if name == "heads_used":  # rows k = 1..4 for both kinds of prompt, every output exact in fp32
+    if name == "heads_used":  # rows k = 1..4 for both kinds of prompt, at batch B and 1, every output exact
         rows = doc["decoding"]["seed=0"]
-        assert set(rows) == {"code", "text"} and all(list(r) == ["1", "2", "3", "4"] for r in rows.values())
+        assert set(rows) == {"code", "text", "code (batch 1)", "text (batch 1)"}
+        assert all(list(r) == ["1", "2", "3", "4"] for r in rows.values())
         assert all(x["exact"] == 1.0 for r in rows.values() for x in r.values())
+    # two seeds in the test setting: every comparison gets a verdict by the rule
+    assert doc["comparisons"] and "## Verdict" in report
+    assert all(c["verdict"] in ("reproduced", "refuted", "undecided") for c in doc["comparisons"])
+    if name == "selfspec":  # batch 1 timed as its own rows beside the batch
+        rows = doc["decoding"]["n=8 seed=0"]
+        assert "plain (batch 1)" in rows and "chain k=8 (batch 1)" in rows and "chain k=8" in rows
     if name == "induction":  # its test setting runs the copy control too
         assert "## Control: repeated random strings" in report and (tmp_path / "copy_control.png").exists()
+
+
+def test_head_variants_split_by_kind_merge_into_one_report(tmp_path, one_thread) -> None:
+    from multitoken.experiments import head_variants, run_experiment
+
+    run_experiment("head_variants", "test", tmp_path / "a", overrides={"head_types": ["parallel", "causal"]})
+    run_experiment("head_variants", "test", tmp_path / "b", overrides={"head_types": ["linear"]})
+    doc = head_variants.merge([tmp_path / "a", tmp_path / "b"], tmp_path / "m", "multitoken experiment head_variants")
+    assert [c["comparison"] for c in doc["comparisons"]] == ["parallel vs causal", "parallel vs linear"]
+    part = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert doc["runs"][: len(part["runs"])] == part["runs"]
+    assert "## Verdict" in (tmp_path / "m" / "report.md").read_text()
+    run_experiment("head_variants", "test", tmp_path / "c", overrides={"head_types": ["linear"], "steps": 2})
+    with pytest.raises(UserError, match="different settings"):
+        head_variants.merge([tmp_path / "a", tmp_path / "c"], tmp_path / "m2", "x")

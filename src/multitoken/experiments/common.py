@@ -29,17 +29,28 @@ from multitoken.data.tokenizers import Tokenizer
 from multitoken.errors import UserError
 from multitoken.kernels import cpu_model
 from multitoken.loop import training_loop
-from multitoken.loss import LossReport
+from multitoken.loss import IGNORE_INDEX, LossReport, sequential_backward, shift_targets
 from multitoken.model import MultiTokenModel
 from multitoken.pretrain import build_optimizer, train_step
 
-SETTINGS = ("test", "quick", "full")
+SETTINGS = ("test", "cpu", "full")
+# `quick` is the name the command line passes when --full is not given: it runs the CPU setting.
+SETTING_ALIASES = {"quick": "cpu"}
+
+
+def canonical_setting(setting: str) -> str:
+    """The setting's own name (an alias such as `quick` resolved); an unknown name is a UserError."""
+    setting = SETTING_ALIASES.get(setting, setting)
+    check_setting(setting)
+    return setting
 
 
 def check_setting(setting: str) -> None:
-    """`test` (seconds, for the test suite), `quick` (minutes on 2 CPU cores) or `full` (GPU / long run)."""
+    """`test` (seconds, for the test suite), `cpu` (the decisive setting: about 20 minutes on 2 CPU cores)
+    or `full` (a GPU or a long run)."""
     if setting not in SETTINGS:
-        raise UserError(f"unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")
+        names = ", ".join([*SETTINGS, *SETTING_ALIASES])
+        raise UserError(f"unknown setting {setting!r}; choose one of {names}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,6 +112,124 @@ def train_on_tokens(
         run_eval(len(result.losses))
     result.seconds = time.perf_counter() - start
     result.tokens_seen = len(result.losses) * tokens_per_step
+    model.eval()
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# training on examples with a loss mask (the loss only where the task has something to predict)
+
+
+@dataclass
+class ExamplePool:
+    """Examples packed into one padded array: tokens (N, L), which tokens are targets (N, L), lengths (N,).
+
+    `target[i, j]` says token j of example i is one the loss scores (an answer token, a token to be copied);
+    every other position is context only. Rows are right-padded with `pad` (never a target).
+    """
+
+    tokens: np.ndarray
+    target: np.ndarray
+    lengths: np.ndarray
+
+    @classmethod
+    def pack(cls, examples: Sequence[tuple[Sequence[int], Sequence[bool]]], pad: int) -> ExamplePool:
+        """From (token ids, target flags) pairs of any lengths."""
+        width = max(len(t) for t, _ in examples)
+        tokens = np.full((len(examples), width), pad, dtype=np.int64)
+        target = np.zeros((len(examples), width), dtype=bool)
+        for i, (ids, flags) in enumerate(examples):
+            assert len(ids) == len(flags), "one target flag per token"
+            tokens[i, : len(ids)] = ids
+            target[i, : len(ids)] = flags
+        return cls(tokens, target, np.array([len(t) for t, _ in examples]))
+
+    def batch(self, seed: int, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of `step` (rows drawn from a generator seeded by (seed, step)), cut to its longest row:
+        tokens (B, L) int64 and target flags (B, L) bool."""
+        rng = np.random.default_rng((seed, step))
+        rows = rng.integers(0, len(self.tokens), size=batch_size)
+        width = int(self.lengths[rows].max())
+        return torch.from_numpy(self.tokens[rows, :width]), torch.from_numpy(self.target[rows, :width])
+
+
+def masked_targets(tokens: torch.Tensor, target: torch.Tensor, n_future: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (B, L-1) and per-head targets (B, n, L-1) that score only flagged tokens.
+
+    Head i at position t predicts token t+i+1; it has a target there only if that token is flagged (so
+    every head is scored on the same answer tokens, each from its own distance), else IGNORE_INDEX.
+    """
+    inputs, targets = shift_targets(tokens, n_future, context=tokens.shape[1] - 1)
+    _, flags = shift_targets(target.long(), n_future, context=tokens.shape[1] - 1)  # IGNORE past the end
+    return inputs, targets.masked_fill(flags != 1, IGNORE_INDEX)
+
+
+def masked_step(
+    model: MultiTokenModel,
+    optimizer: torch.optim.Optimizer,
+    tokens: torch.Tensor,
+    target: torch.Tensor,
+    cfg: TrainConfig,
+    lr: float,
+) -> tuple[LossReport, float]:
+    """One optimizer step of the sequential multi-token loss on flagged tokens only; (report, grad norm).
+
+    Each head's loss is its mean cross-entropy over its scored targets, summed over heads (the paper's L_n
+    restricted to the answer)."""
+    inputs, targets = masked_targets(tokens, target, model.cfg.n_future)
+    report = sequential_backward(model, inputs, targets, cfg.head_weights, cfg.loss_chunk)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return report, grad_norm
+
+
+def train_on_examples(
+    model_cfg: ModelConfig,
+    pool: ExamplePool,
+    cfg: TrainConfig,
+    evaluate: Callable[[MultiTokenModel], dict[str, Any]] | None = None,
+    eval_every: int = 0,
+    device: torch.device | None = None,
+) -> TrainedModel:
+    """Train a fresh model on batches of whole examples from `pool`, the loss on flagged tokens only.
+
+    AdamW, warmup + cosine and the sequential step as `train_on_tokens`; batches depend only on
+    `cfg.seed` and the step, weights only on `cfg.seed`, so two arms with the same seed see the same data.
+    `evaluate(model)` runs every `eval_every` steps (0: only at the end); the model is left in eval mode.
+    """
+    device = device or torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    model = MultiTokenModel(model_cfg)
+    model.reset_parameters(seed=cfg.seed)
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg)
+    result = TrainedModel(model, [])
+    start = time.perf_counter()
+    seen = [0]
+
+    def run_eval(step: int) -> None:
+        model.eval()
+        record = evaluate(model)
+        model.train()
+        result.evals.append({"step": step, "tokens": seen[0], **record})
+
+    def step_fn(step: int, lr: float) -> tuple[LossReport, float]:
+        tokens, target = pool.batch(cfg.seed, step, cfg.batch_size)
+        seen[0] += tokens.numel()
+        return masked_step(model, optimizer, tokens.to(device), target.to(device), cfg, lr)
+
+    def after_step(step: int, report: LossReport) -> None:
+        if evaluate is not None and eval_every and step % eval_every == 0 and step < cfg.max_steps:
+            run_eval(step)
+
+    result.losses = training_loop(step_fn, cfg, tokens_per_step=cfg.batch_size, after_step=after_step).losses
+    if evaluate is not None:
+        run_eval(len(result.losses))
+    result.seconds = time.perf_counter() - start
+    result.tokens_seen = seen[0]
     model.eval()
     return result
 
@@ -190,8 +319,7 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
 def resolve_setting(settings: dict[str, Any], setting: str, overrides: dict[str, Any] | None) -> Any:
     """The named setting (a dataclass) with some fields replaced; an unknown field or a value of the wrong
     type is a UserError."""
-    check_setting(setting)
-    base = settings[setting]
+    base = settings[canonical_setting(setting)]
     fields = {f.name for f in dataclasses.fields(base)}
     unknown = sorted(set(overrides or {}) - fields)
     if unknown:
@@ -226,7 +354,7 @@ def start_run(
 ) -> tuple[Any, Path, torch.device, float, str | None]:
     """What every experiment starts with: the resolved setting, the report folder (default
     docs/results/NAME), the device (CUDA for the full setting when there is one), the start time, the commit."""
-    s = resolve_setting(settings, setting, overrides)
+    s = resolve_setting(settings, canonical_setting(setting), overrides)
     device = torch.device("cuda" if setting == "full" and torch.cuda.is_available() else "cpu")
     return s, Path(out_dir or f"docs/results/{name}"), device, time.perf_counter(), git_commit()
 
