@@ -153,12 +153,18 @@ def test_sigkill_at_random_moments_resumes_from_a_complete_checkpoint(tmp_path, 
     for _ in range(4):
         before = latest_step()
         proc = subprocess.Popen([sys.executable, str(script), str(run), str(corpus), mode, str(steps)])
-        # Wait for progress (process start-up takes seconds), then kill a random moment later:
-        # with a checkpoint every step, many kills land in the middle of a checkpoint write.
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and latest_step() <= before and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.3 * torch.rand(1, generator=rng).item())
+        # Wait for two steps of progress (process start-up takes seconds), which times one step on this machine,
+        # then kill at a random moment within the next step: with a checkpoint every step, many kills land in the
+        # middle of a checkpoint write, however fast the machine.
+        deadline, marks = time.monotonic() + 120, []
+        while proc.poll() is None and len(marks) < 2 and time.monotonic() < deadline:
+            step = latest_step()
+            if step > (marks[-1][0] if marks else before):
+                marks.append((step, time.monotonic()))
+            time.sleep(0.001)
+        if len(marks) == 2:
+            step_s = (marks[1][1] - marks[0][1]) / (marks[1][0] - marks[0][0])
+            time.sleep(step_s * torch.rand(1, generator=rng).item())
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             kills += 1
