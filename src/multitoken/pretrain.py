@@ -146,15 +146,30 @@ def train_step(
         per_head = [a + b / cfg.grad_accum for a, b in zip(per_head, report.per_head, strict=True)]
     parallel.after_backward(model)
     total, *per_head = parallel.env.mean([total, *per_head])
-    if not math.isfinite(total):
+    return LossReport(total, per_head), apply_update(model, optimizer, total, step, lr, cfg, parallel)
+
+
+def apply_update(
+    model: MultiTokenModel,
+    optimizer: torch.optim.Optimizer,
+    loss: float,
+    step: int,
+    lr: float,
+    cfg: TrainConfig,
+    parallel: Parallelism | None = None,
+) -> float:
+    """The optimizer step after a backward gave `loss`: clip the gradients to `cfg.grad_clip`, step at `lr`,
+    clear them; returns the norm before clipping. Raises TrainingDiverged, the weights untouched, if the loss
+    is not finite."""
+    if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
-        raise TrainingDiverged(f"loss became {total} at step {step}; stopped, the last good checkpoint is kept")
-    grad_norm = parallel.clip_grad_norm(model, cfg.grad_clip)
+        raise TrainingDiverged(f"loss became {loss} at step {step}; stopped, the last good checkpoint is kept")
+    grad_norm = (parallel or Parallelism(DistEnv())).clip_grad_norm(model, cfg.grad_clip)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return LossReport(total, per_head), grad_norm
+    return grad_norm
 
 
 # --------------------------------------------------------------------------------------------------

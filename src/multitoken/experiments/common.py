@@ -31,7 +31,7 @@ from multitoken.kernels import cpu_model
 from multitoken.loop import training_loop
 from multitoken.loss import IGNORE_INDEX, LossReport, sequential_backward, shift_targets
 from multitoken.model import MultiTokenModel
-from multitoken.pretrain import build_optimizer, train_step
+from multitoken.pretrain import apply_update, build_optimizer, train_step
 
 SETTINGS = ("test", "cpu", "full")
 # `quick` is the name the command line passes when --full is not given: it runs the CPU setting.
@@ -68,6 +68,53 @@ class TrainedModel:
     tokens_seen: int = 0
 
 
+BatchStep = Callable[[MultiTokenModel, torch.optim.Optimizer, int, float], tuple[LossReport, float, int]]
+
+
+def _train_fresh(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    batch_step: BatchStep,
+    tokens_per_step: int,
+    evaluate: Callable[[MultiTokenModel], dict[str, Any]] | None,
+    eval_every: int,
+    device: torch.device | None,
+) -> TrainedModel:
+    """A fresh model seeded by `cfg.seed`, AdamW and the training loop: what `train_on_tokens` and
+    `train_on_examples` share. batch_step(model, optimizer, step, lr) -> (report, grad norm, tokens in the batch).
+    `evaluate(model)` runs every `eval_every` steps (0: only at the end); the model is left in eval mode."""
+    device = device or torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    model = MultiTokenModel(model_cfg)
+    model.reset_parameters(seed=cfg.seed)
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg)
+    result = TrainedModel(model, [])
+    start = time.perf_counter()
+
+    def run_eval(step: int) -> None:
+        model.eval()
+        record = evaluate(model)
+        model.train()
+        result.evals.append({"step": step, "tokens": result.tokens_seen, **record})
+
+    def step_fn(step: int, lr: float) -> tuple[LossReport, float]:
+        report, grad_norm, tokens = batch_step(model, optimizer, step, lr)
+        result.tokens_seen += tokens
+        return report, grad_norm
+
+    def after_step(step: int, report: LossReport) -> None:
+        if evaluate is not None and eval_every and step % eval_every == 0 and step < cfg.max_steps:
+            run_eval(step)
+
+    result.losses = training_loop(step_fn, cfg, tokens_per_step=tokens_per_step, after_step=after_step).losses
+    if evaluate is not None:
+        run_eval(len(result.losses))
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    return result
+
+
 def train_on_tokens(
     model_cfg: ModelConfig,
     tokens: np.ndarray,
@@ -83,37 +130,14 @@ def train_on_tokens(
     `evaluate(model)` runs every `eval_every` steps (0: only at the end); the model is left in eval mode.
     Batches depend only on `cfg.seed` and the step; weights only on `cfg.seed`.
     """
-    device = device or torch.device("cpu")
-    torch.manual_seed(cfg.seed)
-    model = MultiTokenModel(model_cfg)
-    model.reset_parameters(seed=cfg.seed)
-    model.to(device).train()
-    optimizer = build_optimizer(model, cfg)
     sampler = WindowSampler(tokens, cfg.batch_size, cfg.context + model_cfg.n_future, cfg.seed)
-    result = TrainedModel(model, [])
     tokens_per_step = cfg.batch_size * cfg.context * cfg.grad_accum
-    start = time.perf_counter()
+    run_on = device or torch.device("cpu")
 
-    def run_eval(step: int) -> None:
-        model.eval()
-        record = evaluate(model)
-        model.train()
-        result.evals.append({"step": step, "tokens": step * tokens_per_step, **record})
+    def batch_step(model: MultiTokenModel, optimizer: torch.optim.Optimizer, step: int, lr: float):
+        return (*train_step(model, optimizer, sampler, step, cfg, lr, run_on), tokens_per_step)
 
-    def step_fn(step: int, lr: float) -> tuple[LossReport, float]:
-        return train_step(model, optimizer, sampler, step, cfg, lr, device)
-
-    def after_step(step: int, report: LossReport) -> None:
-        if evaluate is not None and eval_every and step % eval_every == 0 and step < cfg.max_steps:
-            run_eval(step)
-
-    result.losses = training_loop(step_fn, cfg, tokens_per_step=tokens_per_step, after_step=after_step).losses
-    if evaluate is not None:
-        run_eval(len(result.losses))
-    result.seconds = time.perf_counter() - start
-    result.tokens_seen = len(result.losses) * tokens_per_step
-    model.eval()
-    return result
+    return _train_fresh(model_cfg, cfg, batch_step, tokens_per_step, evaluate, eval_every, device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,6 +195,7 @@ def masked_step(
     target: torch.Tensor,
     cfg: TrainConfig,
     lr: float,
+    step: int = 0,
 ) -> tuple[LossReport, float]:
     """One optimizer step of the sequential multi-token loss on flagged tokens only; (report, grad norm).
 
@@ -178,12 +203,7 @@ def masked_step(
     restricted to the answer)."""
     inputs, targets = masked_targets(tokens, target, model.cfg.n_future)
     report = sequential_backward(model, inputs, targets, cfg.head_weights, cfg.loss_chunk)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return report, grad_norm
+    return report, apply_update(model, optimizer, report.total, step, lr, cfg)
 
 
 def train_on_examples(
@@ -200,38 +220,14 @@ def train_on_examples(
     `cfg.seed` and the step, weights only on `cfg.seed`, so two arms with the same seed see the same data.
     `evaluate(model)` runs every `eval_every` steps (0: only at the end); the model is left in eval mode.
     """
-    device = device or torch.device("cpu")
-    torch.manual_seed(cfg.seed)
-    model = MultiTokenModel(model_cfg)
-    model.reset_parameters(seed=cfg.seed)
-    model.to(device).train()
-    optimizer = build_optimizer(model, cfg)
-    result = TrainedModel(model, [])
-    start = time.perf_counter()
-    seen = [0]
+    run_on = device or torch.device("cpu")
 
-    def run_eval(step: int) -> None:
-        model.eval()
-        record = evaluate(model)
-        model.train()
-        result.evals.append({"step": step, "tokens": seen[0], **record})
-
-    def step_fn(step: int, lr: float) -> tuple[LossReport, float]:
+    def batch_step(model: MultiTokenModel, optimizer: torch.optim.Optimizer, step: int, lr: float):
         tokens, target = pool.batch(cfg.seed, step, cfg.batch_size)
-        seen[0] += tokens.numel()
-        return masked_step(model, optimizer, tokens.to(device), target.to(device), cfg, lr)
+        report, grad_norm = masked_step(model, optimizer, tokens.to(run_on), target.to(run_on), cfg, lr, step)
+        return report, grad_norm, tokens.numel()
 
-    def after_step(step: int, report: LossReport) -> None:
-        if evaluate is not None and eval_every and step % eval_every == 0 and step < cfg.max_steps:
-            run_eval(step)
-
-    result.losses = training_loop(step_fn, cfg, tokens_per_step=cfg.batch_size, after_step=after_step).losses
-    if evaluate is not None:
-        run_eval(len(result.losses))
-    result.seconds = time.perf_counter() - start
-    result.tokens_seen = seen[0]
-    model.eval()
-    return result
+    return _train_fresh(model_cfg, cfg, batch_step, cfg.batch_size, evaluate, eval_every, device)
 
 
 @dataclass
