@@ -44,7 +44,7 @@ from multitoken.errors import UserError
 from multitoken.generate.common import at_last, prefill_outputs
 from multitoken.generate.draft_vocab import DraftVocab
 from multitoken.generate.sampling import SamplingConfig, sample
-from multitoken.generate.speculative import propose, resolve_tree, verify
+from multitoken.generate.speculative import draft_stats, propose, resolve_drafts, verify
 from multitoken.generate.tree import Tree, TreeIndex
 from multitoken.head_kinds import head_kind
 from multitoken.kv_cache import ModelCache
@@ -287,10 +287,8 @@ class ConditionedDrafter:
                 f"{kind.name} heads cannot be decoded with token-conditioned drafts: the decoder runs modules in which "
                 "head k+1 reads head k's output and the token k ahead"
             )
-        tree = resolve_tree(model, self.heads_used, self.tree, sampling, self.vocab)
-        vocab = self.vocab.to(device) if self.vocab is not None and tree.depth > 0 else None
-        rows = vocab.rows(model.output.weight) if vocab is not None else None  # (K, D)
-        return ConditionedDrafter(tree.depth + 1, tree, vocab, rows, ModulePlan.build(tree, device))
+        heads_used, tree, vocab, rows = resolve_drafts(model, self.heads_used, self.tree, sampling, self.vocab, device)
+        return ConditionedDrafter(heads_used, tree, vocab, rows, ModulePlan.build(tree, device))
 
     def start(
         self,
@@ -324,5 +322,4 @@ class ConditionedDrafter:
         return dict(plan=self.plan, max_rank=self.tree.max_rank, vocab=self.vocab, draft_rows=self.draft_rows)
 
     def stats(self) -> dict[str, object]:
-        return dict(heads_used=self.tree.depth + 1, tree_size=self.tree.size,
-                    draft_vocab_size=self.vocab.size if self.vocab is not None else None)  # fmt: skip
+        return draft_stats(self.tree, self.vocab)

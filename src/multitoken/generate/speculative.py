@@ -283,10 +283,7 @@ class HeadDrafter:
 
         if drafts_in_turn(model):
             return ConditionedDrafter(self.heads_used, self.tree, self.vocab).prepare(model, sampling, device)
-        tree = resolve_tree(model, self.heads_used, self.tree, sampling, self.vocab)
-        vocab = self.vocab.to(device) if self.vocab is not None and tree.depth > 0 else None
-        rows = vocab.rows(model.output.weight) if vocab is not None else None  # (K, D)
-        return HeadDrafter(tree.depth + 1, tree, vocab, rows)
+        return HeadDrafter(*resolve_drafts(model, self.heads_used, self.tree, sampling, self.vocab, device))
 
     def start(
         self,
@@ -308,8 +305,29 @@ class HeadDrafter:
         return dict(heads=self.heads, max_rank=self.tree.max_rank, vocab=self.vocab, draft_rows=self.draft_rows)
 
     def stats(self) -> dict[str, object]:
-        return dict(heads_used=self.tree.depth + 1, tree_size=self.tree.size,
-                    draft_vocab_size=self.vocab.size if self.vocab is not None else None)  # fmt: skip
+        return draft_stats(self.tree, self.vocab)
+
+
+def draft_stats(tree: Tree, vocab: DraftVocab | None) -> dict[str, object]:
+    """What a drafter of the heads reports: heads used, tree size, draft vocabulary size."""
+    size = vocab.size if vocab is not None else None
+    return dict(heads_used=tree.depth + 1, tree_size=tree.size, draft_vocab_size=size)
+
+
+def resolve_drafts(
+    model: MultiTokenModel,
+    heads_used: int | None,
+    tree: Tree | None,
+    sampling: SamplingConfig,
+    vocab: DraftVocab | None,
+    device: torch.device,
+) -> tuple[int, Tree, DraftVocab | None, torch.Tensor | None]:
+    """What a drafter of the heads runs with: the heads used, the tree (`resolve_tree`), the draft vocabulary on
+    `device` (None when nothing is drafted) and its unembedding rows (K, D), gathered once."""
+    tree = resolve_tree(model, heads_used, tree, sampling, vocab)
+    vocab = vocab.to(device) if vocab is not None and tree.depth > 0 else None
+    rows = vocab.rows(model.output.weight) if vocab is not None else None
+    return tree.depth + 1, tree, vocab, rows
 
 
 def speculative_generate(
