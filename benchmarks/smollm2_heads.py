@@ -78,7 +78,7 @@ def do_train(args: argparse.Namespace) -> dict[str, Any]:
     heads = HeadsConfig(
         n_future=4, mode="frozen", targets=args.targets, generated_prompts=args.prompts, prompt_tokens=32,
         generated_tokens=args.new_tokens, generation_batch=64, draft_vocab=args.train_draft_vocab or None,
-        trunk_cache_gib=args.trunk_cache_gib, head_type=args.head_type,
+        trunk_cache_gib=args.trunk_cache_gib, head_type=args.head_type, precision=args.precision,
     )  # fmt: skip
     cfg = default_heads_train_config(
         time_budget_s=args.minutes * 60, budget_clock=args.budget_clock, batch_size=4, context=128, lr=args.lr,
@@ -179,7 +179,8 @@ def do_bench(args: argparse.Namespace) -> dict[str, Any]:
         trees = {suffix: [build_tree(c, b) for b in args.tree_budget] for suffix, c in acceptance.items()}
         kind = f"{model.cfg.head_type} heads {name}"
         for suffix, v in variants.items():
-            decoders[f"{kind}: chain of 4{suffix}"] = ours(model, heads_used=4, draft_vocab=v)
+            for used in range(2, model.cfg.n_future + 1):  # shorter chains draft less and may pay better
+                decoders[f"{kind}: chain of {used}{suffix}"] = ours(model, heads_used=used, draft_vocab=v)
             for tree in trees[suffix]:
                 decoders[f"{kind}: tree of {tree.size}{suffix}"] = ours(model, tree=tree, draft_vocab=v)
         results["heads"][name] = {
@@ -335,6 +336,7 @@ def main() -> None:
         help="train: prompts half code, half prose; two thirds code; or drawn from the corpus by size (96 %% code)",
     )
     parser.add_argument("--trunk-cache-gib", type=float, default=4.0, help="train: 0 recomputes the trunk every step")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="train: step arithmetic")
     parser.add_argument("--n-prompts", type=int, default=4, help="bench: held-out prompts per kind")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--tree-budget", type=int, nargs="+", default=[8, 16, 32], help="bench: tree sizes")

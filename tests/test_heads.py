@@ -17,10 +17,12 @@ from multitoken.generate.autoregressive import generate
 from multitoken.generate.draft_vocab import DRAFT_VOCAB_FILE, DraftVocab
 from multitoken.generate.speculative import speculative_generate
 from multitoken.heads import (
+    BF16_GAIN,
     HeadsConfig,
     TrunkFeatures,
     add_heads,
     build_heads_optimizer,
+    choose_precision,
     configure_trainable,
     default_heads_train_config,
     draft_heads_backward,
@@ -85,13 +87,17 @@ def test_add_heads_random_init_and_refusals() -> None:
     assert torch.equal(grown.heads[3].attention.wq.weight, new.heads[0].attention.wq.weight)
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_token_conditioned_modules_added_to_a_next_token_model(tie: bool) -> None:
+@pytest.mark.parametrize(("tie", "calibrated"), [(False, False), (True, False), (False, True)])
+def test_token_conditioned_modules_added_to_a_next_token_model(tie: bool, calibrated: bool) -> None:
     old = next_token_model(tie_embeddings=tie)
-    new = add_heads(old, 3, head_type="mtp")
-    assert new.cfg.head_type == "mtp" and new.cfg.n_layers == 5 and new.cfg.n_trunk_layers == old.cfg.n_trunk_layers
     tokens = torch.randint(0, old.cfg.vocab_size, (2, 17))
+    new = add_heads(old, 3, head_type="mtp", sample=tokens if calibrated else None)
+    assert new.cfg.head_type == "mtp" and new.cfg.n_layers == 5 and new.cfg.n_trunk_layers == old.cfg.n_trunk_layers
     with torch.no_grad():
+        h = old.embed_and_trunk(tokens, old.attention_context(17))  # (B, T, D)
+        scale = (torch.linalg.vector_norm(h, dim=-1) / math.sqrt(h.shape[-1])).median() if calibrated else 1.0
+        for k in (1, 2):  # the hidden input is read at the trunk output's own median scale
+            torch.testing.assert_close(new.heads[k].hidden_norm.weight, torch.full_like(h[0, 0], float(scale)))
         before = old(tokens)[:, :, 0]
         after = new(tokens)  # (B, T, 3, V)
         assert torch.equal(after[:, :, 0], before)  # the verifier is the pretrained model, bitwise
@@ -319,6 +325,19 @@ def test_heads_config_validation() -> None:
         HeadsConfig(trunk_cache_gib=-1)
     with pytest.raises(UserError, match="unknown head type 'sideways'"):
         HeadsConfig(head_type="sideways")
+    with pytest.raises(UserError, match="unknown head precision 'fp16'"):
+        HeadsConfig(precision="fp16")
+
+
+def test_choose_precision_times_both_on_the_cpu_unless_told() -> None:
+    model = next_token_model()
+    inputs = torch.randint(0, model.cfg.vocab_size, (1, 16))
+    assert choose_precision(model, inputs, "bf16") == (True, {"precision": "bf16", "chosen_by": "config"})
+    assert choose_precision(model, inputs, "fp32") == (False, {"precision": "fp32", "chosen_by": "config"})
+    bf16, report = choose_precision(model, inputs, "auto", repeats=2)
+    assert report["chosen_by"] == "timing" and report["fp32_s"] > 0 and report["bf16_s"] > 0
+    assert bf16 == (report["bf16_s"] < BF16_GAIN * report["fp32_s"])
+    assert report["precision"] == ("bf16" if bf16 else "fp32")
 
 
 def test_generate_self_data_is_the_models_greedy_text() -> None:
@@ -356,23 +375,25 @@ def make_run(path, model) -> None:
 
 
 @pytest.mark.parametrize(
-    ("targets", "steps", "max_ratio", "draft_vocab", "cache_gib", "head_type"),
+    ("targets", "steps", "max_ratio", "draft_vocab", "cache_gib", "head_type", "precision"),
     [
-        ("corpus", 60, 0.7, None, 4.0, None), ("self", 30, 0.98, None, 4.0, None),
-        ("generated", 30, 0.98, None, 4.0, None), ("corpus", 60, 0.7, 16, 4.0, None),
-        ("corpus", 60, 0.7, None, 0.0, None), ("self", 30, 0.98, None, 0.0, None),
-        ("corpus", 60, 0.7, 16, 4.0, "mtp"), ("self", 30, 0.98, None, 0.0, "mtp"),
+        ("corpus", 60, 0.7, None, 4.0, None, "fp32"), ("self", 30, 0.98, None, 4.0, None, "fp32"),
+        ("generated", 30, 0.98, None, 4.0, None, "fp32"), ("corpus", 60, 0.7, 16, 4.0, None, "fp32"),
+        ("corpus", 60, 0.7, None, 0.0, None, "fp32"), ("self", 30, 0.98, None, 0.0, None, "fp32"),
+        ("corpus", 60, 0.7, 16, 4.0, "mtp", "fp32"), ("self", 30, 0.98, None, 0.0, "mtp", "fp32"),
+        ("corpus", 60, 0.7, None, 4.0, None, "bf16"), ("corpus", 60, 0.7, None, 0.0, "mtp", "bf16"),
     ],
 )  # fmt: skip
 def test_train_heads_job_learns_and_writes_a_decodable_run(
     tmp_path, targets: str, steps: int, max_ratio: float, draft_vocab: int | None, cache_gib: float,
-    head_type: str | None,
+    head_type: str | None, precision: str,
 ) -> None:
     """Corpus targets on repetitive text are easy to learn; the self-distilled targets of a random model
     (the argmax of nearly uniform logits) are close to a hash of the context, so there only some progress
     is asked for. A 16-token draft vocabulary leaves some of the text's bytes out. cache_gib 0: every step
     runs the trunk on windows at random offsets; otherwise tiled windows keep their trunk output. Generated
-    targets draw their prompts from two groups of files."""
+    targets draw their prompts from two groups of files. bf16 steps learn as well, and the frozen verifier
+    they leave decodes exactly as before."""
     torch.manual_seed(0)
     base = make_model(0, vocab_size=257, n_future=1, n_layers=3, max_seq_len=128)
     with torch.no_grad():
@@ -388,11 +409,12 @@ def test_train_heads_job_learns_and_writes_a_decodable_run(
     cfg = default_heads_train_config(batch_size=8, context=32, lr=3e-3, max_steps=steps, eval_batches=1)
     heads = HeadsConfig(
         n_future=3, targets=targets, generated_prompts=16, prompt_tokens=8, generated_tokens=40,
-        draft_vocab=draft_vocab, trunk_cache_gib=cache_gib, head_type=head_type,
+        draft_vocab=draft_vocab, trunk_cache_gib=cache_gib, head_type=head_type, precision=precision,
     )  # fmt: skip
     prompt_data = [[corpus / "0.py"], [corpus / "1.py", corpus / "2.py"]] if targets == "generated" else []
     summary = train_heads(tmp_path / "base", tmp_path / "mtp", heads, cfg, [corpus], tmp_path / "cache", prompt_data)
     assert summary["steps"] == steps and summary["eval"] is not None
+    assert summary["precision"] == {"precision": precision, "chosen_by": "config"}
     if cache_gib:  # 8 windows a step for 30-60 steps: every window is drawn, and computed only once
         assert summary["trunk_features"]["computed"] == summary["trunk_features"]["kept"] > 0
     else:

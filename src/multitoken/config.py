@@ -394,6 +394,7 @@ class TrainConfig:
 MODES = ("frozen", "joint")  # head training: the new heads alone, or everything
 TARGETS = ("corpus", "self", "generated")
 INITS = ("copy", "random")
+PRECISIONS = ("auto", "fp32", "bf16")  # head training's arithmetic; auto: bf16 where it measures faster
 
 
 @dataclass
@@ -412,6 +413,7 @@ class HeadsConfig:
     draft_vocab: int | None = None  # frozen mode: heads 2..n learn (and later draft) the K most frequent tokens
     trunk_cache_gib: float = 4.0  # frozen mode: keep up to this much trunk output (0: recompute at random offsets)
     head_type: str | None = None  # the new heads' kind (`add_heads`); None: the model's own, or parallel
+    precision: str = "auto"  # bf16 autocast (fp32 master weights) or fp32; auto: timed on this machine
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -425,6 +427,8 @@ class HeadsConfig:
             raise UserError(f"unknown head targets {self.targets!r}; choose one of {', '.join(TARGETS)}")
         if self.init not in INITS:
             raise UserError(f"unknown head init {self.init!r}; choose one of {', '.join(INITS)}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown head precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.trunk_lr_scale < 0:
             raise UserError(f"trunk_lr_scale must be >= 0, got {self.trunk_lr_scale}")
         if self.trunk_cache_gib < 0:

@@ -38,8 +38,11 @@ class HeadKind:
     def init_head(self, head: nn.Module) -> None:
         """Initialisation after the model's generic one (default: none)."""
 
-    def copy_head(self, head: nn.Module, next_token_head: nn.Module) -> None:
-        """Initialise an added head from a pretrained model's next-token head (`add_heads(init="copy")`): a copy."""
+    def copy_head(self, head: nn.Module, next_token_head: nn.Module, hidden_scale: float = 1.0) -> None:
+        """Initialise an added head from a pretrained model's next-token head (`add_heads(init="copy")`): a copy.
+
+        `hidden_scale`: the typical RMS of the hidden state the head reads (the trunk output's), for kinds
+        that normalise it first."""
         head.load_state_dict(next_token_head.state_dict())
 
     def order(self, n_future: int, wanted: list[int]) -> list[int]:
@@ -136,11 +139,13 @@ class TokenConditionedHeads(HeadKind):
 
         return Block(cfg) if i == 0 else TokenConditionedModule(cfg)
 
-    def copy_head(self, head: nn.Module, next_token_head: nn.Module) -> None:
+    def copy_head(self, head: nn.Module, next_token_head: nn.Module, hidden_scale: float = 1.0) -> None:
         """The block is a copy of the next-token head's and the projection passes the normalised hidden input
         through while the token half starts at zero: at step 0 module k is the copied head applied to the
-        normalised output of depth k-1, the pretrained alignment with the unembedding kept, and training adds
-        the token's information instead of first undoing a random projection of it."""
+        output of depth k-1, the pretrained alignment with the unembedding kept, and training adds the token's
+        information instead of first undoing a random projection of it. The hidden norm's gain is
+        `hidden_scale`, so the copied block reads inputs of the scale it was trained on (SmolLM2's trunk
+        output has an RMS near 29; read at RMS 1, the copies start at 3-10x head 1's loss)."""
         import torch
 
         head.block.load_state_dict(next_token_head.state_dict())
@@ -148,7 +153,7 @@ class TokenConditionedHeads(HeadKind):
         with torch.no_grad():
             head.proj.weight.zero_()
             head.proj.weight[:, :d].copy_(torch.eye(d))
-            head.hidden_norm.weight.fill_(1.0)
+            head.hidden_norm.weight.fill_(hidden_scale)
             head.embed_norm.weight.fill_(1.0)
 
     def order(self, n_future: int, wanted: list[int]) -> list[int]:

@@ -31,12 +31,19 @@ Targets outside the K are skipped: the decoder can never draft them anyway.
 In frozen mode the trunk's output on a window never changes, so `TrunkFeatures` computes it once per
 window and keeps it (up to `trunk_cache_gib`): the next passes over the same text skip the trunk, about
 half of what a frozen step costs on SmolLM2.
+
+`precision` "bf16" runs each step (trunk, head 1's targets, the draft heads' forward and backward) under bf16
+autocast, with fp32 master weights, fp32 softmax and an fp32 optimizer; "auto" (the default) times the trunk
+both ways on the machine that trains (`choose_precision`) and keeps bf16 only where it is clearly faster. On
+an AMD EPYC with avx512_bf16 a SmolLM2 step runs about 2.5x faster in bf16, and head 1's bf16 argmax
+agrees with its fp32 one on 98 % of corpus positions; on a CPU without bf16 units fp32 wins.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -65,14 +72,19 @@ from multitoken.loss import (
     trainable_targets,
 )
 from multitoken.model import AttentionContext, MultiTokenModel
-from multitoken.pretrain import METRICS_FILE, evaluate, prepare_data
+from multitoken.pretrain import METRICS_FILE, autocast_context, evaluate, prepare_data
 
 # --------------------------------------------------------------------------------------------------
 # adding heads
 
 
 def add_heads(
-    model: MultiTokenModel, n_future: int, init: str = "copy", seed: int = 0, head_type: str | None = None
+    model: MultiTokenModel,
+    n_future: int,
+    init: str = "copy",
+    seed: int = 0,
+    head_type: str | None = None,
+    sample: torch.Tensor | None = None,
 ) -> MultiTokenModel:
     """A new model with `n_future` heads whose heads 1..m are `model`'s (m = its n_future <= n_future).
 
@@ -84,7 +96,8 @@ def add_heads(
       next guess surprisingly often), a stable start (the head's output already lives where the shared norm
       and unembedding expect it), and no loss of the pretrained alignment between the last block and the
       unembedding, which a random block would throw away and have to relearn from little data. A
-      token-conditioned module copies head 1 into its block (`HeadKind.copy_head`).
+      token-conditioned module copies head 1 into its block (`HeadKind.copy_head`), and its hidden norm's
+      gain is the median RMS of the trunk output on the tokens `sample` (B, T), if given (`hidden_scale`).
     - "random": the model's usual random block init (seeded), for comparison.
 
     head_type: the kind of the new model (default: the model's own if its heads are independent, else
@@ -118,12 +131,21 @@ def add_heads(
     if init == "random":
         new.reset_parameters(seed=seed)
     state = dict(model.state_dict())
+    scale = hidden_scale(model, sample) if sample is not None and init == "copy" else 1.0
     for i in range(m, n_future):
         if init == "copy":
-            kind.copy_head(new.heads[i], model.heads[0])
+            kind.copy_head(new.heads[i], model.heads[0], scale)
         state.update({k: v for k, v in new.state_dict().items() if k.startswith(f"heads.{i}.")})
     new.load_state_dict(state, strict=True)  # re-ties a tied unembedding to the embedding
     return new.to(device=device, dtype=dtype).train(model.training)
+
+
+@torch.no_grad()
+def hidden_scale(model: MultiTokenModel, sample: torch.Tensor) -> float:
+    """The median over positions of the RMS of `model`'s trunk output on the tokens `sample` (B, T): robust
+    to the few positions (the first, an attention sink) whose output is an order of magnitude larger."""
+    h = model.embed_and_trunk(sample, model.attention_context(sample.shape[1]))  # (B, T, D)
+    return float(h.float().pow(2).mean(-1).sqrt().median())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,6 +377,37 @@ def heads_update(optimizer: torch.optim.Optimizer, report: LossReport, lr: float
     return grad_norm
 
 
+BF16_GAIN = 0.8  # "auto" takes bf16 when its trunk forward takes under this fraction of fp32's: a clear win only
+
+
+@torch.no_grad()
+def choose_precision(
+    model: MultiTokenModel, inputs: torch.Tensor, precision: str = "auto", repeats: int = 3
+) -> tuple[bool, dict[str, Any]]:
+    """Whether head training runs under bf16 autocast, and what decided it (a JSON-ready dict).
+
+    "fp32" and "bf16" decide themselves; "auto" is bf16 on CUDA, and on the CPU bf16 only if the trunk
+    forward of `inputs` (B, T) takes under `BF16_GAIN` of its fp32 time here: the best of `repeats`
+    interleaved runs each, after one warm-up each (bf16 matmuls are fast only on CPUs with bf16 units).
+    """
+    device = inputs.device
+    if precision != "auto":
+        return precision == "bf16", {"precision": precision, "chosen_by": "config"}
+    if device.type == "cuda":
+        return True, {"precision": "bf16", "chosen_by": "device"}
+    ctx = model.attention_context(inputs.shape[1])
+    best = {"fp32": math.inf, "bf16": math.inf}
+    for attempt in range(repeats + 1):
+        for name in best:
+            t = time.perf_counter()
+            with autocast_context(device, name == "bf16"):
+                model.embed_and_trunk(inputs, ctx)
+            if attempt:  # the first of each is a warm-up
+                best[name] = min(best[name], time.perf_counter() - t)
+    chosen = "bf16" if best["bf16"] < BF16_GAIN * best["fp32"] else "fp32"
+    return chosen == "bf16", {"precision": chosen, "chosen_by": "timing", **{f"{k}_s": v for k, v in best.items()}}
+
+
 # --------------------------------------------------------------------------------------------------
 # frozen trunk features, computed once per window
 
@@ -457,10 +510,8 @@ def train_heads(
     torch.manual_seed(cfg.seed)
     source = load_run(run_dir)
     tokenizer = load_tokenizer(run_dir)
-    model = add_heads(source.model, heads.n_future, heads.init, seed=cfg.seed, head_type=heads.head_type).train()
-    n = model.cfg.n_future
-    if cfg.context > model.cfg.max_seq_len:
-        raise UserError(f"context {cfg.context} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    if cfg.context > source.model.cfg.max_seq_len:
+        raise UserError(f"context {cfg.context} exceeds the model's max_seq_len {source.model.cfg.max_seq_len}")
     if prompt_data and heads.targets != "generated":
         raise UserError("prompt data only serves targets='generated' (prompts for the model's own continuations)")
     sources = [str(s) for s in (data or default_corpus_paths())]
@@ -468,6 +519,10 @@ def train_heads(
     bundle = prepare_data(sources, tokenizer, cache_dir, cfg.val_fraction)
     prompt_sources = [[str(s) for s in group] for group in prompt_data]
     prompt_pools = [prepare_data(group, tokenizer, cache_dir, cfg.val_fraction).store.train for group in prompt_sources]
+    device = source.model.tok_embeddings.weight.device
+    probe = torch.from_numpy(bundle.store.train[: cfg.context].astype(np.int64))[None].to(device)  # (1, T)
+    model = add_heads(source.model, heads.n_future, heads.init, cfg.seed, heads.head_type, probe).train()
+    n = model.cfg.n_future
 
     clock = budget_clock(cfg)  # every time below, generation included, on the clock the budget counts
     t0 = clock()
@@ -495,6 +550,8 @@ def train_heads(
     else:
         sampler = WindowSampler(train_tokens, cfg.batch_size, cfg.context + n, cfg.seed)
     optimizer = build_heads_optimizer(model, heads.mode, cfg, heads.trunk_lr_scale)
+    bf16, precision = choose_precision(model, probe, heads.precision)  # timed on the budget's clock
+    summary.update(precision=precision)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     metrics: list[dict[str, Any]] = []
@@ -510,11 +567,12 @@ def train_heads(
             board(record)
 
     def step_fn(step: int, lr: float) -> tuple[LossReport, float]:
-        if features is not None:
-            h, labels, inputs = features.batch(step, cfg.batch_size)
-            report = draft_heads_backward(model, h, labels, cfg.loss_chunk, vocab, inputs)
-        else:
-            report = heads_backward(model, sampler.sample(step), heads.mode, targets, cfg, vocab)
+        with autocast_context(device, bf16):
+            if features is not None:
+                h, labels, inputs = features.batch(step, cfg.batch_size)
+                report = draft_heads_backward(model, h, labels, cfg.loss_chunk, vocab, inputs)
+            else:
+                report = heads_backward(model, sampler.sample(step), heads.mode, targets, cfg, vocab)
         return report, heads_update(optimizer, report, lr, cfg)
 
     t_train = clock()

@@ -8,7 +8,7 @@ from typing import Any
 
 from multitoken.argtypes import COUNT, NONNEGATIVE, POSITIVE
 from multitoken.cli.common import Subparsers, check_out_dir
-from multitoken.config import BUDGET_CLOCKS, INITS, MODES, TARGETS, HeadsConfig, default_heads_train_config
+from multitoken.config import BUDGET_CLOCKS, INITS, MODES, PRECISIONS, TARGETS, HeadsConfig, default_heads_train_config
 from multitoken.head_kinds import HEAD_TYPES
 
 HEADS, HEADS_TRAIN = HeadsConfig(), default_heads_train_config()  # the defaults of `multitoken heads`
@@ -70,6 +70,10 @@ def add(sub: Subparsers) -> None:
         default=HEADS.trunk_cache_gib,
         help="frozen mode: keep each training window's trunk output, up to this many GiB (0: recompute every step)",
     )
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default=HEADS.precision,
+        help="bf16 autocast or fp32 steps; auto: bf16 if it times clearly faster on this machine",
+    )  # fmt: skip
     p.add_argument("--data", nargs="+", action="extend", help="corpus (default: this Python's standard library)")
     p.add_argument(
         "--prompt-data",
@@ -105,7 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         n_future=args.n_future, mode=args.mode, targets=args.targets, init=args.init,
         trunk_lr_scale=args.trunk_lr_scale, generated_prompts=args.generated_prompts,
         generated_tokens=args.generated_tokens, generation_batch=args.generation_batch, draft_vocab=args.draft_vocab,
-        trunk_cache_gib=args.trunk_cache_gib, head_type=args.head_type,
+        trunk_cache_gib=args.trunk_cache_gib, head_type=args.head_type, precision=args.precision,
     )  # fmt: skip
     budget = {"max_steps": args.max_steps} if args.max_steps else {}
     train = default_heads_train_config(
