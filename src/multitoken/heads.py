@@ -36,7 +36,7 @@ half of what a frozen step costs on SmolLM2.
 autocast, with fp32 master weights, fp32 softmax and an fp32 optimizer; "auto" (the default) times the trunk
 both ways on the machine that trains (`choose_precision`) and keeps bf16 only where it is clearly faster. On
 an AMD EPYC with avx512_bf16 a SmolLM2 step runs about 2.5x faster in bf16, and head 1's bf16 argmax
-agrees with its fp32 one on 98 % of corpus positions; on a CPU without bf16 units fp32 wins.
+agrees with its fp32 one on 98 % of corpus positions. Where bf16 brings no clear gain, fp32 stays.
 """
 
 from __future__ import annotations
@@ -497,7 +497,8 @@ def train_heads(
     `multitoken generate` and `multitoken eval` read. Returns a JSON-ready summary: steps, seconds,
     tokens trained on, first/last losses, held-out per-head loss and agreement with head 1 (the acceptance
     forecast), the generation cost for targets="generated", and in frozen mode how many windows' trunk
-    output `TrunkFeatures` computed and kept. `progress` shows bars for the generation and the steps.
+    output `TrunkFeatures` computed and kept, and the precision chosen (`choose_precision`). `progress`
+    shows bars for the generation and the steps.
     `tensorboard`: also write the metrics there as TensorBoard scalars.
     """
     from multitoken.data.corpus import default_corpus_paths
