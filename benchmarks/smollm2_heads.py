@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from multitoken.checkpoint import load_run
+from multitoken.config import PRECISIONS
 from multitoken.data.heldout import code_and_prose, held_out_prompts
 from multitoken.data.tokenizers import load_tokenizer
 from multitoken.generate.autoregressive import generate
@@ -336,7 +337,7 @@ def main() -> None:
         help="train: prompts half code, half prose; two thirds code; or drawn from the corpus by size (96 %% code)",
     )
     parser.add_argument("--trunk-cache-gib", type=float, default=4.0, help="train: 0 recomputes the trunk every step")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="train: step arithmetic")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="train: step arithmetic")
     parser.add_argument("--n-prompts", type=int, default=4, help="bench: held-out prompts per kind")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--tree-budget", type=int, nargs="+", default=[8, 16, 32], help="bench: tree sizes")
