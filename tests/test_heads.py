@@ -33,6 +33,7 @@ from multitoken.heads import (
     heads_update,
     self_distilled_targets,
     train_heads,
+    window_schedule,
 )
 from multitoken.loss import IGNORE_INDEX, LossReport, shift_targets, summed_loss
 from tests.conftest import make_model
@@ -271,24 +272,54 @@ def test_a_diverged_loss_drops_the_gradients_and_says_so() -> None:
 # trunk features
 
 
-@pytest.mark.parametrize("self_targets", [False, True])
-def test_trunk_features_are_the_frozen_step_on_tiled_windows(self_targets: bool) -> None:
+def test_window_schedule_visits_epochs_and_replays_each_window_about_reuse_times() -> None:
+    B, N = 4, 1000
+    # reuse 1: epochs without replacement, each a different shuffle.
+    steps = N // B  # per epoch
+    epochs = [sum((window_schedule(s, B, N, 1, seed=3) for s in range(e * steps, (e + 1) * steps)), []) for e in (0, 1)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(N)) and epochs[0] != epochs[1]
+    # reuse 4, a pool of 8 batches (32 windows): all new windows until the pool is full, then one per step.
+    R, P, S = 4, 8, 600
+    batches = [window_schedule(s, B, N, R, seed=3, pool_batches=P) for s in range(S)]
+    assert all(len(b) == B for b in batches)
+    order, first_seen = [], {}
+    for s, batch in enumerate(batches):
+        new = [w for w in dict.fromkeys(batch) if w not in first_seen]
+        for w in new:
+            first_seen[w] = s
+        order += new
+    assert [len(set(sum(batches[:s], []))) for s in (1, 8, 9, 12, 100)] == [4, 32, 33, 36, 124]
+    for s, batch in enumerate(batches):  # every window drawn is one of the last P * B visited by then
+        seen = [w for w in order if first_seen[w] <= s]
+        assert set(batch) <= set(seen[-P * B :])
+    counts = np.bincount(sum(batches, []), minlength=N)
+    settled = [w for w, s in first_seen.items() if 2 * P < s < S - 2 * P]  # in and out of the full pool
+    assert abs(counts[settled].mean() - R) < 0.25  # 1 + (B - B/R) draws over its P*B/(B/R) steps in the pool
+    assert window_schedule(123, B, N, R, seed=3, pool_batches=P) == batches[123]  # a pure function of the step
+    assert window_schedule(123, B, N, R, seed=4, pool_batches=P) != batches[123]
+
+
+@pytest.mark.parametrize(("self_targets", "reuse", "max_windows"), [(False, 1, 99), (True, 1, 99), (True, 3, 2)])
+def test_trunk_features_are_the_frozen_step_on_tiled_windows(self_targets: bool, reuse: int, max_windows: int) -> None:
     """The oracle: each batch's trunk output, targets and head gradients equal those of a frozen step run
-    from scratch on the same windows; a window drawn again is not recomputed."""
+    from scratch on the same windows; a window kept is not recomputed, and with room for only 2 the oldest go."""
     model = add_heads(next_token_model(), 3).train()
     configure_trainable(model, "frozen")
     context, n = 8, 3
     tokens = torch.randint(0, model.cfg.vocab_size, (100,), generator=torch.Generator().manual_seed(0)).numpy()
-    features = TrunkFeatures(model, tokens, context, self_targets, chunk=5, seed=1)
+    window_bytes = context * model.cfg.dim * 4
+    features = TrunkFeatures(model, tokens, context, self_targets, 5, 1, max_windows * window_bytes, reuse)
     assert len(features) == 12  # starts 0, 8, ..., 88: the last window (11 tokens) ends at 99
     drawn = set()
     for step in range(12):
-        index = np.random.default_rng((1, step)).integers(0, len(features), size=3)  # what the batch draws
-        new = len(set(index.tolist()) - drawn)
+        index = window_schedule(step, 3, len(features), reuse, seed=1)  # what the batch draws
+        kept_before = list(features.kept)
+        new = len(set(index) - set(kept_before))
         computed = features.computed
         h, targets, _ = features.batch(step, 3)
-        assert features.computed == computed + new  # only windows never drawn before run the trunk
-        drawn |= set(index.tolist())
+        assert features.computed == computed + new  # only windows not kept run the trunk
+        assert list(features.kept) == (kept_before + sorted(set(index) - set(kept_before)))[-max_windows:]
+        drawn |= set(index)
         window = torch.from_numpy(np.stack([tokens[8 * i : 8 * i + context + n] for i in index]).astype(np.int64))
         inputs, corpus = shift_targets(window, n, context)
         oracle_h, oracle_targets = frozen_trunk(model, inputs, None if self_targets else corpus)
@@ -303,12 +334,12 @@ def test_trunk_features_are_the_frozen_step_on_tiled_windows(self_targets: bool)
             assert report.per_head[1:] == pytest.approx(oracle.per_head[1:], **tol)
             for name, grad in take_grads(model).items():
                 assert_same_grad(grads[name], grad, model)
-    assert len(features.kept) == len(drawn)
+    assert len(features.kept) == min(len(drawn), max_windows)
     # No room: nothing is kept and every draw runs the trunk again.
     uncached = TrunkFeatures(model, tokens, context, self_targets, seed=1, max_bytes=0)
     uncached.batch(0, 3)
     uncached.batch(0, 3)
-    assert uncached.computed == 2 * len(set(np.random.default_rng((1, 0)).integers(0, 12, size=3).tolist()))
+    assert uncached.computed == 2 * len(set(window_schedule(0, 3, 12, seed=1)))
     assert not uncached.kept
     with pytest.raises(UserError, match="cannot fill one window"):
         TrunkFeatures(model, tokens[:10], context, self_targets)
@@ -325,6 +356,12 @@ def test_heads_config_validation() -> None:
         HeadsConfig(mode="joint", draft_vocab=64)
     with pytest.raises(UserError, match="trunk_cache_gib"):
         HeadsConfig(trunk_cache_gib=-1)
+    with pytest.raises(UserError, match="trunk_reuse > 1 needs frozen mode"):
+        HeadsConfig(trunk_reuse=2, trunk_cache_gib=0)
+    with pytest.raises(UserError, match="trunk_reuse > 1 needs frozen mode"):
+        HeadsConfig(trunk_reuse=2, mode="joint")
+    with pytest.raises(UserError, match="trunk_reuse must be >= 1"):
+        HeadsConfig(trunk_reuse=0)
     with pytest.raises(UserError, match="unknown head type 'sideways'"):
         HeadsConfig(head_type="sideways")
     with pytest.raises(UserError, match="unknown head precision 'fp16'"):

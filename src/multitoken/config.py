@@ -412,6 +412,7 @@ class HeadsConfig:
     generation_batch: int = 32  # ... this many at a time (SmolLM2 on 2 cores: 44 tok/s at 8, 90 at 64)
     draft_vocab: int | None = None  # frozen mode: heads 2..n learn (and later draft) the K most frequent tokens
     trunk_cache_gib: float = 4.0  # frozen mode: keep up to this much trunk output (0: recompute at random offsets)
+    trunk_reuse: int = 1  # frozen mode: batches each window's kept trunk output serves, on average
     head_type: str | None = None  # the new heads' kind (`add_heads`); None: the model's own, or parallel
     precision: str = "auto"  # bf16 autocast (fp32 master weights) or fp32; auto: timed on this machine
 
@@ -433,7 +434,9 @@ class HeadsConfig:
             raise UserError(f"trunk_lr_scale must be >= 0, got {self.trunk_lr_scale}")
         if self.trunk_cache_gib < 0:
             raise UserError(f"trunk_cache_gib must be >= 0, got {self.trunk_cache_gib}")
-        for name in ("generated_prompts", "prompt_tokens", "generated_tokens", "generation_batch"):
+        if self.trunk_reuse > 1 and (self.mode != "frozen" or self.trunk_cache_gib == 0):
+            raise UserError("trunk_reuse > 1 needs frozen mode and trunk_cache_gib > 0 (a kept trunk output to reuse)")
+        for name in ("generated_prompts", "prompt_tokens", "generated_tokens", "generation_batch", "trunk_reuse"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.draft_vocab is not None and self.mode != "frozen":

@@ -29,8 +29,9 @@ each step's unembedding products shrink from V to K rows, most of a frozen step'
 Targets outside the K are skipped: the decoder can never draft them anyway.
 
 In frozen mode the trunk's output on a window never changes, so `TrunkFeatures` computes it once per
-window and keeps it (up to `trunk_cache_gib`): the next passes over the same text skip the trunk, about
-half of what a frozen step costs on SmolLM2.
+window and keeps it (up to `trunk_cache_gib`): later draws of the window skip the trunk, two thirds of what
+a fresh frozen step costs on SmolLM2 with self targets. With `trunk_reuse` R each window serves about R
+batches from a replay pool of recent windows, so a CPU budget buys up to R times as many trunk-free steps.
 
 `precision` "bf16" runs each step (trunk, head 1's targets, the draft heads' forward and backward) under bf16
 autocast, with fp32 master weights, fp32 softmax and an fp32 optimizer; "auto" (the default) times the trunk
@@ -41,6 +42,7 @@ agrees with its fp32 one on 98 % of corpus positions. Where bf16 brings no clear
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -412,16 +414,53 @@ def choose_precision(
 # frozen trunk features, computed once per window
 
 
+REPLAY_BATCHES = 64  # the replay pool: the windows first drawn in about the last 64 batches
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n_windows: int) -> np.ndarray:
+    return np.random.default_rng((seed, 1, epoch)).permutation(n_windows)
+
+
+def window_schedule(
+    step: int, batch_size: int, n_windows: int, reuse: int = 1, seed: int = 0, pool_batches: int = REPLAY_BATCHES
+) -> list[int]:
+    """The windows of batch `step`, a pure function of its arguments (so a resumed run draws the same).
+
+    Windows are visited in seeded shuffled order, epoch after epoch. The replay pool is the last
+    M = pool_batches * batch_size windows visited. The first batches are all new windows until the pool is
+    full; from then on each batch takes batch_size / reuse new ones on average and fills the rest with uniform
+    draws from the pool. So every window serves about `reuse` batches, spread over the pool's span, and the
+    trunk runs on about 1 / reuse of what a step trains on. reuse = 1: plain epochs without replacement.
+    """
+    pool = pool_batches * batch_size
+
+    def visited_before(s: int) -> int:
+        return min(s * batch_size, pool + -(-(s * batch_size - pool) // reuse))  # B / R a step once it is full
+
+    def visited(j: int) -> int:
+        return int(_epoch_order(seed, j // n_windows, n_windows)[j % n_windows])
+
+    lo, hi = visited_before(step), visited_before(step + 1)
+    index = [visited(j) for j in range(lo, hi)]
+    if len(index) < batch_size:
+        first = max(0, hi - pool)
+        draws = np.random.default_rng((seed, 0, step)).integers(first, hi, size=batch_size - len(index))
+        index += [visited(int(j)) for j in draws]
+    return index
+
+
 class TrunkFeatures:
     """Batches of fixed windows of the training text with the frozen trunk's output, kept once computed.
 
     In frozen mode nothing upstream of the draft heads learns, so a window's trunk output is the same at
-    every step: each window's is computed the first time a batch draws it and kept (up to `max_bytes`),
-    which takes the trunk forward out of every later step that draws it (SmolLM2-135M: about half a frozen
-    step's time, so several passes over a small text, such as the model's own generations, run about twice
-    as many steps). The price is memory, context x dim floats per window (SmolLM2 on 60k tokens: 0.14 GB),
-    and fixed windows: they tile the text (stride `context`), where `WindowSampler` starts each at a random
-    offset. Batches are drawn with replacement, seeded by (seed, step), like `WindowSampler`'s.
+    every step. Keeping it takes the trunk forward out of every later step that draws the window again: with
+    `reuse` R (`window_schedule`), each window serves about R batches, and the trunk, two thirds of a fresh
+    frozen step on SmolLM2-135M (head 1's argmax over 49k tokens included), runs once per R. Several passes
+    over a small text, such as the model's own generations, skip it from the second pass on. The price is
+    memory, context x dim floats per window (SmolLM2 on 60k tokens: 0.14 GB), up to `max_bytes`, the oldest
+    dropped first; and fixed windows: they tile the text (stride `context`), where `WindowSampler` starts
+    each at a random offset.
     """
 
     def __init__(
@@ -433,6 +472,7 @@ class TrunkFeatures:
         chunk: int = 1024,
         seed: int = 0,
         max_bytes: float = 4 * 2**30,
+        reuse: int = 1,
     ) -> None:
         """`self_targets`: head 1's self-distilled targets instead of the text's own next tokens."""
         n = model.cfg.n_future
@@ -440,7 +480,7 @@ class TrunkFeatures:
         if not len(self.starts):
             raise UserError(f"{len(tokens)} tokens cannot fill one window of {context + n}")
         self.model, self.tokens, self.context = model, tokens, context
-        self.self_targets, self.chunk, self.seed = self_targets, chunk, seed
+        self.self_targets, self.chunk, self.seed, self.reuse = self_targets, chunk, seed, reuse
         self.offsets = np.arange(context + n)
         self.max_windows = int(max_bytes // (context * model.cfg.dim * model.tok_embeddings.weight.element_size()))
         self.kept: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # window -> (T, D), (n, T), (T,)
@@ -450,11 +490,11 @@ class TrunkFeatures:
         return len(self.starts)
 
     def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The batch of `step`: trunk output (B, T, D), targets (B, n, T) and input tokens (B, T) of `batch_size`
-        windows (the tokens for heads that read one)."""
-        index = np.random.default_rng((self.seed, step)).integers(0, len(self), size=batch_size).tolist()
-        missing = sorted({i for i in index if i not in self.kept})
-        fresh: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        """The batch of `step` (`window_schedule`): trunk output (B, T, D), targets (B, n, T) and input tokens
+        (B, T) of `batch_size` windows (the tokens for heads that read one)."""
+        index = window_schedule(step, batch_size, len(self), self.reuse, self.seed)
+        found = {i: self.kept[i] for i in index if i in self.kept}
+        missing = sorted(set(index) - set(found))
         if missing:  # one trunk forward over the windows not kept yet
             device = self.model.tok_embeddings.weight.device
             window = torch.from_numpy(self.tokens[self.starts[missing, None] + self.offsets].astype(np.int64))
@@ -462,10 +502,12 @@ class TrunkFeatures:
             h, targets = frozen_trunk(self.model, inputs, None if self.self_targets else corpus, self.chunk)
             self.computed += len(missing)
             for k, i in enumerate(missing):
-                fresh[i] = (h[k].clone(), targets[k].clone(), inputs[k].clone())  # copies: no view pins the batch
-                if len(self.kept) < self.max_windows:
-                    self.kept[i] = fresh[i]
-        triples = [self.kept[i] if i in self.kept else fresh[i] for i in index]
+                found[i] = (h[k].clone(), targets[k].clone(), inputs[k].clone())  # copies: no view pins the batch
+                if self.max_windows:
+                    if len(self.kept) >= self.max_windows:  # full: drop the oldest, long out of the replay pool
+                        del self.kept[next(iter(self.kept))]
+                    self.kept[i] = found[i]
+        triples = [found[i] for i in index]
         return tuple(torch.stack([t[j] for t in triples]) for j in range(3))
 
 
@@ -546,8 +588,9 @@ def train_heads(
     features = sampler = None
     if heads.mode == "frozen" and heads.trunk_cache_gib > 0:
         features = TrunkFeatures(
-            model, train_tokens, cfg.context, targets == "self", cfg.loss_chunk, cfg.seed, heads.trunk_cache_gib * 2**30
-        )
+            model, train_tokens, cfg.context, targets == "self", cfg.loss_chunk, cfg.seed,
+            heads.trunk_cache_gib * 2**30, heads.trunk_reuse,
+        )  # fmt: skip
     else:
         sampler = WindowSampler(train_tokens, cfg.batch_size, cfg.context + n, cfg.seed)
     optimizer = build_heads_optimizer(model, heads.mode, cfg, heads.trunk_lr_scale)

@@ -367,9 +367,10 @@ def test_heads_on_generated_text_reports_what_was_generated(run_dir, tmp_path, c
     argv = ["heads", str(run_dir), "--out", str(out), "--n-future", "2", "--max-steps", "1", "--context", "16",
             "--targets", "generated", "--generated-prompts", "3", "--generated-tokens", "5",
             "--generation-batch", "2", "--data", str(corpus)]  # fmt: skip
-    assert main([*argv, "--prompt-data", str(corpus), "--prompt-data", str(corpus)]) == 0
+    assert main([*argv, "--prompt-data", str(corpus), "--prompt-data", str(corpus), "--trunk-reuse", "2"]) == 0
     summary = last_json(capsys.readouterr().out)
     assert summary["trunk_features"]["computed"] >= 1  # frozen mode keeps the trunk output by default
+    assert summary["trunk_reuse"] == 2
     assert json.loads((out / "config.json").read_text())["data"]["prompt_sources"] == [[str(corpus)], [str(corpus)]]
     assert (summary["generated_prompts"], summary["generation_batch"], summary["init"]) == (3, 2, "copy")
     # Each of the 3 sequences is a 32-token prompt, up to 5 greedy tokens and an end-of-text separator.
