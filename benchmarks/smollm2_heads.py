@@ -15,7 +15,8 @@ them from code and one third from prose, which is 4 % of the corpus).
 `generate`, plain and with prompt-lookup decoding, our plain decoder, and for each head set chains of 2 and 4
 heads and trees of each `--tree-budget` (calibrated on the model's greedy continuations of one more prompt of
 each kind, `--calibrate-on generated`), each speculative decoder also with a draft vocabulary (the set's own, or
-the `--draft-vocab` most frequent tokens of the training split), one prompt at a time with every decoder run back
+the `--draft-vocab` most frequent tokens of the training split; `--draft-prefix K` adds its K most frequent
+tokens alone, for cheaper drafts), one prompt at a time with every decoder run back
 to back on it (so a change of machine load hits all decoders alike), and checks that every greedy output equals
 transformers'. `steps` times single decode steps (plain; chain and tree verify steps with and without the draft
 vocabulary) interleaved, which isolates per-step costs that whole-decode timings blur, and one frozen
@@ -79,7 +80,8 @@ def do_train(args: argparse.Namespace) -> dict[str, Any]:
     heads = HeadsConfig(
         n_future=4, mode="frozen", targets=args.targets, generated_prompts=args.prompts, prompt_tokens=32,
         generated_tokens=args.new_tokens, generation_batch=64, draft_vocab=args.train_draft_vocab or None,
-        trunk_cache_gib=args.trunk_cache_gib, head_type=args.head_type, precision=args.precision,
+        trunk_cache_gib=args.trunk_cache_gib, trunk_reuse=args.trunk_reuse, head_type=args.head_type,
+        precision=args.precision,
     )  # fmt: skip
     cfg = default_heads_train_config(
         time_budget_s=args.minutes * 60, budget_clock=args.budget_clock, batch_size=4, context=128, lr=args.lr,
@@ -174,6 +176,9 @@ def do_bench(args: argparse.Namespace) -> dict[str, Any]:
         log(f"{name}: draft vocabulary of {vocab.size} tokens, covering {coverage} of the held-out prompts")
         # Trees calibrated without and with the draft vocabulary (with it, candidates rank among its tokens).
         variants = {"": None, f" + {vocab.size}": vocab}  # row-name suffix -> vocabulary
+        for k in args.draft_prefix:  # the k most frequent of the same tokens: cheaper drafts, a little less coverage
+            if k < vocab.size:
+                variants[f" + {k}"] = DraftVocab(vocab.ids[:k], vocab.vocab_size)
         acceptance = {
             suffix: calibrate(model, windows, args.max_rank, vocab=v, skip=skip) for suffix, v in variants.items()
         }
@@ -337,6 +342,7 @@ def main() -> None:
         help="train: prompts half code, half prose; two thirds code; or drawn from the corpus by size (96 %% code)",
     )
     parser.add_argument("--trunk-cache-gib", type=float, default=4.0, help="train: 0 recomputes the trunk every step")
+    parser.add_argument("--trunk-reuse", type=int, default=1, help="train: batches each kept trunk output serves")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="train: step arithmetic")
     parser.add_argument("--n-prompts", type=int, default=4, help="bench: held-out prompts per kind")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -356,6 +362,10 @@ def main() -> None:
     parser.add_argument(
         "--draft-vocab", type=int, default=8192,
         help="bench, steps: draft vocabulary size (unless the heads were trained with their own)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--draft-prefix", type=int, nargs="+", default=[], metavar="K",
+        help="bench: also decode with the K most frequent tokens of each set's draft vocabulary",
     )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=30, help="steps: timed rounds")
     parser.add_argument("--train-repeats", type=int, default=5, help="steps: timed training-step rounds")
