@@ -80,8 +80,8 @@ def do_train(args: argparse.Namespace) -> dict[str, Any]:
     heads = HeadsConfig(
         n_future=4, mode="frozen", targets=args.targets, generated_prompts=args.prompts, prompt_tokens=32,
         generated_tokens=args.new_tokens, generation_batch=64, draft_vocab=args.train_draft_vocab or None,
-        trunk_cache_gib=args.trunk_cache_gib, trunk_reuse=args.trunk_reuse, head_type=args.head_type,
-        precision=args.precision,
+        trunk_cache_gib=args.trunk_cache_gib, trunk_reuse=args.trunk_reuse, soft_targets=args.soft_targets,
+        head_type=args.head_type, precision=args.precision,
     )  # fmt: skip
     cfg = default_heads_train_config(
         time_budget_s=args.minutes * 60, budget_clock=args.budget_clock, batch_size=4, context=128, lr=args.lr,
@@ -282,7 +282,7 @@ def do_steps(args: argparse.Namespace) -> dict[str, Any]:
     window = torch.tensor(training_split(args, tok)[: 4 * 131].astype("int64")).view(4, 131)
     inputs, targets = shift_targets(window, 4, 128)
     configure_trainable(model, "frozen")
-    h, _ = frozen_trunk(model, inputs, targets)
+    h, _, _ = frozen_trunk(model, inputs, targets)
     train_steps = {
         "full vocabulary": lambda: frozen_heads_backward(model, inputs, targets, chunk=1024),
         f"{vocab.size}-token draft vocabulary": lambda: frozen_heads_backward(model, inputs, targets, 1024, vocab),
@@ -342,6 +342,7 @@ def main() -> None:
         help="train: prompts half code, half prose; two thirds code; or drawn from the corpus by size (96 %% code)",
     )
     parser.add_argument("--trunk-cache-gib", type=float, default=4.0, help="train: 0 recomputes the trunk every step")
+    parser.add_argument("--soft-targets", type=float, default=0.0, help="train: weight of head 1's distribution")
     parser.add_argument("--trunk-reuse", type=int, default=1, help="train: batches each kept trunk output serves")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="train: step arithmetic")
     parser.add_argument("--n-prompts", type=int, default=4, help="bench: held-out prompts per kind")

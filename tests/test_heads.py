@@ -239,6 +239,51 @@ def test_draft_vocab_training_is_cross_entropy_over_its_tokens() -> None:
         assert_same_grad(grad, oracle[name], model)
 
 
+@pytest.mark.parametrize(("head_type", "soft", "draft"), [("parallel", 1.0, False), ("mtp", 0.3, True)])
+def test_soft_targets_are_cross_entropy_against_head1s_distribution(head_type: str, soft: float, draft: bool) -> None:
+    """The oracle: every head's logits at once, each target the mixture soft * softmax(head 1's logits t+i-1
+    positions on) + (1 - soft) * one-hot(self target), one mean per head, summed, one backward. soft 0 is the
+    hard-target step itself, bitwise."""
+    model = add_heads(next_token_model(), 3, head_type=head_type).train()
+    configure_trainable(model, "frozen")
+    V, T, gen = model.cfg.vocab_size, 12, torch.Generator().manual_seed(0)
+    inputs = torch.randint(0, V, (2, T), generator=gen)
+    vocab = DraftVocab(torch.arange(0, V, 2), V) if draft else None
+    report = frozen_heads_backward(model, inputs, None, chunk=5, vocab=vocab, soft=soft)
+    grads = take_grads(model)
+
+    ctx = model.attention_context(T)
+    with torch.no_grad():
+        h = model.embed_and_trunk(inputs, ctx)
+    outputs = model.run_heads(h, ctx, tokens=inputs)  # (B, T, D) per head, graphs kept
+    restrict = vocab.restrict if vocab is not None else (lambda logits: logits)
+    teacher = restrict(model.unembed(outputs[0])).detach().float().softmax(-1)  # (B, T, K)
+    choice = model.unembed(outputs[0]).argmax(-1)  # (B, T): the self targets, over the full vocabulary
+    total = torch.zeros(())
+    for i in (1, 2):
+        n_valid = T - i  # the positions whose t+i lies in the window (so mtp module i has its token there too)
+        target = choice[:, i : i + n_valid]  # head 1's choice at t+i-1 (0-based head i: at t+i)
+        index = vocab.position()[target] if vocab is not None else target
+        keep = index >= 0  # a target outside the draft vocabulary is skipped
+        mix = soft * teacher[:, i : i + n_valid] + (1 - soft) * F.one_hot(index.clamp_min(0), teacher.shape[-1])
+        logits = restrict(model.unembed(outputs[i]))[:, :n_valid].float()
+        loss = -(mix * logits.log_softmax(-1)).sum(-1)[keep].mean()
+        with torch.no_grad():
+            tol = loss_tolerance(model.unembed(outputs[i]), model.cfg, int(keep.sum()))
+        assert report.per_head[i] == pytest.approx(loss.item(), **tol)
+        total = total + loss
+    total.backward()
+    oracle = take_grads(model)
+    assert set(grads) == set(oracle) and all(k.startswith(("heads.1.", "heads.2.")) for k in grads)
+    for name, grad in grads.items():
+        assert_same_grad(grad, oracle[name], model)
+    hard = frozen_heads_backward(model, inputs, None, chunk=5, vocab=vocab)
+    hard_grads = take_grads(model)
+    zero = frozen_heads_backward(model, inputs, None, chunk=5, vocab=vocab, soft=0.0)
+    assert (zero.total, zero.per_head[1:]) == (hard.total, hard.per_head[1:])
+    assert all(torch.equal(g, hard_grads[k]) for k, g in take_grads(model).items())
+
+
 def test_joint_mode_scales_the_pretrained_learning_rate() -> None:
     model = add_heads(next_token_model(), 2).train()
     lr, scale = 1e-2, 0.1
@@ -307,8 +352,9 @@ def test_trunk_features_are_the_frozen_step_on_tiled_windows(self_targets: bool,
     configure_trainable(model, "frozen")
     context, n = 8, 3
     tokens = torch.randint(0, model.cfg.vocab_size, (100,), generator=torch.Generator().manual_seed(0)).numpy()
-    window_bytes = context * model.cfg.dim * 4
-    features = TrunkFeatures(model, tokens, context, self_targets, 5, 1, max_windows * window_bytes, reuse)
+    teacher = reuse > 1  # head 1's output kept too: twice the bytes per window
+    window_bytes = (1 + teacher) * context * model.cfg.dim * 4
+    features = TrunkFeatures(model, tokens, context, self_targets, 5, 1, max_windows * window_bytes, reuse, teacher)
     assert len(features) == 12  # starts 0, 8, ..., 88: the last window (11 tokens) ends at 99
     drawn = set()
     for step in range(12):
@@ -316,14 +362,18 @@ def test_trunk_features_are_the_frozen_step_on_tiled_windows(self_targets: bool,
         kept_before = list(features.kept)
         new = len(set(index) - set(kept_before))
         computed = features.computed
-        h, targets, _ = features.batch(step, 3)
+        h, targets, _, head1_out = features.batch(step, 3)
         assert features.computed == computed + new  # only windows not kept run the trunk
         assert list(features.kept) == (kept_before + sorted(set(index) - set(kept_before)))[-max_windows:]
         drawn |= set(index)
         window = torch.from_numpy(np.stack([tokens[8 * i : 8 * i + context + n] for i in index]).astype(np.int64))
         inputs, corpus = shift_targets(window, n, context)
-        oracle_h, oracle_targets = frozen_trunk(model, inputs, None if self_targets else corpus)
+        oracle_h, oracle_targets, oracle_out = frozen_trunk(model, inputs, None if self_targets else corpus, 5, teacher)
         torch.testing.assert_close(h, oracle_h, rtol=0, atol=model_atol(oracle_h, model.cfg))
+        if teacher:
+            torch.testing.assert_close(head1_out, oracle_out, rtol=0, atol=model_atol(oracle_out, model.cfg))
+        else:
+            assert head1_out is None
         assert torch.equal(targets, oracle_targets)
         if step in (0, 11):
             report = draft_heads_backward(model, h, targets, chunk=5)
@@ -362,6 +412,10 @@ def test_heads_config_validation() -> None:
         HeadsConfig(trunk_reuse=2, mode="joint")
     with pytest.raises(UserError, match="trunk_reuse must be >= 1"):
         HeadsConfig(trunk_reuse=0)
+    with pytest.raises(UserError, match="soft_targets must be between 0 and 1"):
+        HeadsConfig(soft_targets=1.5)
+    with pytest.raises(UserError, match="soft targets are trained in frozen mode only"):
+        HeadsConfig(soft_targets=0.5, mode="joint")
     with pytest.raises(UserError, match="unknown head type 'sideways'"):
         HeadsConfig(head_type="sideways")
     with pytest.raises(UserError, match="unknown head precision 'fp16'"):
@@ -414,25 +468,26 @@ def make_run(path, model) -> None:
 
 
 @pytest.mark.parametrize(
-    ("targets", "steps", "max_ratio", "draft_vocab", "cache_gib", "head_type", "precision"),
+    ("targets", "steps", "max_ratio", "draft_vocab", "cache_gib", "head_type", "precision", "soft"),
     [
-        ("corpus", 60, 0.7, None, 4.0, None, "fp32"), ("self", 30, 0.98, None, 4.0, None, "fp32"),
-        ("generated", 30, 0.98, None, 4.0, None, "fp32"), ("corpus", 60, 0.7, 16, 4.0, None, "fp32"),
-        ("corpus", 60, 0.7, None, 0.0, None, "fp32"), ("self", 30, 0.98, None, 0.0, None, "fp32"),
-        ("corpus", 60, 0.7, 16, 4.0, "mtp", "fp32"), ("self", 30, 0.98, None, 0.0, "mtp", "fp32"),
-        ("corpus", 60, 0.7, None, 4.0, None, "bf16"), ("corpus", 60, 0.7, None, 0.0, "mtp", "bf16"),
+        ("corpus", 60, 0.7, None, 4.0, None, "fp32", 0.0), ("self", 30, 0.98, None, 4.0, None, "fp32", 0.0),
+        ("generated", 30, 0.98, None, 4.0, None, "fp32", 0.0), ("corpus", 60, 0.7, 16, 4.0, None, "fp32", 0.0),
+        ("corpus", 60, 0.7, None, 0.0, None, "fp32", 0.0), ("self", 30, 0.98, None, 0.0, None, "fp32", 0.0),
+        ("corpus", 60, 0.7, 16, 4.0, "mtp", "fp32", 0.0), ("self", 30, 0.98, None, 0.0, "mtp", "fp32", 0.0),
+        ("corpus", 60, 0.7, None, 4.0, None, "bf16", 0.0), ("corpus", 60, 0.7, None, 0.0, "mtp", "bf16", 0.0),
+        ("self", 30, 0.98, None, 4.0, "mtp", "fp32", 0.5), ("corpus", 60, 0.7, 16, 0.0, None, "fp32", 1.0),
     ],
 )  # fmt: skip
 def test_train_heads_job_learns_and_writes_a_decodable_run(
     tmp_path, targets: str, steps: int, max_ratio: float, draft_vocab: int | None, cache_gib: float,
-    head_type: str | None, precision: str,
+    head_type: str | None, precision: str, soft: float,
 ) -> None:
     """Corpus targets on repetitive text are easy to learn; the self-distilled targets of a random model
     (the argmax of nearly uniform logits) are close to a hash of the context, so there only some progress
     is asked for. A 16-token draft vocabulary leaves some of the text's bytes out. cache_gib 0: every step
     runs the trunk on windows at random offsets; otherwise tiled windows keep their trunk output. Generated
-    targets draw their prompts from two groups of files. bf16 steps learn as well, and the frozen verifier
-    they leave decodes exactly as before."""
+    targets draw their prompts from two groups of files. bf16 steps and soft targets (head 1's distribution
+    mixed in) learn as well, and the frozen verifier they leave decodes exactly as before."""
     torch.manual_seed(0)
     base = make_model(0, vocab_size=257, n_future=1, n_layers=3, max_seq_len=128)
     with torch.no_grad():
@@ -449,6 +504,7 @@ def test_train_heads_job_learns_and_writes_a_decodable_run(
     heads = HeadsConfig(
         n_future=3, targets=targets, generated_prompts=16, prompt_tokens=8, generated_tokens=40,
         draft_vocab=draft_vocab, trunk_cache_gib=cache_gib, head_type=head_type, precision=precision,
+        soft_targets=soft,
     )  # fmt: skip
     prompt_data = [[corpus / "0.py"], [corpus / "1.py", corpus / "2.py"]] if targets == "generated" else []
     summary = train_heads(tmp_path / "base", tmp_path / "mtp", heads, cfg, [corpus], tmp_path / "cache", prompt_data)

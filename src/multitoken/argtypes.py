@@ -65,3 +65,4 @@ NATURAL = integer(0)  # seeds, and counts where 0 means "none"
 POSITIVE = number(0.0, inclusive=False)  # learning rates, seconds
 NONNEGATIVE = number(0.0)  # temperatures, scales, weights
 PROBABILITY = number(0.0, inclusive=False, maximum=1.0)  # top-p
+FRACTION = number(0.0, maximum=1.0)  # mixture weights

@@ -413,6 +413,7 @@ class HeadsConfig:
     draft_vocab: int | None = None  # frozen mode: heads 2..n learn (and later draft) the K most frequent tokens
     trunk_cache_gib: float = 4.0  # frozen mode: keep up to this much trunk output (0: recompute at random offsets)
     trunk_reuse: int = 1  # frozen mode: batches each window's kept trunk output serves, on average
+    soft_targets: float = 0.0  # frozen mode: weight of head 1's distribution in the targets (0: its token only)
     head_type: str | None = None  # the new heads' kind (`add_heads`); None: the model's own, or parallel
     precision: str = "auto"  # bf16 autocast (fp32 master weights) or fp32; auto: timed on this machine
 
@@ -434,6 +435,10 @@ class HeadsConfig:
             raise UserError(f"trunk_lr_scale must be >= 0, got {self.trunk_lr_scale}")
         if self.trunk_cache_gib < 0:
             raise UserError(f"trunk_cache_gib must be >= 0, got {self.trunk_cache_gib}")
+        if not 0.0 <= self.soft_targets <= 1.0:
+            raise UserError(f"soft_targets must be between 0 and 1, got {self.soft_targets}")
+        if self.soft_targets > 0 and self.mode != "frozen":
+            raise UserError("soft targets are trained in frozen mode only (head 1 must stay the teacher)")
         if self.trunk_reuse > 1 and (self.mode != "frozen" or self.trunk_cache_gib == 0):
             raise UserError("trunk_reuse > 1 needs frozen mode and trunk_cache_gib > 0 (a kept trunk output to reuse)")
         for name in ("generated_prompts", "prompt_tokens", "generated_tokens", "generation_batch", "trunk_reuse"):

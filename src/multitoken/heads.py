@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from multitoken.checkpoint import load_run, save_checkpoint, write_run_config
@@ -73,7 +74,7 @@ from multitoken.loss import (
     shift_targets,
     trainable_targets,
 )
-from multitoken.model import AttentionContext, MultiTokenModel
+from multitoken.model import MultiTokenModel
 from multitoken.pretrain import METRICS_FILE, autocast_context, evaluate, prepare_data
 
 # --------------------------------------------------------------------------------------------------
@@ -170,12 +171,12 @@ def self_distilled_targets(choice: torch.Tensor, n_future: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def head1_choice(model: MultiTokenModel, h: torch.Tensor, ctx: AttentionContext, chunk: int = 1024) -> torch.Tensor:
-    """Head 1's argmax (B, T) on trunk output h; logits built `chunk` tokens at a time (V is large)."""
-    z = model.heads[0](h, ctx).flatten(0, 1)  # (B*T, D)
+def head1_choice(model: MultiTokenModel, head1_out: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Head 1's argmax (B, T) from its output (B, T, D); logits built `chunk` tokens at a time (V is large)."""
+    z = head1_out.flatten(0, 1)  # (B*T, D)
     step = z.shape[0] if chunk <= 0 else chunk
     choice = torch.cat([model.unembed(z[s : s + step]).argmax(-1) for s in range(0, z.shape[0], step)])
-    return choice.view(h.shape[:2])  # (B, T)
+    return choice.view(head1_out.shape[:2])  # (B, T)
 
 
 @torch.no_grad()
@@ -269,21 +270,27 @@ def frozen_heads_backward(
     targets: torch.Tensor | None,
     chunk: int = 1024,
     vocab: DraftVocab | None = None,
+    soft: float = 0.0,
 ) -> LossReport:
     """Gradients of sum_{i>=2} mean CE(head i) into heads 2..n only; the trunk runs under no_grad.
 
     inputs (B, T). targets (B, n, T), or None for teacher-forced self-distilled targets computed here from
-    head 1 (`self_distilled_targets`). Then `draft_heads_backward` on the trunk output.
+    head 1 (`self_distilled_targets`). Then `draft_heads_backward` on the trunk output, with `soft` targets.
     """
-    h, targets = frozen_trunk(model, inputs, targets, chunk)
-    return draft_heads_backward(model, h, targets, chunk, vocab, inputs)
+    h, targets, head1_out = frozen_trunk(model, inputs, targets, chunk, teacher=soft > 0)
+    return draft_heads_backward(model, h, targets, chunk, vocab, inputs, head1_out, soft)
 
 
 @torch.no_grad()
 def frozen_trunk(
-    model: MultiTokenModel, inputs: torch.Tensor, targets: torch.Tensor | None, chunk: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The trunk output (B, T, D) of `inputs` (B, T) without a graph, and the targets (B, n, T).
+    model: MultiTokenModel,
+    inputs: torch.Tensor,
+    targets: torch.Tensor | None,
+    chunk: int = 1024,
+    teacher: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The trunk output (B, T, D) of `inputs` (B, T) without a graph, the targets (B, n, T) and, if `teacher`
+    or for self targets, head 1's output (B, T, D) (else None), from which soft targets come.
 
     targets None: the self-distilled ones, from head 1 on that trunk output (`self_distilled_targets`).
     """
@@ -294,9 +301,10 @@ def frozen_trunk(
         )
     ctx = model.attention_context(inputs.shape[1])
     h = model.embed_and_trunk(inputs, ctx)  # (B, T, D), no graph: the trunk is frozen
+    head1_out = model.heads[0](h, ctx) if teacher or targets is None else None
     if targets is None:
-        targets = self_distilled_targets(head1_choice(model, h, ctx, chunk), model.cfg.n_future)
-    return h, targets
+        targets = self_distilled_targets(head1_choice(model, head1_out, chunk), model.cfg.n_future)
+    return h, targets, head1_out
 
 
 def draft_heads_backward(
@@ -306,6 +314,8 @@ def draft_heads_backward(
     chunk: int = 1024,
     vocab: DraftVocab | None = None,
     inputs: torch.Tensor | None = None,
+    head1_out: torch.Tensor | None = None,
+    soft: float = 0.0,
 ) -> LossReport:
     """Gradients of sum_{i>=2} mean CE(head i) into heads 2..n from the frozen trunk output h (B, T, D).
 
@@ -314,18 +324,31 @@ def draft_heads_backward(
     backward; chained heads from the furthest back, the frozen head 1 feeding them), their logits built
     `chunk` tokens at a time. per_head[0] is NaN: head 1 is not trained. With a draft vocabulary the heads'
     softmax runs over its tokens only, and targets outside it are skipped.
+
+    Soft targets (soft > 0, head1_out (B, T, D) head 1's output): head i (1-based) at t then learns the mixture
+    of soft times head 1's distribution at t+i-1 (over the same tokens), the distribution the verifier draws
+    from there, and 1 - soft times its target; positions whose t+i-1 lies past the window are skipped.
     """
     n = model.cfg.n_future
-    ctx = model.attention_context(h.shape[1])
+    T = h.shape[1]
+    ctx = model.attention_context(T)
     targets = trainable_targets(model, targets)
     rows = None
     if vocab is not None:
         rows = vocab.rows(model.output.weight)  # (K, D): frozen, so no gradient is lost by gathering
         index = vocab.index(targets)  # (B, n, T): index among the draft tokens; -1 outside or ignored
         targets = torch.where(index < 0, IGNORE_INDEX, index)
+    teachers = None
+    if soft > 0:
+        if head1_out is None:
+            raise ValueError("soft targets need head 1's output")
+        targets = targets.clone()
+        for i in range(1, n):
+            targets[:, i, max(T - i, 0) :] = IGNORE_INDEX  # head 1's output there lies past the window
+        teachers = {i: F.pad(head1_out[:, i:], (0, 0, 0, min(i, T))) for i in range(1, n)}  # (B, T, D) each
     counts = {i: int((targets[:, i] != IGNORE_INDEX).sum()) for i in range(1, n)}
     scales = {i: 1.0 / count for i, count in counts.items() if count}
-    sums = head_losses_backward(model, h, ctx, targets, scales, chunk, inputs, rows)
+    sums = head_losses_backward(model, h, ctx, targets, scales, chunk, inputs, rows, teachers, soft)
     means = {i: sums[i] / counts[i] for i in scales}
     per_head = [float("nan")] * n
     values = torch.stack(list(means.values())).tolist() if means else []  # the step's one host sync
@@ -341,20 +364,23 @@ def heads_backward(
     targets: str,
     cfg: TrainConfig,
     vocab: DraftVocab | None = None,
+    soft: float = 0.0,
 ) -> LossReport:
     """Gradients of one batch of windows (B, context + n) into what `mode` trains; returns the loss report.
 
     Joint mode trains head 1 on the corpus whatever `targets` says (its self-distilled target would be
-    its own argmax, a loss that teaches nothing); the draft heads get the chosen targets.
+    its own argmax, a loss that teaches nothing); the draft heads get the chosen targets. `soft`: frozen
+    mode's soft targets (`draft_heads_backward`).
     """
     n = model.cfg.n_future
     inputs, corpus = shift_targets(window, n, cfg.context)
     if mode == "frozen":
-        return frozen_heads_backward(model, inputs, None if targets == "self" else corpus, cfg.loss_chunk, vocab)
+        labels = None if targets == "self" else corpus
+        return frozen_heads_backward(model, inputs, labels, cfg.loss_chunk, vocab, soft)
     if targets == "self":
         with torch.no_grad():
             ctx = model.attention_context(inputs.shape[1])
-            choice = head1_choice(model, model.embed_and_trunk(inputs, ctx), ctx, cfg.loss_chunk)
+            choice = head1_choice(model, model.heads[0](model.embed_and_trunk(inputs, ctx), ctx), cfg.loss_chunk)
         labels = self_distilled_targets(choice, n)
         labels[:, 0] = corpus[:, 0]
     else:
@@ -473,25 +499,31 @@ class TrunkFeatures:
         seed: int = 0,
         max_bytes: float = 4 * 2**30,
         reuse: int = 1,
+        teacher: bool = False,
     ) -> None:
-        """`self_targets`: head 1's self-distilled targets instead of the text's own next tokens."""
+        """`self_targets`: head 1's self-distilled targets instead of the text's own next tokens. `teacher`: keep
+        head 1's output too, for soft targets (twice the memory per window)."""
         n = model.cfg.n_future
         self.starts = np.arange(0, max(len(tokens) - context - n + 1, 0), context)
         if not len(self.starts):
             raise UserError(f"{len(tokens)} tokens cannot fill one window of {context + n}")
         self.model, self.tokens, self.context = model, tokens, context
         self.self_targets, self.chunk, self.seed, self.reuse = self_targets, chunk, seed, reuse
+        self.teacher = teacher
         self.offsets = np.arange(context + n)
-        self.max_windows = int(max_bytes // (context * model.cfg.dim * model.tok_embeddings.weight.element_size()))
-        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # window -> (T, D), (n, T), (T,)
+        window_bytes = (1 + teacher) * context * model.cfg.dim * model.tok_embeddings.weight.element_size()
+        self.max_windows = int(max_bytes // window_bytes)
+        # window -> trunk output (T, D), targets (n, T), inputs (T,) and, with `teacher`, head 1's output (T, D)
+        self.kept: dict[int, tuple[torch.Tensor, ...]] = {}
         self.computed = 0  # windows the trunk ran on
 
     def __len__(self) -> int:
         return len(self.starts)
 
-    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The batch of `step` (`window_schedule`): trunk output (B, T, D), targets (B, n, T) and input tokens
-        (B, T) of `batch_size` windows (the tokens for heads that read one)."""
+    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The batch of `step` (`window_schedule`): trunk output (B, T, D), targets (B, n, T), input tokens
+        (B, T) of `batch_size` windows (the tokens for heads that read one) and, with `teacher`, head 1's output
+        (B, T, D), else None."""
         index = window_schedule(step, batch_size, len(self), self.reuse, self.seed)
         found = {i: self.kept[i] for i in index if i in self.kept}
         missing = sorted(set(index) - set(found))
@@ -499,16 +531,19 @@ class TrunkFeatures:
             device = self.model.tok_embeddings.weight.device
             window = torch.from_numpy(self.tokens[self.starts[missing, None] + self.offsets].astype(np.int64))
             inputs, corpus = shift_targets(window.to(device), self.model.cfg.n_future, self.context)
-            h, targets = frozen_trunk(self.model, inputs, None if self.self_targets else corpus, self.chunk)
+            labels = None if self.self_targets else corpus
+            h, targets, head1_out = frozen_trunk(self.model, inputs, labels, self.chunk, self.teacher)
+            parts = (h, targets, inputs) + ((head1_out,) if self.teacher else ())
             self.computed += len(missing)
             for k, i in enumerate(missing):
-                found[i] = (h[k].clone(), targets[k].clone(), inputs[k].clone())  # copies: no view pins the batch
+                found[i] = tuple(part[k].clone() for part in parts)  # copies: no view pins the batch
                 if self.max_windows:
                     if len(self.kept) >= self.max_windows:  # full: drop the oldest, long out of the replay pool
                         del self.kept[next(iter(self.kept))]
                     self.kept[i] = found[i]
-        triples = [found[i] for i in index]
-        return tuple(torch.stack([t[j] for t in triples]) for j in range(3))
+        kept = [found[i] for i in index]
+        h, targets, inputs, *head1_out = (torch.stack([w[j] for w in kept]) for j in range(len(kept[0])))
+        return h, targets, inputs, head1_out[0] if head1_out else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -589,7 +624,7 @@ def train_heads(
     if heads.mode == "frozen" and heads.trunk_cache_gib > 0:
         features = TrunkFeatures(
             model, train_tokens, cfg.context, targets == "self", cfg.loss_chunk, cfg.seed,
-            heads.trunk_cache_gib * 2**30, heads.trunk_reuse,
+            heads.trunk_cache_gib * 2**30, heads.trunk_reuse, heads.soft_targets > 0,
         )  # fmt: skip
     else:
         sampler = WindowSampler(train_tokens, cfg.batch_size, cfg.context + n, cfg.seed)
@@ -613,10 +648,13 @@ def train_heads(
     def step_fn(step: int, lr: float) -> tuple[LossReport, float]:
         with autocast_context(device, bf16):
             if features is not None:
-                h, labels, inputs = features.batch(step, cfg.batch_size)
-                report = draft_heads_backward(model, h, labels, cfg.loss_chunk, vocab, inputs)
+                h, labels, inputs, head1_out = features.batch(step, cfg.batch_size)
+                report = draft_heads_backward(
+                    model, h, labels, cfg.loss_chunk, vocab, inputs, head1_out, heads.soft_targets
+                )
             else:
-                report = heads_backward(model, sampler.sample(step), heads.mode, targets, cfg, vocab)
+                window = sampler.sample(step)
+                report = heads_backward(model, window, heads.mode, targets, cfg, vocab, heads.soft_targets)
         return report, heads_update(optimizer, report, lr, cfg)
 
     t_train = clock()

@@ -90,6 +90,18 @@ def _token_ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _soft_ce_sum(
+    logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor, soft: float
+) -> torch.Tensor:
+    """Summed cross-entropy of logits (c, K) against the mixture soft * softmax(teacher_logits) + (1 - soft) *
+    one-hot(targets), in fp32; rows whose target is IGNORE_INDEX carry no loss."""
+    valid = targets != IGNORE_INDEX  # (c,)
+    probs = soft * torch.softmax(teacher_logits.float(), dim=-1)  # (c, K)
+    probs[valid, targets[valid]] += 1.0 - soft
+    probs[~valid] = 0.0
+    return F.cross_entropy(logits.float(), probs, reduction="sum")
+
+
 def summed_loss(
     model: MultiTokenModel,
     inputs: torch.Tensor,
@@ -121,6 +133,8 @@ def chunked_cross_entropy_backward(
     scale: torch.Tensor | float,
     chunk: int,
     rows: torch.Tensor | None = None,
+    teacher: torch.Tensor | None = None,
+    soft: float = 0.0,
 ) -> torch.Tensor:
     """Backward of `scale * sum CE(unembed(z), targets)` into z.grad and the norm/unembedding, by chunks.
 
@@ -129,11 +143,20 @@ def chunked_cross_entropy_backward(
     reduced, back-propagated and freed before the next. Returns the unscaled summed loss as a detached
     device tensor: reading it is left to the caller, so the step needs no host sync per chunk. rows: (K, D)
     unembedding rows to score against instead of all V (a draft vocabulary's); targets then index them.
+    teacher (B, T, D), with soft > 0: soft targets, the target at each position being soft times the
+    distribution unembed(teacher) gives there (over the same rows) plus 1 - soft times the one-hot target.
     """
     flat_z, flat_t = z.flatten(0, 1), targets.flatten()  # (B*T, D), (B*T,): views, gradients flow to z
+    flat_teacher = teacher.flatten(0, 1) if teacher is not None and soft > 0 else None
     total = torch.zeros((), device=z.device)
     for s in _chunks(flat_t.shape[0], chunk):
-        loss = _token_ce_sum(model.unembed(flat_z[s], rows), flat_t[s])  # logits (c, V or K) live only here
+        logits = model.unembed(flat_z[s], rows)  # (c, V or K): lives only here
+        if flat_teacher is None:
+            loss = _token_ce_sum(logits, flat_t[s])
+        else:
+            with torch.no_grad():
+                teacher_logits = model.unembed(flat_teacher[s], rows)
+            loss = _soft_ce_sum(logits, flat_t[s], teacher_logits, soft)
         (loss * scale).backward()
         total = total + loss.detach()
     return total
@@ -148,11 +171,14 @@ def head_losses_backward(
     chunk: int,
     tokens: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
+    teachers: Mapping[int, torch.Tensor] | None = None,
+    soft: float = 0.0,
 ) -> dict[int, torch.Tensor]:
     """Backward of sum_i scales[i] * sum CE(head i) from the trunk output h (B, T, D), one head at a time.
 
     targets (B, n, T); scales: the heads that carry a loss; tokens (B, T): the inputs, for heads that read a
-    token; rows: unembedding rows to score against (`chunked_cross_entropy_backward`). Gradients gather on h
+    token; rows: unembedding rows to score against; teachers[i] (B, T, D) and soft: head i's soft targets
+    (`chunked_cross_entropy_backward`). Gradients gather on h
     when it requires grad (and on the embedding through heads that read tokens). Independent heads run forward
     and backward one at a time; a head without a loss is skipped. Chained heads feed each other, so each head's
     output is detached, all heads that the losses need run forward, and the backward goes from the head
@@ -169,7 +195,8 @@ def head_losses_backward(
 
     def head_backward(i: int, z: torch.Tensor, leaf: torch.Tensor) -> None:
         if i in scales:
-            sums[i] = chunked_cross_entropy_backward(model, leaf, targets[:, i], scales[i], chunk, rows)
+            teacher = teachers.get(i) if teachers else None
+            sums[i] = chunked_cross_entropy_backward(model, leaf, targets[:, i], scales[i], chunk, rows, teacher, soft)
         if z.requires_grad and leaf.grad is not None:
             z.backward(leaf.grad)
 

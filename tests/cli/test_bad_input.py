@@ -18,6 +18,7 @@ BAD = {
     "number > 0": ["0", "-1", "-0.5", "nan", "inf", "-inf", "abc", "1e999"],
     "number >= 0": ["-1", "-1e-9", "nan", "inf", "-inf", "abc"],
     "number > 0 and <= 1": ["0", "-0.1", "1.5", "nan", "inf", "abc"],
+    "number >= 0 and <= 1": ["-0.1", "1.5", "nan", "inf", "abc"],
     "list of integers >= 1": ["0", "1,0", "a,b", ",", "-3", "1.5"],
     "list of integers >= 0": ["-1", "a,b", ","],
 }

@@ -352,9 +352,10 @@ def test_eval_humaneval_runs_in_the_sandbox(run_dir, tmp_path, capsys):
 def test_heads_adds_and_trains_heads(run_dir, tmp_path, corpus, capsys):
     out = tmp_path / "more-heads"
     argv = ["heads", str(run_dir), "--out", str(out), "--n-future", "3", "--max-steps", "2", "--context", "32"]
-    assert main([*argv, "--data", str(corpus), "--trunk-cache-gib", "0"]) == 0
+    assert main([*argv, "--data", str(corpus), "--trunk-cache-gib", "0", "--soft-targets", "0.5"]) == 0
     summary = last_json(capsys.readouterr().out)
     assert summary["n_future"] == 3 and summary["trunk_cache_gib"] == 0 and "trunk_features" not in summary
+    assert summary["soft_targets"] == 0.5
     gen = ["--prompt", "def ", "--max-new-tokens", "10", "--stats"]
     assert main(["generate", str(run_dir), *gen]) == 0
     base = last_json(capsys.readouterr().out)["generated_token_ids"]

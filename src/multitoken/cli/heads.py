@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from multitoken.argtypes import COUNT, NONNEGATIVE, POSITIVE
+from multitoken.argtypes import COUNT, FRACTION, NONNEGATIVE, POSITIVE
 from multitoken.cli.common import Subparsers, check_out_dir
 from multitoken.config import BUDGET_CLOCKS, INITS, MODES, PRECISIONS, TARGETS, HeadsConfig, default_heads_train_config
 from multitoken.head_kinds import HEAD_TYPES
@@ -71,6 +71,10 @@ def add(sub: Subparsers) -> None:
         help="frozen mode: keep each training window's trunk output, up to this many GiB (0: recompute every step)",
     )
     p.add_argument(
+        "--soft-targets", type=FRACTION, default=HEADS.soft_targets,
+        help="frozen mode: weight of head 1's distribution in the draft heads' targets (0: its token only)",
+    )  # fmt: skip
+    p.add_argument(
         "--trunk-reuse", type=COUNT, default=HEADS.trunk_reuse,
         help="frozen mode: batches each window's kept trunk output serves (a replay pool of recent windows)",
     )  # fmt: skip
@@ -113,8 +117,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         n_future=args.n_future, mode=args.mode, targets=args.targets, init=args.init,
         trunk_lr_scale=args.trunk_lr_scale, generated_prompts=args.generated_prompts,
         generated_tokens=args.generated_tokens, generation_batch=args.generation_batch, draft_vocab=args.draft_vocab,
-        trunk_cache_gib=args.trunk_cache_gib, trunk_reuse=args.trunk_reuse, head_type=args.head_type,
-        precision=args.precision,
+        trunk_cache_gib=args.trunk_cache_gib, trunk_reuse=args.trunk_reuse, soft_targets=args.soft_targets,
+        head_type=args.head_type, precision=args.precision,
     )  # fmt: skip
     budget = {"max_steps": args.max_steps} if args.max_steps else {}
     train = default_heads_train_config(
