@@ -23,6 +23,10 @@ What the draft heads should predict, for a high acceptance, is what head 1 will 
   tokens in 6.4 minutes this way, and 24 more minutes of training on them took its heads to 1.4-1.9 tokens
   per forward on held-out code (docs/results/smollm2_heads.md).
 
+`soft_targets` = s (frozen mode) mixes head 1's whole distribution into any of these: head i at t learns
+s * (head 1's distribution at t+i-1) + (1 - s) * (its target), the distribution the verifier will draw from
+there rather than only its argmax (knowledge distillation; DistillSpec, Zhou et al. 2024, for drafts).
+
 With `draft_vocab` = K (frozen mode), heads 2..n learn a softmax over the K tokens most frequent in their
 training text only, the vocabulary they will draft from (generate/draft_vocab.py, saved with the run):
 each step's unembedding products shrink from V to K rows, most of a frozen step's cost when V is large.
