@@ -26,6 +26,8 @@ What the draft heads should predict, for a high acceptance, is what head 1 will 
 `soft_targets` = s (frozen mode) mixes head 1's whole distribution into any of these: head i at t learns
 s * (head 1's distribution at t+i-1) + (1 - s) * (its target), the distribution the verifier will draw from
 there rather than only its argmax (knowledge distillation; DistillSpec, Zhou et al. 2024, for drafts).
+On SmolLM2 (20 CPU-minutes) s = 0.5 lowered the heads' held-out loss but moved their tokens per forward by
+under 0.05, so it is off by default (docs/results/smollm2_mtp.md).
 
 With `draft_vocab` = K (frozen mode), heads 2..n learn a softmax over the K tokens most frequent in their
 training text only, the vocabulary they will draft from (generate/draft_vocab.py, saved with the run):
@@ -36,6 +38,8 @@ In frozen mode the trunk's output on a window never changes, so `TrunkFeatures` 
 window and keeps it (up to `trunk_cache_gib`): later draws of the window skip the trunk, two thirds of what
 a fresh frozen step costs on SmolLM2 with self targets. With `trunk_reuse` R each window serves about R
 batches from a replay pool of recent windows, so a CPU budget buys up to R times as many trunk-free steps.
+They are not worth more than fresh ones, though: on SmolLM2 (20 CPU-minutes, bf16) R = 4 ran 1.65-1.74x as
+many steps and reached the same agreement with head 1 as R = 1, so 1 stays the default.
 
 `precision` "bf16" runs each step (trunk, head 1's targets, the draft heads' forward and backward) under bf16
 autocast, with fp32 master weights, fp32 softmax and an fp32 optimizer; "auto" (the default) times the trunk
