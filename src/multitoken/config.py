@@ -438,7 +438,9 @@ class HeadsConfig:
         if not 0.0 <= self.soft_targets <= 1.0:
             raise UserError(f"soft_targets must be between 0 and 1, got {self.soft_targets}")
         if self.soft_targets > 0 and self.mode != "frozen":
-            raise UserError("soft targets are trained in frozen mode only (head 1 must stay the teacher)")
+            raise UserError(
+                "soft targets need frozen mode (head 1 must stay the teacher): set mode frozen or soft_targets 0"
+            )
         if self.trunk_reuse > 1 and (self.mode != "frozen" or self.trunk_cache_gib == 0):
             raise UserError("trunk_reuse > 1 needs frozen mode and trunk_cache_gib > 0 (a kept trunk output to reuse)")
         for name in ("generated_prompts", "prompt_tokens", "generated_tokens", "generation_batch", "trunk_reuse"):

@@ -35,11 +35,12 @@ each step's unembedding products shrink from V to K rows, most of a frozen step'
 Targets outside the K are skipped: the decoder can never draft them anyway.
 
 In frozen mode the trunk's output on a window never changes, so `TrunkFeatures` computes it once per
-window and keeps it (up to `trunk_cache_gib`): later draws of the window skip the trunk, two thirds of what
-a fresh frozen step costs on SmolLM2 with self targets. With `trunk_reuse` R each window serves about R
-batches from a replay pool of recent windows, so a CPU budget buys up to R times as many trunk-free steps.
-They are not worth more than fresh ones, though: on SmolLM2 (20 CPU-minutes, bf16) R = 4 ran 1.65-1.74x as
-many steps and reached the same agreement with head 1 as R = 1, so 1 stays the default.
+window and keeps it (up to `trunk_cache_gib`): later draws of the window skip the trunk, 63 % of what a
+fresh frozen step cost on SmolLM2 (fp32, corpus targets; docs/results/smollm2_heads.md). With `trunk_reuse`
+R each window serves about R batches from a replay pool of recent windows, so a CPU budget buys up to R
+times as many trunk-free steps.
+On SmolLM2 (20 CPU-minutes, bf16) R = 4 ran 1.65-1.74x as many steps as R = 1 but reached the same agreement
+with head 1 (docs/results/smollm2_mtp.md): a replayed batch taught less than a fresh one. 1 stays the default.
 
 `precision` "bf16" runs each step (trunk, head 1's targets, the draft heads' forward and backward) under bf16
 autocast, with fp32 master weights, fp32 softmax and an fp32 optimizer; "auto" (the default) times the trunk
@@ -331,7 +332,8 @@ def draft_heads_backward(
     forward and backward in turn (`head_losses_backward`: the sequential step of loss.py without the trunk
     backward; chained heads from the furthest back, the frozen head 1 feeding them), their logits built
     `chunk` tokens at a time. per_head[0] is NaN: head 1 is not trained. With a draft vocabulary the heads'
-    softmax runs over its tokens only, and targets outside it are skipped.
+    softmax runs over its tokens only, and targets outside it are skipped, even with soft = 1, where the
+    target itself carries no weight: the verifier's choice there is a token the heads can never draft.
 
     Soft targets (soft > 0, head1_out (B, T, D) head 1's output): head i (1-based) at t then learns the mixture
     of soft times head 1's distribution at t+i-1 (over the same tokens), the distribution the verifier draws
@@ -459,7 +461,7 @@ def _epoch_order(seed: int, epoch: int, n_windows: int) -> np.ndarray:
 def window_schedule(
     step: int, batch_size: int, n_windows: int, reuse: int = 1, seed: int = 0, pool_batches: int = REPLAY_BATCHES
 ) -> list[int]:
-    """The windows of batch `step`, a pure function of its arguments (so a resumed run draws the same).
+    """The windows of batch `step`, a pure function of its arguments: the schedule keeps no state.
 
     Windows are visited in seeded shuffled order, epoch after epoch. The replay pool is the last
     M = pool_batches * batch_size windows visited. The first batches are all new windows until the pool is
@@ -489,12 +491,14 @@ class TrunkFeatures:
 
     In frozen mode nothing upstream of the draft heads learns, so a window's trunk output is the same at
     every step. Keeping it takes the trunk forward out of every later step that draws the window again: with
-    `reuse` R (`window_schedule`), each window serves about R batches, and the trunk, two thirds of a fresh
-    frozen step on SmolLM2-135M (head 1's argmax over 49k tokens included), runs once per R. Several passes
-    over a small text, such as the model's own generations, skip it from the second pass on. The price is
-    memory, context x dim floats per window (SmolLM2 on 60k tokens: 0.14 GB), up to `max_bytes`, the oldest
-    dropped first; and fixed windows: they tile the text (stride `context`), where `WindowSampler` starts
-    each at a random offset.
+    `reuse` R (`window_schedule`), each window serves about R batches, and the trunk, most of a fresh frozen
+    step, runs once per R. Several passes over a small text, such as the model's own generations, skip it
+    from the second pass on. The price is
+    memory, context x dim floats per window (SmolLM2 on 60k tokens: 0.14 GB), up to `max_bytes`; and fixed
+    windows: they tile the text (stride `context`), where `WindowSampler` starts each at a random offset.
+    When the memory is full, plain epochs (R = 1) keep the windows they have: the next epoch is a new
+    shuffle, in which the oldest window is as likely to come soon as any. With replay, the oldest window is
+    dropped for the new one: it has left the replay pool and returns only an epoch later.
     """
 
     def __init__(
@@ -508,15 +512,18 @@ class TrunkFeatures:
         max_bytes: float = 4 * 2**30,
         reuse: int = 1,
         teacher: bool = False,
+        pool_batches: int = REPLAY_BATCHES,
     ) -> None:
         """`self_targets`: head 1's self-distilled targets instead of the text's own next tokens. `teacher`: keep
-        head 1's output too, for soft targets (twice the memory per window)."""
+        head 1's output too, for soft targets (twice the memory per window). `reuse` and `pool_batches`: the
+        replay schedule (`window_schedule`)."""
         n = model.cfg.n_future
         self.starts = np.arange(0, max(len(tokens) - context - n + 1, 0), context)
         if not len(self.starts):
             raise UserError(f"{len(tokens)} tokens cannot fill one window of {context + n}")
         self.model, self.tokens, self.context = model, tokens, context
         self.self_targets, self.chunk, self.seed, self.reuse = self_targets, chunk, seed, reuse
+        self.pool_batches = pool_batches
         self.teacher = teacher
         self.offsets = np.arange(context + n)
         window_bytes = (1 + teacher) * context * model.cfg.dim * model.tok_embeddings.weight.element_size()
@@ -532,7 +539,7 @@ class TrunkFeatures:
         """The batch of `step` (`window_schedule`): trunk output (B, T, D), targets (B, n, T), input tokens
         (B, T) of `batch_size` windows (the tokens for heads that read one) and, with `teacher`, head 1's output
         (B, T, D), else None."""
-        index = window_schedule(step, batch_size, len(self), self.reuse, self.seed)
+        index = window_schedule(step, batch_size, len(self), self.reuse, self.seed, self.pool_batches)
         found = {i: self.kept[i] for i in index if i in self.kept}
         missing = sorted(set(index) - set(found))
         if missing:  # one trunk forward over the windows not kept yet
@@ -545,8 +552,8 @@ class TrunkFeatures:
             self.computed += len(missing)
             for k, i in enumerate(missing):
                 found[i] = tuple(part[k].clone() for part in parts)  # copies: no view pins the batch
-                if self.max_windows:
-                    if len(self.kept) >= self.max_windows:  # full: drop the oldest, long out of the replay pool
+                if self.max_windows and (len(self.kept) < self.max_windows or self.reuse > 1):
+                    if len(self.kept) >= self.max_windows:  # full, with replay: the oldest has left the pool
                         del self.kept[next(iter(self.kept))]
                     self.kept[i] = found[i]
         kept = [found[i] for i in index]
