@@ -333,7 +333,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30.0, help="train: the whole budget, generation included")
     parser.add_argument("--prompts", type=int, default=768, help="train: corpus prompts to continue")
     parser.add_argument("--new-tokens", type=int, default=128, help="train: greedy tokens per continuation")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--lr", type=float, default=default_heads_train_config().lr, help="train: peak LR (default: %(default)s)"
+    )
     parser.add_argument(
         "--train-draft-vocab", type=int, default=8192, help="train: heads learn only the K most frequent tokens; 0: all"
     )
