@@ -199,6 +199,15 @@ def assert_same_grad(grad: torch.Tensor, oracle: torch.Tensor, model: torch.nn.M
     torch.testing.assert_close(grad, oracle, rtol=0, atol=model_atol(oracle, model.cfg, floor=0.0))
 
 
+def assert_grads_are_the_oracles(grads: dict[str, torch.Tensor], total: torch.Tensor, model: torch.nn.Module) -> None:
+    """`grads` (heads 2 and 3 only) equal the gradients of the oracle's loss `total`, which this backpropagates."""
+    total.backward()
+    oracle = take_grads(model)
+    assert set(grads) == set(oracle) and all(k.startswith(("heads.1.", "heads.2.")) for k in grads)
+    for name, grad in grads.items():
+        assert_same_grad(grad, oracle[name], model)
+
+
 def test_draft_vocab_training_is_cross_entropy_over_its_tokens() -> None:
     model = add_heads(next_token_model(), 3).train()
     configure_trainable(model, "frozen")
@@ -232,11 +241,7 @@ def test_draft_vocab_training_is_cross_entropy_over_its_tokens() -> None:
         loss = F.cross_entropy(logits.flatten(0, 1), t.flatten(), ignore_index=IGNORE_INDEX)
         assert report.per_head[i] == pytest.approx(loss.item(), **tol)
         total = total + loss
-    total.backward()
-    oracle = take_grads(model)
-    assert set(grads) == set(oracle) and all(k.startswith(("heads.1.", "heads.2.")) for k in grads)
-    for name, grad in grads.items():
-        assert_same_grad(grad, oracle[name], model)
+    assert_grads_are_the_oracles(grads, total, model)
 
 
 @pytest.mark.parametrize(
@@ -286,11 +291,7 @@ def test_soft_targets_are_cross_entropy_against_head1s_distribution(
             tol = loss_tolerance(model.unembed(outputs[i]), model.cfg, int(keep.sum()))
         assert report.per_head[i] == pytest.approx(loss.item(), **tol)
         total = total + loss
-    total.backward()
-    oracle = take_grads(model)
-    assert set(grads) == set(oracle) and all(k.startswith(("heads.1.", "heads.2.")) for k in grads)
-    for name, grad in grads.items():
-        assert_same_grad(grad, oracle[name], model)
+    assert_grads_are_the_oracles(grads, total, model)
 
 
 def test_joint_mode_scales_the_pretrained_learning_rate() -> None:
