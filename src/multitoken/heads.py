@@ -39,7 +39,7 @@ window and keeps it (up to `trunk_cache_gib`): later draws of the window skip th
 fresh frozen step cost on SmolLM2 (fp32, corpus targets; docs/results/smollm2_heads.md). With `trunk_reuse`
 R each window serves about R batches from a replay pool of recent windows, so a CPU budget buys up to R
 times as many trunk-free steps.
-On SmolLM2 (20 CPU-minutes, bf16) R = 4 ran 1.65-1.74x as many steps as R = 1 but reached the same agreement
+On SmolLM2 (20 CPU-minutes, bf16) R = 4 ran 1.67-1.72x as many steps as R = 1 but reached the same agreement
 with head 1 (docs/results/smollm2_mtp.md): a replayed batch taught less than a fresh one. 1 stays the default.
 
 `precision` "bf16" runs each step (trunk, head 1's targets, the draft heads' forward and backward) under bf16
@@ -493,9 +493,9 @@ class TrunkFeatures:
     every step. Keeping it takes the trunk forward out of every later step that draws the window again: with
     `reuse` R (`window_schedule`), each window serves about R batches, and the trunk, most of a fresh frozen
     step, runs once per R. Several passes over a small text, such as the model's own generations, skip it
-    from the second pass on. The price is
-    memory, context x dim floats per window (SmolLM2 on 60k tokens: 0.14 GB), up to `max_bytes`; and fixed
-    windows: they tile the text (stride `context`), where `WindowSampler` starts each at a random offset.
+    from the second pass on. The price is memory, context x dim floats per window (SmolLM2 on 60k tokens:
+    0.14 GB), up to `max_bytes`; and fixed windows: they tile the text (stride `context`), where
+    `WindowSampler` starts each at a random offset.
     When the memory is full, plain epochs (R = 1) keep the windows they have: the next epoch is a new
     shuffle, in which the oldest window is as likely to come soon as any. With replay, the oldest window is
     dropped for the new one: it has left the replay pool and returns only an epoch later.
