@@ -46,13 +46,35 @@ def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if cfg.top_p is not None and cfg.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it already does.
-        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= cfg.top_p
-        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
+        probs = probs.masked_fill(~nucleus(probs, cfg.top_p), 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+NUCLEUS_START = 64  # on the CPU, the tokens first ranked for a top-p nucleus (`nucleus`)
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The tokens top-p keeps (..., V), a bool mask: the smallest most-probable-first prefix whose mass reaches
+    top_p, i.e. each token whose more probable tokens hold less than top_p.
+
+    Only the top k tokens are ranked, k growing 8x from NUCLEUS_START until every row's top k hold top_p, since
+    the later ones are dropped whatever their order. A full sort of SmolLM2's 49152 probabilities takes about 3 ms
+    on the CPU: sampled decoding at temperature 0.8, top-p 0.95 ran 14 % faster plain and 17 % faster with mtp
+    drafts this way. A flat distribution over a small vocabulary ranks it all in the end, a few syncs later (the
+    demo model, V = 4096: 1-6 % slower). AMD EPYC, 2 threads. Elsewhere the whole row is ranked at once, which
+    needs no host sync.
+    """
+    V = probs.shape[-1]
+    k = min(V, NUCLEUS_START) if probs.is_cpu else V
+    while True:
+        top, index = probs.topk(k, dim=-1)  # (..., k), most probable first
+        mass = top.cumsum(-1)  # (..., k): the mass up to each
+        if k == V or bool((mass[..., -1] >= top_p).all()):
+            break
+        k = min(V, 8 * k)
+    before = torch.cat([torch.zeros_like(mass[..., :1]), mass[..., :-1]], dim=-1)  # the mass before each
+    return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, index, before < top_p)
 
 
 def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
